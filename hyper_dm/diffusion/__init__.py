@@ -1,0 +1,20 @@
+"""Schedules, the M x N DDIM sampler, and the training objectives."""
+
+from .losses import MODES, LossConfig, training_loss
+from .sampler import HyperDDIMSampler, SampleResult
+from .schedule import PREDICTION_TYPES, SPACINGS, ddim_timesteps, make_ddim, make_ddpm, to_x0, training_target
+
+__all__ = [
+    "MODES",
+    "PREDICTION_TYPES",
+    "SPACINGS",
+    "HyperDDIMSampler",
+    "LossConfig",
+    "SampleResult",
+    "ddim_timesteps",
+    "make_ddim",
+    "make_ddpm",
+    "to_x0",
+    "training_loss",
+    "training_target",
+]

@@ -1,0 +1,88 @@
+"""Conditional noise predictors ``f(x_t, t, cond)`` that a HyperNetwork generates weights for.
+
+Both backbones take the same call signature so the sampler and the losses do not care which one runs:
+``x_t [B, C, *spatial]``, ``t [B]`` (integer timesteps), ``cond [B, C_cond, *spatial]`` -> ``[B, C, *spatial]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from torch import nn
+
+__all__ = ["ConditionalUNet", "ConditionalMLP", "timestep_embedding"]
+
+
+class ConditionalUNet(nn.Module):
+    """MONAI ``DiffusionModelUNet`` (2D) conditioned by concatenating ``cond`` to ``x_t`` along channels.
+
+    Args:
+        channels: feature maps per level, e.g. ``(32, 64, 64)``.
+        attention_levels: self-attention per level (same length as ``channels``).
+        num_res_blocks: residual blocks per level.
+        norm_num_groups: GroupNorm groups (must divide every entry of ``channels``).
+        image_channels: channels of ``x_t`` (and of the prediction).
+        cond_channels: channels of ``cond``.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int] = (32, 64, 64),
+        attention_levels: Sequence[bool] = (False, False, True),
+        num_res_blocks: int = 1,
+        norm_num_groups: int = 16,
+        num_head_channels: int = 32,
+        image_channels: int = 1,
+        cond_channels: int = 1,
+    ) -> None:
+        super().__init__()
+        self.unet = DiffusionModelUNet(
+            spatial_dims=2,
+            in_channels=image_channels + cond_channels,
+            out_channels=image_channels,
+            channels=tuple(channels),
+            attention_levels=tuple(attention_levels),
+            num_res_blocks=num_res_blocks,
+            norm_num_groups=norm_num_groups,
+            num_head_channels=num_head_channels,
+        )
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.unet(torch.cat([x_t, cond], dim=1), t)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps ``t [B]`` -> ``[B, dim]`` (``dim`` even)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+class ConditionalMLP(nn.Module):
+    """Small MLP denoiser for vector data (the 1-D toy): ``x_t [B, D]``, ``t [B]``, ``cond [B, D_cond]``.
+
+    Args:
+        data_dim: size of ``x_t`` (and of the prediction).
+        cond_dim: size of ``cond``.
+        hidden: width of each hidden layer.
+        depth: number of hidden layers.
+        time_dim: size of the sinusoidal timestep embedding.
+    """
+
+    def __init__(self, data_dim: int = 1, cond_dim: int = 1, hidden: int = 128, depth: int = 3, time_dim: int = 32):
+        super().__init__()
+        self.time_dim = time_dim
+        layers: list[nn.Module] = []
+        width = data_dim + cond_dim + time_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        layers.append(nn.Linear(width, data_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x_t, cond, timestep_embedding(t, self.time_dim)], dim=1))

@@ -1,0 +1,85 @@
+import pytest
+import torch
+from torch import nn
+
+from hyper_dm.networks import ConditionalMLP, ConditionalUNet, HyperNetwork, apply_weight_sets
+
+
+def small_unet() -> ConditionalUNet:
+    return ConditionalUNet(channels=(16, 32), attention_levels=(False, True), norm_num_groups=8, num_head_channels=16)
+
+
+def test_weights_have_template_shapes_and_differ_across_z():
+    backbone = ConditionalMLP(hidden=32, depth=2)
+    hyper = HyperNetwork(backbone, z_dim=4, hidden=16, rank=2)
+    weights = hyper(hyper.sample_z(3, torch.Generator().manual_seed(1)))
+    for name, p in backbone.named_parameters():
+        assert weights[name].shape == (3, *p.shape)
+    w = weights["net.0.weight"]
+    assert (w[0] - w[1]).abs().max() > 1e-3
+
+
+def test_template_is_frozen_and_parameter_count_matches_docstring_formula():
+    backbone = ConditionalMLP(hidden=32, depth=2)
+    p_target = sum(p.numel() for p in backbone.parameters())
+    z_dim, hidden, rank = 4, 16, 3
+    hyper = HyperNetwork(backbone, z_dim=z_dim, hidden=hidden, rank=rank)
+    assert all(not p.requires_grad for p in backbone.parameters())
+    counts = hyper.count_parameters()
+    ranks, sub = [], 0
+    for p in backbone.parameters():
+        rows = p.shape[0]
+        cols = p.numel() // rows
+        r = min(rank, rows, cols)
+        ranks.append(r)
+        sub += r * (rows + cols)
+    total_r = sum(ranks)
+    mlp = z_dim * hidden + hidden + hidden * hidden + hidden + hidden * total_r + total_r
+    assert counts["target"] == p_target
+    assert counts["trainable"] == p_target + sub + mlp
+    assert counts["trainable"] == sum(p.numel() for p in hyper.trainable_parameters())
+
+
+def test_bad_latent_shape_is_a_clear_error():
+    hyper = HyperNetwork(ConditionalMLP(hidden=8, depth=1), z_dim=4)
+    with pytest.raises(ValueError, match=r"\[M, 4\]"):
+        hyper(torch.zeros(2, 3))
+
+
+def test_loop_and_vmap_agree_on_the_unet():
+    backbone = small_unet()
+    hyper = HyperNetwork(backbone, z_dim=4, hidden=16, rank=2)
+    m, b = 3, 2
+    with torch.no_grad():
+        weights = hyper(hyper.sample_z(m))
+        x = torch.randn(m, b, 1, 32, 32)
+        cond = torch.randn(m, b, 1, 32, 32)
+        t = torch.randint(0, 1000, (m, b))
+        loop = apply_weight_sets(backbone, weights, x, t, cond, "loop")
+        vmapped = apply_weight_sets(backbone, weights, x, t, cond, "vmap")
+    assert loop.shape == (m, b, 1, 32, 32)
+    assert (loop - vmapped).abs().max() < 1e-5
+    # each weight set really is applied to its own inputs
+    single = torch.func.functional_call(backbone, {k: v[1] for k, v in weights.items()}, (x[1], t[1], cond[1]))
+    assert torch.allclose(single, loop[1], atol=1e-6)
+
+
+def test_unknown_method_is_an_error():
+    backbone = ConditionalMLP(hidden=8, depth=1)
+    hyper = HyperNetwork(backbone, z_dim=2)
+    w = hyper(hyper.sample_z(1))
+    with pytest.raises(ValueError, match="loop"):
+        apply_weight_sets(backbone, w, torch.zeros(1, 2, 1), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, 1),
+                          "jit")
+
+
+def test_state_dict_round_trips_with_weights_only(tmp_path):
+    hyper = HyperNetwork(ConditionalMLP(hidden=8, depth=1), z_dim=2)
+    path = tmp_path / "h.pt"
+    torch.save(hyper.state_dict(), path)
+    other = HyperNetwork(ConditionalMLP(hidden=8, depth=1), z_dim=2)
+    other.load_state_dict(torch.load(path, weights_only=True))
+    z = torch.randn(2, 2)
+    for k, v in hyper(z).items():
+        assert torch.equal(v, other(z)[k])
+    assert isinstance(other.target, nn.Module)

@@ -1,5 +1,6 @@
 """Schedules, the M x N DDIM sampler, and the training objectives."""
 
+from .inferer import HyperDiffusionInferer
 from .losses import MODES, LossConfig, training_loss
 from .sampler import HyperDDIMSampler, SampleResult
 from .schedule import PREDICTION_TYPES, SPACINGS, ddim_timesteps, make_ddim, make_ddpm, to_x0, training_target
@@ -9,6 +10,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "SPACINGS",
     "HyperDDIMSampler",
+    "HyperDiffusionInferer",
     "LossConfig",
     "SampleResult",
     "ddim_timesteps",

@@ -1,0 +1,73 @@
+"""Ignite evaluator: M x N DDIM reconstruction with uncertainty for each batch of conditions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from ignite.metrics import Metric
+from monai.engines import Evaluator
+from monai.engines.utils import IterationEvents
+
+from ..diffusion.inferer import HyperDiffusionInferer
+from ..networks.hypernet import HyperNetwork
+from ..uncertainty import crps
+
+__all__ = ["HyperDiffusionEvaluator", "OUTPUT_KEYS"]
+
+OUTPUT_KEYS = ("pred", "eu", "au", "total", "cond", "label", "crps")
+
+
+class HyperDiffusionEvaluator(Evaluator):
+    """MONAI ``Evaluator`` running a :class:`HyperDiffusionInferer` on ``batch["cond"]``.
+
+    ``engine.state.output`` (decollated per slice by MONAI) holds ``pred`` (posterior mean), ``eu``, ``au``
+    and ``total`` (variances), all ``[C, H, W]`` in the model's normalised range, the ``cond`` input, and,
+    when the batch has a ``target``, ``label`` and the per-slice mean ``crps`` (when the inferer keeps its
+    samples). Metric handlers read them with ``monai.handlers.from_engine``.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        val_data_loader: Iterable,
+        network: HyperNetwork,
+        inferer: HyperDiffusionInferer,
+        epoch_length: int | None = None,
+        key_val_metric: dict[str, Metric] | None = None,
+        additional_metrics: dict[str, Metric] | None = None,
+        val_handlers: Sequence | None = None,
+        amp: bool = False,
+    ) -> None:
+        device = torch.device(device)
+        super().__init__(
+            device=device,
+            val_data_loader=val_data_loader,
+            epoch_length=epoch_length,
+            key_val_metric=key_val_metric,
+            additional_metrics=additional_metrics,
+            val_handlers=val_handlers,
+            amp=bool(amp) and device.type == "cuda",
+        )
+        self.network, self.inferer = network, inferer
+
+    def _iteration(self, engine: HyperDiffusionEvaluator, batchdata: dict) -> dict[str, torch.Tensor]:
+        if "cond" not in batchdata:
+            raise KeyError(f"evaluation batch has no 'cond' entry (keys: {sorted(batchdata)})")
+        cond = batchdata["cond"].to(engine.state.device)
+        label = batchdata.get("target")
+        channels = None if label is None else label.shape[1]
+        engine.network.eval()
+        with torch.autocast("cuda", enabled=engine.amp):
+            result = engine.inferer(cond, engine.network, channels=channels)
+        stats = result.stats
+        output = {"pred": stats.mean, "eu": stats.eu, "au": stats.au, "total": stats.total, "cond": cond}
+        if label is not None:
+            output["label"] = label.to(engine.state.device)
+            if result.samples is not None:
+                samples = result.samples.flatten(0, 1).to(engine.state.device)  # [M*N, B, C, H, W]
+                output["crps"] = crps(samples, output["label"]).flatten(1).mean(dim=1)  # [B]
+        engine.state.output = output
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return output

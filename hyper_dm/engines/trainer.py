@@ -1,0 +1,97 @@
+"""Ignite trainer whose iteration runs the Hyper-DM objective of ``training.mode``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from monai.engines import Trainer
+from monai.engines.utils import IterationEvents
+from monai.inferers import DiffusionInferer
+
+from ..diffusion.losses import LossConfig, training_loss
+from ..networks.hypernet import HyperNetwork
+
+__all__ = ["HyperDiffusionTrainer"]
+
+
+class HyperDiffusionTrainer(Trainer):
+    """MONAI ``Trainer`` for a HyperNetwork over a frozen backbone.
+
+    Each iteration takes ``batch["target"] [B, C, H, W]`` and ``batch["cond"] [B, C_cond, H, W]``, noises
+    the target with the DDPM scheduler carried by ``inferer`` (MONAI ``DiffusionInferer``), and minimises
+    :func:`hyper_dm.diffusion.training_loss`. ``engine.state.output`` holds the loss terms as floats
+    (``loss``, ``mse``, in mode ``eu`` also ``diversity``) and the learning rate ``lr``, for the stats and
+    TensorBoard handlers.
+
+    Args:
+        device: where the HyperNetwork and batches live.
+        max_epochs: epochs to train.
+        train_data_loader: yields dict batches with ``target`` and ``cond``.
+        network: the HyperNetwork; its ``target`` module is the frozen backbone.
+        optimizer: over ``network.trainable_parameters()``.
+        inferer: ``DiffusionInferer`` whose ``scheduler`` (MONAI ``DDPMScheduler``) defines the forward process.
+        loss: :class:`LossConfig` or its fields as a dict (``mode``, ``m_weights``, ``lambda_eu``, ...).
+        amp: mixed precision on CUDA (ignored, with a clean fallback, on the CPU).
+        train_handlers: MONAI/Ignite handlers to attach.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: HyperNetwork,
+        optimizer: torch.optim.Optimizer,
+        inferer: DiffusionInferer,
+        loss: LossConfig | dict,
+        epoch_length: int | None = None,
+        amp: bool = False,
+        train_handlers: Sequence | None = None,
+    ) -> None:
+        device = torch.device(device)
+        amp = bool(amp) and device.type == "cuda"
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            handlers=train_handlers,
+            amp=amp,
+            decollate=False,
+        )
+        self.network = network
+        self.optimizer = optimizer
+        self.inferer = inferer
+        self.loss_config = loss if isinstance(loss, LossConfig) else LossConfig(**loss)
+        self.scaler = torch.amp.GradScaler("cuda") if amp else None
+
+    def _iteration(self, engine: HyperDiffusionTrainer, batchdata: dict) -> dict[str, float]:
+        for key in ("target", "cond"):
+            if key not in batchdata:
+                raise KeyError(f"training batch has no {key!r} entry (keys: {sorted(batchdata)})")
+        target = batchdata["target"].to(engine.state.device, non_blocking=engine.non_blocking)
+        cond = batchdata["cond"].to(engine.state.device, non_blocking=engine.non_blocking)
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", enabled=engine.amp):
+            terms = training_loss(
+                engine.network, engine.network.target, engine.inferer.scheduler, target, cond, engine.loss_config
+            )
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if not torch.isfinite(terms["loss"]):
+            raise FloatingPointError(
+                f"non-finite loss {terms['loss'].item()} at iteration {engine.state.iteration}; lower training lr "
+                "or lambda_eu, or resume from the last checkpoint"
+            )
+        if engine.scaler is not None:
+            engine.scaler.scale(terms["loss"]).backward()
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            terms["loss"].backward()
+            engine.optimizer.step()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return {**{k: v.detach().item() for k, v in terms.items()}, "lr": engine.optimizer.param_groups[0]["lr"]}

@@ -1,0 +1,120 @@
+"""The ``data`` config section: keys, defaults, checks, and the default synthetic dataset.
+
+Keys (defaults in :data:`DATA_DEFAULTS`):
+
+=====================  ==========================================================================================
+``task``               ``"ct"`` (LUNA16 sparse-view CT) or ``"mri"`` (fastMRI knee single-coil)
+``dataset_dir``        dataset root; ``None``: the synthetic set under ``synthetic_dir`` (written on first use)
+``synthetic_dir``      where the synthetic sets live (``<synthetic_dir>/luna16``, ``<synthetic_dir>/fastmri_knee``)
+``synthetic_seed``     seed of the synthetic set
+``img_size``           S: slices are resized to S x S
+``split_seed``         seed of the case-level split and of the validation/test physics
+``train_frac``         fraction of patients in ``training``
+``val_frac``           fraction in ``validation``; the rest is ``test``
+``on_bad_file``        ``"raise"`` or ``"skip"`` (log and count) for unusable files
+``cache_dir``          ``None``: in-memory ``CacheDataset``; a path: ``PersistentDataset`` under it
+``cache_workers``      threads that fill the in-memory cache
+``hu_window``          CT: ``[lo, hi]`` HU clipped and mapped linearly to [-1, 1]
+``n_views``            CT: projection angles over 180 degrees
+``noise``              CT: ``"poisson"``, ``"gaussian"`` or ``"none"``
+``i0``                 CT: incident photons per detector bin (Poisson)
+``sigma``              CT: std of additive noise on the line integrals (Gaussian)
+``mask_type``          MRI: ``"random"`` or ``"equispaced"`` (fastMRI mask functions)
+``center_fractions``   MRI: fully sampled central fraction(s) of the phase-encode columns
+``accelerations``      MRI: acceleration(s), same length as ``center_fractions``
+``mri_norm``           MRI: ``"volume_max"`` (file ``max`` attribute) or ``"slice_max"`` as the magnitude scale
+=====================  ==========================================================================================
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["DATA_DEFAULTS", "dataset_root", "resolve_data_config"]
+
+logger = logging.getLogger(__name__)
+
+DATA_DEFAULTS: dict = {
+    "task": "ct",
+    "dataset_dir": None,
+    "synthetic_dir": "data/synthetic",
+    "synthetic_seed": 0,
+    "img_size": 64,
+    "split_seed": 0,
+    "train_frac": 0.7,
+    "val_frac": 0.15,
+    "on_bad_file": "raise",
+    "cache_dir": None,
+    "cache_workers": 2,
+    "hu_window": [-1000.0, 1000.0],
+    "n_views": 60,
+    "noise": "poisson",
+    "i0": 1e5,
+    "sigma": 0.01,
+    "mask_type": "random",
+    "center_fractions": [0.08],
+    "accelerations": [4],
+    "mri_norm": "volume_max",
+}
+
+_CHOICES = {"task": ("ct", "mri"), "on_bad_file": ("raise", "skip"), "noise": ("poisson", "gaussian", "none"),
+            "mask_type": ("random", "equispaced"), "mri_norm": ("volume_max", "slice_max")}
+
+
+def resolve_data_config(data: Mapping) -> dict:
+    """``data`` merged over :data:`DATA_DEFAULTS` and checked; unknown keys are errors that list close matches."""
+    unknown = [k for k in data if k not in DATA_DEFAULTS]
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, DATA_DEFAULTS, n=3) for k in unknown}
+        raise KeyError("unknown data config key(s): " + "; ".join(
+            f"{k!r} (did you mean {', '.join(map(repr, m))}?)" if m else repr(k) for k, m in hints.items()))
+    out = {**DATA_DEFAULTS, **data}
+    for key, allowed in _CHOICES.items():
+        if out[key] not in allowed:
+            raise ValueError(f"data.{key} must be one of {allowed}, got {out[key]!r}")
+    lo, hi = out["hu_window"]
+    if not lo < hi:
+        raise ValueError(f"data.hu_window must be [lo, hi] with lo < hi, got {out['hu_window']}")
+    if not (0 < out["train_frac"] and 0 <= out["val_frac"] and out["train_frac"] + out["val_frac"] <= 1):
+        raise ValueError(f"need 0 < train_frac, 0 <= val_frac, train_frac + val_frac <= 1; got "
+                         f"{out['train_frac']}, {out['val_frac']}")
+    if int(out["img_size"]) < 8:
+        raise ValueError(f"data.img_size must be >= 8, got {out['img_size']}")
+    return out
+
+
+def dataset_root(data: Mapping) -> Path:
+    """The dataset folder for a resolved config: ``dataset_dir``, or the synthetic set (written if missing).
+
+    The synthetic set is written to a temporary folder and renamed into place, so concurrent processes (DDP
+    ranks) never see a half-written set.
+    """
+    if data["dataset_dir"] is not None:
+        return Path(data["dataset_dir"])
+    from . import synthetic
+
+    name = "luna16" if data["task"] == "ct" else "fastmri_knee"
+    root = Path(data["synthetic_dir"]) / name
+    if root.is_dir():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root.parent))
+    if data["task"] == "ct":
+        synthetic.write_luna16_like(tmp, seed=int(data["synthetic_seed"]))
+    else:
+        synthetic.write_fastmri_knee_like(tmp, seed=int(data["synthetic_seed"]))
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("data.dataset_dir is null: wrote the synthetic %s set to %s (%.1f s)", name, root,
+                time.perf_counter() - start)
+    return root

@@ -1,0 +1,180 @@
+"""LUNA16 CT in its distributed layout: ``subset0..9/<seriesuid>.mhd`` + ``.raw`` and ``annotations.csv``.
+
+Volumes are read with SimpleITK (MetaImage, HU, LPS geometry: spacing, origin, direction). Axial slices are read
+one at a time with SimpleITK's streamed region reading, as ``[x, y]`` arrays (MONAI's ITK axis order, the
+transpose of SimpleITK's ``[y, x]`` array). The NIfTI (RAS) affine of a series on the resized
+``[S, S, n_slices]`` grid is :func:`ras_affine`; ``annotations.csv`` coordinates are world (LPS) mm, as in the
+challenge.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .validation import BadFileLog, BadInputError, check_finite, safe_stem
+
+__all__ = [
+    "Luna16Series", "case_entries", "find_series", "ras_affine", "read_annotations", "read_axial_slice",
+    "read_series_header",
+]
+
+_BYTES_PER_ELEMENT = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+                      "MET_LONG": 8, "MET_ULONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+_FLOAT_TYPES = ("MET_FLOAT", "MET_DOUBLE")
+
+
+@dataclass(frozen=True)
+class Luna16Series:
+    """Header facts of one series. ``size``: ``(nx, ny, nz)`` voxels; ``spacing_mm``/``origin_mm``: LPS, x-y-z
+    order; ``direction``: 3 x 3 direction cosines (columns = index axes)."""
+
+    path: Path
+    seriesuid: str
+    size: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    origin_mm: tuple[float, float, float]
+    direction: np.ndarray
+
+
+def find_series(root: str | Path) -> list[Path]:
+    """Sorted ``.mhd`` files under ``root/subset*/`` (or anywhere under ``root`` if there are no subset folders)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BadInputError(root, "dataset directory does not exist; set data.dataset_dir to the LUNA16 root "
+                                  "(holding subset0..9/) or to null for the synthetic set")
+    paths = sorted(root.glob("subset*/*.mhd")) or sorted(root.rglob("*.mhd"))
+    if not paths:
+        raise BadInputError(root, "no LUNA16 series (*.mhd) found in subset*/ or below; is this the LUNA16 root?")
+    return paths
+
+
+def _mhd_fields(path: Path) -> dict[str, str]:
+    fields = {}
+    for line in path.read_text(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def read_series_header(path: str | Path) -> Luna16Series:
+    """Read and check one ``.mhd`` header and its ``.raw`` size; :class:`BadInputError` names what is wrong.
+
+    Float volumes are read in full once to reject NaN/inf (integer volumes, as in LUNA16, cannot hold them).
+    """
+    path = Path(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines() if "rror" in ln or "ould not" in ln), str(e)[:200])
+        raise BadInputError(path, f"cannot parse the MetaImage header ({detail})") from e
+    if reader.GetDimension() != 3:
+        raise BadInputError(path, f"expected a 3-D volume, header says NDims = {reader.GetDimension()}")
+    size = tuple(int(v) for v in reader.GetSize())
+    spacing = tuple(float(v) for v in reader.GetSpacing())
+    if min(size) < 1 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise BadInputError(path, f"invalid DimSize {size} or ElementSpacing {spacing} (mm)")
+    fields = _mhd_fields(path)
+    raw = path.parent / fields.get("ElementDataFile", "")
+    element = fields.get("ElementType", "")
+    if fields.get("ElementDataFile", "LOCAL") != "LOCAL" and fields.get("CompressedData", "False") == "False":
+        if not raw.is_file():
+            raise BadInputError(path, f"data file {raw.name} named by ElementDataFile is missing")
+        expected = int(np.prod(size)) * _BYTES_PER_ELEMENT.get(element, 0)
+        if expected and raw.stat().st_size < expected:
+            raise BadInputError(raw, f"has {raw.stat().st_size} bytes but the header {path.name} needs {expected} "
+                                     f"({size} x {element}); the file is truncated, copy it again")
+    if element in _FLOAT_TYPES:
+        try:
+            check_finite(sitk.GetArrayViewFromImage(sitk.ReadImage(str(path))), path, "the volume")
+        except RuntimeError as e:
+            raise BadInputError(path, f"cannot read the volume ({str(e)[:200]})") from e
+    return Luna16Series(path=path, seriesuid=path.stem, size=size, spacing_mm=spacing,
+                        origin_mm=tuple(float(v) for v in reader.GetOrigin()),
+                        direction=np.asarray(reader.GetDirection(), dtype=np.float64).reshape(3, 3))
+
+
+def read_axial_slice(path: str | Path, index: int) -> np.ndarray:
+    """Axial slice ``index`` of the series in HU, ``[nx, ny]`` float32, read without loading the whole volume."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        nx, ny, nz = reader.GetSize()
+        if not 0 <= index < nz:
+            raise BadInputError(path, f"slice {index} out of range (the volume has {nz} slices)")
+        reader.SetExtractIndex([0, 0, int(index)])
+        reader.SetExtractSize([nx, ny, 1])
+        hu = sitk.GetArrayFromImage(reader.Execute())[0].T.astype(np.float32)  # [y, x] -> [x, y]
+    except RuntimeError as e:
+        raise BadInputError(path, f"cannot read slice {index} ({str(e)[:200]})") from e
+    check_finite(hu, path, f"slice {index}")
+    return hu
+
+
+def ras_affine(series: Luna16Series, img_size: int) -> np.ndarray:
+    """NIfTI (RAS) affine ``[4, 4]`` of the series resampled in-plane to ``img_size`` x ``img_size``.
+
+    Voxel ``(a, b, k)`` of the ``[S, S, nz]`` volume covers the same field of view as the source (voxel centres
+    of the resized grid at source continuous index ``(a + 0.5) * nx / S - 0.5``), mapped by the series' LPS
+    geometry and flipped to RAS.
+    """
+    nx, ny, _ = series.size
+    zoom = np.array([nx / img_size, ny / img_size, 1.0])
+    spacing = np.asarray(series.spacing_mm)
+    lps = np.eye(4)
+    lps[:3, :3] = series.direction @ np.diag(spacing * zoom)
+    lps[:3, 3] = np.asarray(series.origin_mm) + series.direction @ (spacing * (zoom - 1) / 2)
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def read_annotations(root: str | Path) -> dict[str, list[dict]]:
+    """``annotations.csv`` under ``root`` -> ``{seriesuid: [{"coord_mm": [x, y, z], "diameter_mm": d}, ...]}``.
+
+    Missing file: no annotations (``{}``). Coordinates are world LPS mm, as in LUNA16.
+    """
+    path = Path(root) / "annotations.csv"
+    if not path.is_file():
+        return {}
+    out: dict[str, list[dict]] = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"} - set(reader.fieldnames or [])
+        if missing:
+            raise BadInputError(path, f"missing columns {sorted(missing)}")
+        for row in reader:
+            out.setdefault(row["seriesuid"], []).append(
+                {"coord_mm": [float(row[k]) for k in ("coordX", "coordY", "coordZ")],
+                 "diameter_mm": float(row["diameter_mm"])})
+    return out
+
+
+def case_entries(root: str | Path, img_size: int, bad: BadFileLog) -> list[dict]:
+    """One datalist entry per readable series (bad ones raise or are skipped by ``bad``).
+
+    Entry: ``{"image", "case_id", "patient_id", "n_slices", "affine" (RAS, resized grid, nested list),
+    "pixel_mm" (in-plane pixel size of the resized grid), "nodules"}``.
+    """
+    annotations = read_annotations(root)
+    entries = []
+    for path in find_series(root):
+        try:
+            series = read_series_header(path)
+        except BadInputError as e:
+            bad.handle(e)
+            continue
+        entries.append({
+            "image": str(path), "case_id": safe_stem(series.seriesuid), "patient_id": series.seriesuid,
+            "n_slices": series.size[2],
+            "affine": ras_affine(series, img_size).tolist(),
+            "pixel_mm": float(np.mean(np.asarray(series.spacing_mm[:2]) * np.asarray(series.size[:2]) / img_size)),
+            "nodules": annotations.get(series.seriesuid, []),
+        })
+    return entries

@@ -1,0 +1,225 @@
+"""MONAI dictionary transforms from a per-slice datalist item to a training sample, and the chains per task.
+
+Per-slice item (see :func:`hyper_dm.data.datasets.slice_entries`): ``image`` (path), ``case_id``,
+``slice_index``, ``n_slices``, ``affine`` (nested list), ``seed`` (int), plus ``pixel_mm`` (CT) or ``scale_max``
+(MRI). Chains (:func:`ct_transforms`, :func:`mri_transforms`)::
+
+    CT : LoadLuna16Sliced -> ScaleIntensityRanged(target) -> Resized(target) -> CTSinogramd
+         -> [Rand]CTMeasurementd -> ScaleIntensityRanged(cond)
+    MRI: LoadFastMRISliced -> ScaleMagnituded(target) -> Resized(target) -> [Rand]MRIUndersampled
+         -> ScaleMagnituded(cond) -> Resized(cond)
+
+Training uses the ``Rand*`` physics (new noise / new mask each time, drawn from the transform's ``R``, which
+``monai.data.DataLoader`` reseeds per worker and epoch); validation/test use the deterministic ones, seeded by the
+item's ``seed`` (CT: per slice; MRI: per file, so one mask per file). MONAI's cached datasets cache everything
+before the first random transform: the sinogram (CT) or the k-space slice (MRI) for training, the whole sample
+for validation/test.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.transforms import Compose, EnsureTyped, MapTransform, Randomizable, Resized, ScaleIntensityRanged
+
+from ..physics.ct import ParallelBeamCT, hu_to_mu, mu_to_hu
+from . import fastmri_knee, luna16
+from .intensity import from_magnitude, to_hu
+
+__all__ = [
+    "CTMeasurementd", "CTSinogramd", "LoadFastMRISliced", "LoadLuna16Sliced", "MRIUndersampled",
+    "RandCTMeasurementd", "RandMRIUndersampled", "ScaleMagnituded", "ct_transforms", "mri_transforms",
+    "stable_seed",
+]
+
+
+def stable_seed(*parts: object) -> int:
+    """A 31-bit seed that depends only on ``parts`` (stable across processes, unlike ``hash``)."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+def _affine_tensor(affine: object) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(affine, dtype=np.float64))
+
+
+class LoadLuna16Sliced(MapTransform):
+    """Read axial slice ``slice_index`` of the series at ``d["image"]``: ``target`` ``[1, nx, ny]`` float32 HU.
+
+    Also turns ``affine`` into a float64 ``[4, 4]`` tensor.
+    """
+
+    def __init__(self, image_key: str = "image") -> None:
+        super().__init__(keys=[image_key])
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        d["target"] = torch.from_numpy(luna16.read_axial_slice(d[self.keys[0]], int(d["slice_index"])))[None]
+        d["affine"] = _affine_tensor(d["affine"])
+        return d
+
+
+class LoadFastMRISliced(MapTransform):
+    """Read slice ``slice_index`` of the file at ``d["image"]``.
+
+    Writes ``kspace`` ``[640, W]`` complex64, ``target`` ``[1, 320, 320]`` float32 magnitude and ``scale`` (float):
+    the file's ``max`` attribute (``mri_norm="volume_max"``) or the slice maximum (``"slice_max"``).
+    """
+
+    def __init__(self, mri_norm: str = "volume_max", image_key: str = "image") -> None:
+        super().__init__(keys=[image_key])
+        if mri_norm not in ("volume_max", "slice_max"):
+            raise ValueError(f"mri_norm must be 'volume_max' or 'slice_max', got {mri_norm!r}")
+        self.mri_norm = mri_norm
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        kspace, target = fastmri_knee.read_slice(d[self.keys[0]], int(d["slice_index"]))
+        d["kspace"] = torch.from_numpy(kspace)
+        d["target"] = torch.from_numpy(target)[None]
+        slice_max = float(target.max())
+        scale_max = float(d.pop("scale_max"))
+        d["scale"] = scale_max if self.mri_norm == "volume_max" else (slice_max if slice_max > 0 else 1.0)
+        d["affine"] = _affine_tensor(d["affine"])
+        return d
+
+
+class ScaleMagnituded(MapTransform):
+    """MRI magnitude -> model range with the sample's ``scale``: ``2 m / scale - 1`` clipped to [-1, 1]."""
+
+    def __init__(self, keys: Sequence[str], scale_key: str = "scale") -> None:
+        super().__init__(keys=keys)
+        self.scale_key = scale_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = from_magnitude(torch.as_tensor(d[key], dtype=torch.float32), float(d[self.scale_key]))
+        return d
+
+
+class CTSinogramd(MapTransform):
+    """Noise-free sinogram ``sino`` ``[n_det, n_views]`` of ``target`` ``[1, S, S]`` (model range -> HU -> mu).
+
+    The pixel size comes from the item's ``pixel_mm`` (mm, resized grid).
+    """
+
+    def __init__(self, ct: ParallelBeamCT, hu_window: Sequence[float], key: str = "target") -> None:
+        super().__init__(keys=[key])
+        self.ct = ct
+        self.hu_window = tuple(float(v) for v in hu_window)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        image = torch.as_tensor(d[self.keys[0]]).numpy()[0]
+        mu = hu_to_mu(to_hu(image.astype(np.float64), self.hu_window))
+        d["sino"] = torch.from_numpy(self.ct.project(mu, float(d["pixel_mm"])))
+        return d
+
+
+class CTMeasurementd(MapTransform):
+    """Noisy measurement of ``sino`` and its FBP: ``cond`` ``[1, S, S]`` float32 in HU; ``sino`` is removed.
+
+    Deterministic: the noise is drawn from ``np.random.default_rng(d["seed"])``.
+    """
+
+    def __init__(self, ct: ParallelBeamCT, img_size: int) -> None:
+        super().__init__(keys=["sino"])
+        self.ct = ct
+        self.img_size = img_size
+
+    def _rng(self, d: Mapping) -> np.random.Generator | np.random.RandomState:
+        return np.random.default_rng(int(d["seed"]))
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        sino = d.pop("sino").numpy()
+        fbp_mu = self.ct.fbp(self.ct.add_noise(sino, self._rng(d)), float(d["pixel_mm"]), self.img_size)
+        d["cond"] = torch.from_numpy(mu_to_hu(fbp_mu).astype(np.float32))[None]
+        return d
+
+
+class RandCTMeasurementd(Randomizable, CTMeasurementd):
+    """:class:`CTMeasurementd` with fresh noise from the transform's random state on every call (training)."""
+
+    def randomize(self, data: object = None) -> None:
+        """Nothing to pre-draw: the noise is drawn from ``self.R`` directly."""
+
+    def _rng(self, d: Mapping) -> np.random.RandomState:
+        return self.R
+
+
+class MRIUndersampled(MapTransform):
+    """Undersample ``kspace`` with a fastMRI mask and reconstruct zero-filled: ``cond`` ``[1, 320, 320]`` magnitude.
+
+    Deterministic: the mask seed is the item's ``seed`` (per file, so all slices of a file share one mask).
+    ``kspace`` is removed.
+    """
+
+    def __init__(self, mask_type: str, center_fractions: Sequence[float], accelerations: Sequence[int]) -> None:
+        from ..physics.mri import make_mask_func  # fastMRI is the optional [mri] extra
+
+        super().__init__(keys=["kspace"])
+        self.mask_func = make_mask_func(mask_type, center_fractions, accelerations)
+
+    def _seed(self, d: Mapping) -> int:
+        return int(d["seed"])
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from ..physics.mri import undersample, zero_filled
+
+        d = dict(data)
+        masked, _ = undersample(d.pop("kspace").numpy(), self.mask_func, seed=self._seed(d))
+        d["cond"] = torch.from_numpy(zero_filled(masked, fastmri_knee.RECON_SHAPE))[None]
+        return d
+
+
+class RandMRIUndersampled(Randomizable, MRIUndersampled):
+    """:class:`MRIUndersampled` with a new mask on every call (training)."""
+
+    def randomize(self, data: object = None) -> None:
+        """Nothing to pre-draw: the mask seed is drawn from ``self.R`` directly."""
+
+    def _seed(self, d: Mapping) -> int:
+        return int(self.R.randint(0, 2**31 - 1))
+
+
+def _plain_tensors() -> EnsureTyped:
+    """``target``/``cond`` as plain float32 tensors (MONAI's resizing returns ``MetaTensor``)."""
+    return EnsureTyped(keys=["target", "cond"], data_type="tensor", dtype=torch.float32, track_meta=False)
+
+
+def ct_transforms(data: Mapping, train: bool) -> Compose:
+    """CT chain for a resolved data config (``img_size``, ``hu_window``, ``n_views``, ``noise``, ``i0``, ``sigma``)."""
+    lo, hi = data["hu_window"]
+    size = int(data["img_size"])
+    ct = ParallelBeamCT(n_views=int(data["n_views"]), noise=data["noise"], i0=float(data["i0"]),
+                        sigma=float(data["sigma"]))
+    window = {"a_min": lo, "a_max": hi, "b_min": -1.0, "b_max": 1.0, "clip": True}
+    return Compose([
+        LoadLuna16Sliced(),
+        ScaleIntensityRanged(keys="target", **window),
+        Resized(keys="target", spatial_size=(size, size), mode="area"),
+        CTSinogramd(ct, (lo, hi)),
+        (RandCTMeasurementd if train else CTMeasurementd)(ct, size),
+        ScaleIntensityRanged(keys="cond", **window),
+        _plain_tensors(),
+    ])
+
+
+def mri_transforms(data: Mapping, train: bool) -> Compose:
+    """MRI chain for a resolved data config (``img_size``, ``mask_type``, ``center_fractions``, ``accelerations``,
+    ``mri_norm``)."""
+    size = int(data["img_size"])
+    physics = RandMRIUndersampled if train else MRIUndersampled
+    return Compose([
+        LoadFastMRISliced(mri_norm=data["mri_norm"]),
+        ScaleMagnituded(keys=["target"]),
+        Resized(keys="target", spatial_size=(size, size), mode="area"),
+        physics(data["mask_type"], data["center_fractions"], data["accelerations"]),
+        ScaleMagnituded(keys=["cond"]),
+        Resized(keys="cond", spatial_size=(size, size), mode="area"),
+        _plain_tensors(),
+    ])

@@ -54,7 +54,7 @@ DATA_DEFAULTS: dict = {
     "cache_dir": None,
     "cache_workers": 2,
     "hu_window": [-1000.0, 1000.0],
-    "n_views": 60,
+    "n_views": 24,
     "noise": "poisson",
     "i0": 1e5,
     "sigma": 0.01,

@@ -82,7 +82,7 @@ def _chest_slice_hu(base: np.ndarray, u: np.ndarray, v: np.ndarray, z: float, an
     for cx, cy, cz, d in anatomy["nodules"]:
         r2 = (d / 2) ** 2 - (z - cz) ** 2
         if r2 > 0:
-            _paint(hu, u, v, cx, cy, np.sqrt(r2), np.sqrt(r2), 30.0)
+            _paint(hu, u, v, cx, cy, np.sqrt(r2), np.sqrt(r2), 80.0)  # solid nodule, denser than muscle
     return hu
 
 

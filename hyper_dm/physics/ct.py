@@ -15,7 +15,7 @@ Units: images are linear attenuation coefficients ``mu`` in 1/mm; sinograms are 
 
 Example::
 
-    >>> ct = ParallelBeamCT(n_views=60, noise="poisson", i0=1e5)
+    >>> ct = ParallelBeamCT(n_views=24, noise="poisson", i0=1e5)
     >>> mu = hu_to_mu(hu_slice)                       # [S, S] 1/mm
     >>> sino = ct.project(mu, pixel_mm=5.5)           # [n_det, n_views]
     >>> fbp_mu = ct.fbp(ct.add_noise(sino, np.random.default_rng(0)), pixel_mm=5.5, size=mu.shape[0])
@@ -59,7 +59,7 @@ class ParallelBeamCT:
 
     def __init__(
         self,
-        n_views: int = 60,
+        n_views: int = 24,
         noise: NoiseModel = "poisson",
         i0: float = 1e5,
         sigma: float = 0.0,

@@ -73,8 +73,8 @@ def read_series_header(path: str | Path) -> Luna16Series:
     try:
         reader.ReadImageInformation()
     except RuntimeError as e:
-        detail = next((ln.strip() for ln in str(e).splitlines() if "rror" in ln or "ould not" in ln), str(e)[:200])
-        raise BadInputError(path, f"cannot parse the MetaImage header ({detail})") from e
+        raise BadInputError(path, "cannot parse the MetaImage header (ITK rejected it; check ObjectType, NDims, "
+                                  "DimSize, ElementSpacing, ElementType and ElementDataFile)") from e
     if reader.GetDimension() != 3:
         raise BadInputError(path, f"expected a 3-D volume, header says NDims = {reader.GetDimension()}")
     size = tuple(int(v) for v in reader.GetSize())

@@ -4,10 +4,12 @@ Per-slice item (see :func:`hyper_dm.data.datasets.slice_entries`): ``image`` (pa
 ``slice_index``, ``n_slices``, ``affine`` (nested list), ``seed`` (int), plus ``pixel_mm`` (CT) or ``scale_max``
 (MRI). Chains (:func:`ct_transforms`, :func:`mri_transforms`)::
 
-    CT : LoadLuna16Sliced -> ScaleIntensityRanged(target) -> Resized(target) -> CTSinogramd
-         -> [Rand]CTMeasurementd -> ScaleIntensityRanged(cond)
-    MRI: LoadFastMRISliced -> ScaleMagnituded(target) -> Resized(target) -> [Rand]MRIUndersampled
-         -> ScaleMagnituded(cond) -> Resized(cond)
+    CT : LoadLuna16Sliced (HU clipped to the window) -> Resized(target) -> ScaleIntensityRanged(target)
+         -> CTSinogramd -> [Rand]CTMeasurementd -> ScaleIntensityRanged(cond)
+    MRI: LoadFastMRISliced -> Resized(target) -> ScaleMagnituded(target) -> [Rand]MRIUndersampled
+         -> Resized(cond) -> ScaleMagnituded(cond)
+
+Resizing (area averaging) comes before the linear intensity scaling, so the scaling runs on S x S images.
 
 Training uses the ``Rand*`` physics (new noise / new mask each time, drawn from the transform's ``R``, which
 ``monai.data.DataLoader`` reseeds per worker and epoch); validation/test use the deterministic ones, seeded by the
@@ -46,17 +48,20 @@ def _affine_tensor(affine: object) -> torch.Tensor:
 
 
 class LoadLuna16Sliced(MapTransform):
-    """Read axial slice ``slice_index`` of the series at ``d["image"]``: ``target`` ``[1, nx, ny]`` float32 HU.
+    """Read axial slice ``slice_index`` of the series at ``d["image"]``: ``target`` ``[1, nx, ny]`` float32 HU
+    clipped to ``hu_window`` (before any resampling, so the -2000/-3024 HU padding never bleeds into the image).
 
     Also turns ``affine`` into a float64 ``[4, 4]`` tensor.
     """
 
-    def __init__(self, image_key: str = "image") -> None:
+    def __init__(self, hu_window: Sequence[float], image_key: str = "image") -> None:
         super().__init__(keys=[image_key])
+        self.hu_window = (float(hu_window[0]), float(hu_window[1]))
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
-        d["target"] = torch.from_numpy(luna16.read_axial_slice(d[self.keys[0]], int(d["slice_index"])))[None]
+        hu = luna16.read_axial_slice(d[self.keys[0]], int(d["slice_index"]))
+        d["target"] = torch.from_numpy(np.clip(hu, *self.hu_window))[None]
         d["affine"] = _affine_tensor(d["affine"])
         return d
 
@@ -199,9 +204,9 @@ def ct_transforms(data: Mapping, train: bool) -> Compose:
                         sigma=float(data["sigma"]))
     window = {"a_min": lo, "a_max": hi, "b_min": -1.0, "b_max": 1.0, "clip": True}
     return Compose([
-        LoadLuna16Sliced(),
-        ScaleIntensityRanged(keys="target", **window),
+        LoadLuna16Sliced(hu_window=(lo, hi)),
         Resized(keys="target", spatial_size=(size, size), mode="area"),
+        ScaleIntensityRanged(keys="target", **window),
         CTSinogramd(ct, (lo, hi)),
         (RandCTMeasurementd if train else CTMeasurementd)(ct, size),
         ScaleIntensityRanged(keys="cond", **window),
@@ -216,10 +221,10 @@ def mri_transforms(data: Mapping, train: bool) -> Compose:
     physics = RandMRIUndersampled if train else MRIUndersampled
     return Compose([
         LoadFastMRISliced(mri_norm=data["mri_norm"]),
-        ScaleMagnituded(keys=["target"]),
         Resized(keys="target", spatial_size=(size, size), mode="area"),
+        ScaleMagnituded(keys=["target"]),
         physics(data["mask_type"], data["center_fractions"], data["accelerations"]),
-        ScaleMagnituded(keys=["cond"]),
         Resized(keys="cond", spatial_size=(size, size), mode="area"),
+        ScaleMagnituded(keys=["cond"]),
         _plain_tensors(),
     ])

@@ -48,7 +48,7 @@ class ToyConfig:
     lr: float = 2e-3
     z_dim: int = 8
     rank: int = 4
-    offset_scale: float = 0.5
+    offset_scale: float = 1.5
     hidden: int = 128
     m_weights: int = 4
     lambda_eu: float = 0.01
@@ -87,7 +87,7 @@ def train_toy(config: ToyConfig) -> tuple[HyperNetwork, ConditionalMLP, list[flo
 
 @torch.no_grad()
 def predict_toy(
-    hyper: HyperNetwork, backbone: ConditionalMLP, x: torch.Tensor, m: int = 8, n: int = 32, steps: int = 50,
+    hyper: HyperNetwork, backbone: ConditionalMLP, x: torch.Tensor, m: int = 16, n: int = 32, steps: int = 50,
     seed: int = 1, prediction_type: str = "v_prediction",
 ) -> Decomposition:
     """M x N DDIM statistics at raw ``x [K]``; returned in raw ``y`` units (variances times ``Y_SCALE^2``)."""

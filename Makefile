@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+demo: venv
+	$(PY) scripts/demo.py
+
 test: venv
 	$(PY) -m pytest -q tests
 

@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from hyper_dm.data import build_datalist, build_dataset, case_slices, denormalise, resolve_data_config, to_hu
+from hyper_dm.data import (
+    build_datalist,
+    build_dataset,
+    case_slices,
+    physical_map,
+    resolve_data_config,
+    to_hu,
+    to_magnitude,
+)
 from hyper_dm.data.datasets import physics_key
 from hyper_dm.data.synthetic import write_fastmri_knee_like, write_luna16_like
 
@@ -92,16 +100,16 @@ def test_persistent_cache_keyed_on_physics(ct_data, tmp_path):
     assert physics_key(resolve_data_config(data)) != physics_key(resolve_data_config({**data, "i0": 1e4}))
 
 
-def test_mri_samples_and_denormalise(mri_data):
+def test_mri_samples_and_intensity_map(mri_data):
     val = build_dataset(mri_data, "validation")
     sample = val[0]
     assert sample["target"].shape == sample["cond"].shape == (1, 32, 32)
     assert -1.0 <= sample["target"].min() and sample["target"].max() <= 1.0
-    magnitude = denormalise(resolve_data_config(mri_data), sample["target"], sample)
+    magnitude = sample["intensity_scale"] * sample["target"] + sample["intensity_offset"]
     assert 0 <= float(magnitude.min()) and float(magnitude.max()) <= sample["scale"] * (1 + 1e-6)
-    batch = {"scale": torch.tensor([sample["scale"], 2 * sample["scale"]])}
-    doubled = denormalise(resolve_data_config(mri_data), torch.stack([sample["target"]] * 2), batch)
-    torch.testing.assert_close(doubled[1], 2 * doubled[0])
+    torch.testing.assert_close(magnitude, to_magnitude(sample["target"], sample["scale"]))
+    assert physical_map("mri", (0, 1), 2 * sample["scale"]) == (sample["scale"], sample["scale"])
+    assert physical_map("ct", (-1000.0, 1000.0)) == (1000.0, 0.0)
     torch.testing.assert_close(build_dataset(mri_data, "validation")[0]["cond"], sample["cond"])
     train = build_dataset(mri_data, "training")
     assert not torch.equal(train[0]["cond"], train[0]["cond"])  # a new mask every draw

@@ -7,7 +7,9 @@ from hyper_dm.networks import ConditionalUNet, HyperNetwork
 
 @pytest.fixture
 def model():
-    backbone = ConditionalUNet(channels=(8, 16), attention_levels=(False, False), norm_num_groups=8, num_head_channels=8)
+    backbone = ConditionalUNet(
+        channels=(8, 16), attention_levels=(False, False), norm_num_groups=8, num_head_channels=8
+    )
     return backbone, HyperNetwork(backbone, z_dim=4, hidden=16, rank=2)
 
 

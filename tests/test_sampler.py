@@ -48,7 +48,9 @@ def test_stochastic_ddim_is_also_unbiased():
 
 
 def small_model():
-    backbone = ConditionalUNet(channels=(8, 16), attention_levels=(False, False), norm_num_groups=8, num_head_channels=8)
+    backbone = ConditionalUNet(
+        channels=(8, 16), attention_levels=(False, False), norm_num_groups=8, num_head_channels=8
+    )
     hyper = HyperNetwork(backbone, z_dim=4, hidden=16, rank=2)
     with torch.no_grad():
         for p in hyper.base:  # non-trivial outputs despite MONAI's zero-initialised output convolution

@@ -6,7 +6,7 @@ Public API::
     build_datalist(data) -> {"training": [...], "validation": [...], "test": [...]}    # case-level, by patient
     build_dataset(data, split) -> torch Dataset of per-slice sample dicts               # cached MONAI dataset
     case_slices(data, split) -> iterator of (case_id, [samples in slice order])
-    to_hu(x, hu_window), to_magnitude(x, scale), denormalise(data, x, sample, variance=False)
+    to_hu(x, hu_window), to_magnitude(x, scale), physical_map(task, hu_window, magnitude_scale)
     resolve_data_config(data), DATA_DEFAULTS, BadInputError, BadFileLog
 
 See :mod:`.config` for the keys, :mod:`.datasets` for the sample layout.
@@ -14,10 +14,10 @@ See :mod:`.config` for the keys, :mod:`.datasets` for the sample layout.
 
 from .config import DATA_DEFAULTS, resolve_data_config
 from .datasets import build_datalist, build_dataset, case_slices
-from .intensity import denormalise, to_hu, to_magnitude
+from .intensity import physical_map, to_hu, to_magnitude
 from .validation import BadFileLog, BadInputError
 
 __all__ = [
     "DATA_DEFAULTS", "BadFileLog", "BadInputError", "build_datalist", "build_dataset", "case_slices",
-    "denormalise", "resolve_data_config", "to_hu", "to_magnitude",
+    "physical_map", "resolve_data_config", "to_hu", "to_magnitude",
 ]

@@ -16,7 +16,8 @@ A sample is a dict::
                                                  the last axis in slice_index order), as nibabel expects
     image        str                             source file
     pixel_mm     float (CT)                      in-plane pixel size of the S x S grid
-    scale        float (MRI)                     magnitude scale; see :func:`hyper_dm.data.denormalise`
+    scale        float (MRI)                     magnitude scale (the model sees 2 m / scale - 1)
+    intensity_scale, intensity_offset  float     physical = scale * x + offset (HU / magnitude), see physical_map
 
 Example::
 

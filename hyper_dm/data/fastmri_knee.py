@@ -15,7 +15,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .validation import BadFileLog, BadInputError, check_finite, safe_stem
+from ..io import safe_stem
+from .validation import BadFileLog, BadInputError, check_finite
 
 __all__ = ["KneeFile", "case_entries", "find_files", "ras_affine", "read_file_header", "read_slice"]
 

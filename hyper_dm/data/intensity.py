@@ -8,17 +8,18 @@ The models see every image in [-1, 1]:
   maximum, or the slice maximum, see ``mri_norm``), ``x = 2 m / scale - 1`` clipped to [-1, 1];
   :func:`to_magnitude` inverts it.
 
-:func:`denormalise` picks the right inverse from the data config and a sample (or a collated batch).
+Every sample carries the affine map back to physical units as ``intensity_scale``/``intensity_offset``
+(:func:`physical_map`), which the inference writer applies (``scale ** 2`` for variance maps).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["denormalise", "from_magnitude", "to_hu", "to_magnitude"]
+__all__ = ["from_magnitude", "physical_map", "to_hu", "to_magnitude"]
 
 Array = torch.Tensor | np.ndarray
 
@@ -40,21 +41,14 @@ def to_magnitude(x: Array, scale: float | Array) -> Array:
     return (x + 1.0) * (0.5 * scale)
 
 
-def denormalise(data: Mapping, x: torch.Tensor, sample: Mapping | None = None, variance: bool = False) -> torch.Tensor:
-    """Map model-range ``x: [B, C, H, W]`` or ``[C, H, W]`` back to HU (CT) or magnitude (MRI).
+def physical_map(task: str, hu_window: Sequence[float], magnitude_scale: float | None = None) -> tuple[float, float]:
+    """``(gain, offset)`` with ``physical = gain * x + offset`` (HU for CT, magnitude for MRI).
 
-    Args:
-        data: resolved data config (uses ``task`` and ``hu_window``).
-        x: image(s) in the model range, or variances of them if ``variance``.
-        sample: the sample or collated batch ``x`` came from (MRI: its ``"scale"``, float or ``[B]``).
-        variance: ``x`` is a variance map (EU/AU/total): scale by the squared gain only, HU^2 or magnitude^2.
+    Variances (EU, AU, total) map by ``gain ** 2``. MRI needs the sample's ``magnitude_scale`` (its ``"scale"``).
     """
-    if data["task"] == "ct":
-        lo, hi = float(data["hu_window"][0]), float(data["hu_window"][1])
-        return x * (0.5 * (hi - lo)) ** 2 if variance else to_hu(x, (lo, hi))
-    if sample is None or "scale" not in sample:
-        raise ValueError("MRI denormalisation needs the sample (or batch) with its 'scale' key")
-    scale = torch.as_tensor(sample["scale"], dtype=x.dtype, device=x.device)
-    if scale.ndim == 1 and x.ndim == 4:
-        scale = scale.view(-1, 1, 1, 1)
-    return x * (0.5 * scale) ** 2 if variance else to_magnitude(x, scale)
+    if task == "ct":
+        lo, hi = float(hu_window[0]), float(hu_window[1])
+        return 0.5 * (hi - lo), 0.5 * (hi + lo)
+    if magnitude_scale is None:
+        raise ValueError("the MRI intensity map needs the sample's magnitude scale (its 'scale' key)")
+    return 0.5 * float(magnitude_scale), 0.5 * float(magnitude_scale)

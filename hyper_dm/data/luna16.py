@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .validation import BadFileLog, BadInputError, check_finite, safe_stem
+from ..io import safe_stem
+from .validation import BadFileLog, BadInputError, check_finite
 
 __all__ = [
     "Luna16Series", "case_entries", "find_series", "ras_affine", "read_annotations", "read_axial_slice",

@@ -25,14 +25,22 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.transforms import Compose, EnsureTyped, MapTransform, Randomizable, Resized, ScaleIntensityRanged
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    Randomizable,
+    Resized,
+    ScaleIntensityRanged,
+    Transform,
+)
 
 from ..physics.ct import ParallelBeamCT, hu_to_mu, mu_to_hu
 from . import fastmri_knee, luna16
-from .intensity import from_magnitude, to_hu
+from .intensity import from_magnitude, physical_map, to_hu
 
 __all__ = [
-    "CTMeasurementd", "CTSinogramd", "LoadFastMRISliced", "LoadLuna16Sliced", "MRIUndersampled",
+    "CTMeasurementd", "CTSinogramd", "IntensityMapd", "LoadFastMRISliced", "LoadLuna16Sliced", "MRIUndersampled",
     "RandCTMeasurementd", "RandMRIUndersampled", "ScaleMagnituded", "ct_transforms", "mri_transforms",
     "stable_seed",
 ]
@@ -191,6 +199,21 @@ class RandMRIUndersampled(Randomizable, MRIUndersampled):
         return int(self.R.randint(0, 2**31 - 1))
 
 
+class IntensityMapd(Transform):
+    """Add ``intensity_scale``/``intensity_offset`` (floats): ``physical = scale * x + offset`` for this sample.
+
+    CT: the HU window's half-width and centre; MRI: half the sample's magnitude ``scale`` (both).
+    """
+
+    def __init__(self, task: str, hu_window: Sequence[float]) -> None:
+        self.task, self.hu_window = task, hu_window
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        d["intensity_scale"], d["intensity_offset"] = physical_map(self.task, self.hu_window, d.get("scale"))
+        return d
+
+
 def _plain_tensors() -> EnsureTyped:
     """``target``/``cond`` as plain float32 tensors (MONAI's resizing returns ``MetaTensor``)."""
     return EnsureTyped(keys=["target", "cond"], data_type="tensor", dtype=torch.float32, track_meta=False)
@@ -210,6 +233,7 @@ def ct_transforms(data: Mapping, train: bool) -> Compose:
         CTSinogramd(ct, (lo, hi)),
         (RandCTMeasurementd if train else CTMeasurementd)(ct, size),
         ScaleIntensityRanged(keys="cond", **window),
+        IntensityMapd("ct", (lo, hi)),
         _plain_tensors(),
     ])
 
@@ -226,5 +250,6 @@ def mri_transforms(data: Mapping, train: bool) -> Compose:
         physics(data["mask_type"], data["center_fractions"], data["accelerations"]),
         Resized(keys="cond", spatial_size=(size, size), mode="area"),
         ScaleMagnituded(keys=["cond"]),
+        IntensityMapd("mri", data["hu_window"]),
         _plain_tensors(),
     ])

@@ -7,14 +7,13 @@ bad file, leaves it out of the datalist and counts it in :class:`BadFileLog`.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-__all__ = ["BadFileLog", "BadInputError", "OnBadFile", "check_finite", "safe_stem"]
+__all__ = ["BadFileLog", "BadInputError", "OnBadFile", "check_finite"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +53,3 @@ def check_finite(array: np.ndarray, path: str | Path, what: str) -> None:
     bad = ~np.isfinite(array)
     if bad.any():
         raise BadInputError(path, f"{what} contains {int(bad.sum())} NaN/infinite values; fix or remove the file")
-
-
-def safe_stem(name: str) -> str:
-    """``name`` with every character outside ``[A-Za-z0-9._-]`` replaced by ``_`` (usable as a file stem)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)

@@ -1,15 +1,20 @@
 """Ignite engines and handlers: training, validation/inference, TensorBoard panels, case writing."""
 
 from .evaluator import OUTPUT_KEYS, HyperDiffusionEvaluator
-from .metrics import item_means
+from .metrics import SliceMean
 from .panels import UncertaintyPanelHandler, panel_image
+from .previews import write_preview
 from .trainer import HyperDiffusionTrainer
+from .writer import METRIC_FIELDS, CaseWriter
 
 __all__ = [
+    "METRIC_FIELDS",
     "OUTPUT_KEYS",
+    "CaseWriter",
     "HyperDiffusionEvaluator",
     "HyperDiffusionTrainer",
     "UncertaintyPanelHandler",
-    "item_means",
+    "SliceMean",
     "panel_image",
+    "write_preview",
 ]

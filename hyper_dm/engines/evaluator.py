@@ -51,7 +51,7 @@ class HyperDiffusionEvaluator(Evaluator):
         )
         self.network, self.inferer = network, inferer
 
-    def _iteration(self, engine: HyperDiffusionEvaluator, batchdata: dict) -> dict[str, torch.Tensor]:
+    def _iteration(self, engine: HyperDiffusionEvaluator, batchdata: dict) -> list[dict] | dict:
         if "cond" not in batchdata:
             raise KeyError(f"evaluation batch has no 'cond' entry (keys: {sorted(batchdata)})")
         cond = batchdata["cond"].to(engine.state.device)
@@ -69,5 +69,5 @@ class HyperDiffusionEvaluator(Evaluator):
                 output["crps"] = crps(samples, output["label"]).flatten(1).mean(dim=1)  # [B]
         engine.state.output = output
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return output
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollates state.output here
+        return engine.state.output

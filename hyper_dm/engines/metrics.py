@@ -1,27 +1,49 @@
-"""Output transforms that turn evaluator outputs into per-slice values for Ignite metrics."""
+"""Ignite metric averaging a per-slice quantity of the evaluator output (mean EU, mean AU, CRPS)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+from ignite.exceptions import NotComputableError
+from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
-__all__ = ["item_means"]
+__all__ = ["SliceMean"]
 
 
-def item_means(key: str) -> Callable[[list | dict], torch.Tensor]:
-    """Output transform: the mean of ``key`` for each slice, ``[B]`` (e.g. for ``ignite.metrics.Average``).
+class SliceMean(Metric):
+    """Mean over all evaluated slices of the spatial mean of ``output[key]``.
 
-    Works on MONAI's decollated outputs (a list of per-slice dicts) and on batched dicts.
+    Reads MONAI's decollated outputs (a list of per-slice dicts, where a per-slice scalar may be a float) or
+    a batched dict ``key -> [B, ...]``.
 
-    Example:
-        >>> item_means("eu")([{"eu": torch.ones(1, 2, 2)}, {"eu": torch.zeros(1, 2, 2)}])
-        tensor([1., 0.])
+    Args:
+        key: output entry, e.g. ``"eu"``, ``"au"`` (variances, squared model units) or ``"crps"``.
     """
 
-    def transform(output: list | dict) -> torch.Tensor:
-        if isinstance(output, dict):
-            return output[key].flatten(1).float().mean(dim=1) if output[key].ndim > 1 else output[key].float()
-        return torch.stack([item[key].float().mean() for item in output])
+    required_output_keys = None  # the whole output is passed to update()
 
-    return transform
+    def __init__(self, key: str, output_transform: Callable = lambda x: x, device: str | torch.device = "cpu"):
+        self.key = key
+        super().__init__(output_transform=output_transform, device=device)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._sum = torch.tensor(0.0, dtype=torch.float64, device=self._device)
+        self._count = 0
+
+    @reinit__is_reduced
+    def update(self, output: list | dict) -> None:
+        if isinstance(output, dict):
+            values = output[self.key].reshape(output[self.key].shape[0], -1).double().mean(dim=1)
+        else:
+            values = torch.stack([torch.as_tensor(item[self.key], dtype=torch.float64).mean() for item in output])
+        self._sum += values.sum().to(self._device)
+        self._count += values.numel()
+
+    @sync_all_reduce("_sum", "_count")
+    def compute(self) -> float:
+        if self._count == 0:
+            raise NotComputableError(f"SliceMean({self.key!r}) needs at least one evaluated slice")
+        return self._sum.item() / self._count

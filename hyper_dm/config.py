@@ -1,0 +1,125 @@
+"""The one configuration system: MONAI bundle configs, overridden from seed-style ``a.b=v`` arguments.
+
+The bundle's hyperparameter sections are ``data``, ``model``, ``diffusion``, ``training_cfg`` and
+``inference_cfg`` (``training``/``inference`` are the run ids MONAI executes). The seed-style scripts keep
+the seed's names, so ``training.lr=1e-4`` becomes the bundle override ``training_cfg#lr`` = ``1e-4``.
+Overrides are checked against the merged configs: an unknown key is an error listing the close matches,
+a value of the wrong type an error naming the key.
+
+Example:
+    >>> translate_key("training.lr")
+    'training_cfg#lr'
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from monai.bundle import ConfigParser
+
+__all__ = [
+    "BUNDLE_CONFIGS",
+    "SECTION_ALIASES",
+    "ConfigError",
+    "config_files_for",
+    "parse_overrides",
+    "translate_key",
+    "validate_overrides",
+]
+
+BUNDLE_CONFIGS = Path(__file__).resolve().parent.parent / "bundle" / "configs"
+SECTION_ALIASES = {"training": "training_cfg", "inference": "inference_cfg"}
+WORKFLOW_CONFIGS = {"train": "train.yaml", "infer": "inference.yaml"}
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message says which and what was expected."""
+
+
+def translate_key(dotted: str) -> str:
+    """Seed-style ``section.key.sub`` -> bundle id ``section_cfg#key#sub``."""
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"override key {dotted!r} has an empty part; expected e.g. training.lr=1e-4")
+    parts[0] = SECTION_ALIASES.get(parts[0], parts[0])
+    return "#".join(parts)
+
+
+def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
+    """``["training.lr=1e-4", "model.z_dim=16"]`` -> ``{"training_cfg#lr": 1e-4, "model#z_dim": 16}`` (YAML values)."""
+    overrides = {}
+    for arg in args:
+        key, sep, text = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {arg!r} is not of the form key.subkey=value (e.g. training.lr=1e-4)")
+        try:
+            overrides[translate_key(key.strip())] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {arg!r}: value {text!r} is not valid YAML ({err})") from err
+    return overrides
+
+
+def config_files_for(workflow: str, config: str | None) -> list[str]:
+    """The bundle config of ``workflow`` (train/infer), with ``config`` merged on top unless it is that file."""
+    base = BUNDLE_CONFIGS / WORKFLOW_CONFIGS[workflow]
+    files = [str(base)]
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"config file {config} does not exist")
+        if path.resolve() != base.resolve():
+            files.append(str(path))
+    return files
+
+
+def _ids(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every id of a raw config (``a#b#0``) with its raw value."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        cid = f"{prefix}#{key}" if prefix else str(key)
+        yield cid, value
+        yield from _ids(value, cid)
+
+
+def _seed_name(cid: str) -> str:
+    head, _, rest = cid.partition("#")
+    head = {v: k for k, v in SECTION_ALIASES.items()}.get(head, head)
+    return ".".join([head, *rest.split("#")]) if rest else head
+
+
+def _type_error(cid: str, current: Any, new: Any) -> str | None:
+    if current is None or new is None or isinstance(current, str) and current.startswith(("$", "@", "%")):
+        return None
+    if isinstance(current, bool) or isinstance(new, bool):
+        ok = isinstance(current, bool) and isinstance(new, bool)
+    elif isinstance(current, float):
+        ok = isinstance(new, (int, float))
+    else:
+        ok = isinstance(new, type(current))
+    if ok:
+        return None
+    return f"{_seed_name(cid)} expects a {type(current).__name__} (like {current!r}), got {new!r}"
+
+
+def validate_overrides(config_files: Sequence[str], overrides: dict[str, Any]) -> ConfigParser:
+    """Merge ``config_files``, check every override id exists with a compatible type, apply them."""
+    parser = ConfigParser()
+    try:
+        parser.read_config(list(config_files))
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config files {list(config_files)}: {err}") from err
+    known = dict(_ids(parser.get()))
+    for cid, value in overrides.items():
+        if cid not in known:
+            matches = difflib.get_close_matches(cid, list(known), n=5, cutoff=0.6)
+            hint = ", ".join(_seed_name(m) for m in matches) if matches else "none; see the bundle configs"
+            raise ConfigError(f"unknown config key {_seed_name(cid)!r} ({cid}); close matches: {hint}")
+        problem = _type_error(cid, known[cid], value)
+        if problem:
+            raise ConfigError(problem)
+        parser[cid] = value
+    return parser

@@ -3,8 +3,9 @@
 The bundle's hyperparameter sections are ``data``, ``model``, ``diffusion``, ``training_cfg`` and
 ``inference_cfg`` (``training``/``inference`` are the run ids MONAI executes). The seed-style scripts keep
 the seed's names, so ``training.lr=1e-4`` becomes the bundle override ``training_cfg#lr`` = ``1e-4``.
-Overrides are checked against the merged configs: an unknown key is an error listing the close matches,
-a value of the wrong type an error naming the key.
+Overrides are checked against the merged configs: an unknown key is an error listing the close matches
+(except a new argument of a component, a dict with ``_target_``), a value of the wrong type an error naming
+the key.
 
 Example:
     >>> translate_key("training.lr")
@@ -57,10 +58,21 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"override {arg!r} is not of the form key.subkey=value (e.g. training.lr=1e-4)")
         try:
-            overrides[translate_key(key.strip())] = yaml.safe_load(text) if text.strip() else None
+            value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"override {arg!r}: value {text!r} is not valid YAML ({err})") from err
+        overrides[translate_key(key.strip())] = _number_or_text(value)
     return overrides
+
+
+def _number_or_text(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as text; users mean a number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def config_files_for(workflow: str, config: str | None) -> list[str]:
@@ -114,6 +126,10 @@ def validate_overrides(config_files: Sequence[str], overrides: dict[str, Any]) -
         raise ConfigError(f"cannot read config files {list(config_files)}: {err}") from err
     known = dict(_ids(parser.get()))
     for cid, value in overrides.items():
+        parent = known.get(cid.rpartition("#")[0])
+        if cid not in known and isinstance(parent, dict) and "_target_" in parent:
+            parser[cid] = value  # a further constructor argument of a component: MONAI checks it when building
+            continue
         if cid not in known:
             matches = difflib.get_close_matches(cid, list(known), n=5, cutoff=0.6)
             hint = ", ".join(_seed_name(m) for m in matches) if matches else "none; see the bundle configs"

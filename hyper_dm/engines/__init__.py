@@ -1,5 +1,6 @@
 """Ignite engines and handlers: training, validation/inference, TensorBoard panels, case writing."""
 
+from .checkpoint import AtomicCheckpointSaver
 from .evaluator import OUTPUT_KEYS, HyperDiffusionEvaluator
 from .metrics import SliceMean
 from .panels import UncertaintyPanelHandler, panel_image
@@ -9,6 +10,7 @@ from .writer import METRIC_FIELDS, CaseWriter
 
 __all__ = [
     "METRIC_FIELDS",
+    "AtomicCheckpointSaver",
     "OUTPUT_KEYS",
     "CaseWriter",
     "HyperDiffusionEvaluator",

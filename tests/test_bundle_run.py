@@ -1,0 +1,155 @@
+"""The bundle run from a subprocess exactly as a user types it, at the default 64 x 64 size but few iterations.
+
+Reads back what a user looks at: TensorBoard events (TensorBoard's own reader), NIfTI volumes (nibabel) placed
+where the source series is (SimpleITK), checkpoints (``torch.load(weights_only=True)``).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_RUN = [  # few iterations and cheap validation; the model and image size stay the defaults
+    "--training_cfg#epoch_length", "2", "--training_cfg#batch_size", "4", "--training_cfg#val_M", "2",
+    "--training_cfg#val_N", "2", "--training_cfg#val_ddim_steps", "3", "--training_cfg#val_epoch_length", "1",
+]
+
+
+def bundle(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=timeout)
+    return result
+
+
+def check(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synthetic_dir) -> Path:
+    out = tmp_path_factory.mktemp("ct_run")
+    check(bundle("training", "--config_file", "bundle/configs/train.yaml", "--output_dir", str(out),
+                 "--data#synthetic_dir", synthetic_dir, "--training_cfg#epochs", "2", *SMALL_RUN))
+    return out
+
+
+def test_training_writes_checkpoints_that_load_with_weights_only(trained):
+    paths = sorted(trained.rglob("*.pt"))
+    names = {p.name for p in paths}
+    assert {"model.pt", "checkpoint_final.pt", "checkpoint_epoch=2.pt"} <= names, names
+    for path in paths:
+        torch.load(path, map_location="cpu", weights_only=True)
+    final = torch.load(trained / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == 4 and final["trainer"]["max_epochs"] == 2
+    assert not any(k.startswith("target.") and v.requires_grad for k, v in final["hypernet"].items())
+
+
+def test_tensorboard_has_loss_curves_validation_metrics_and_panels(trained):
+    events = EventAccumulator(str(trained / "logs"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/mse", "train/lr", "val_psnr", "val_ssim", "val_crps", "val_eu", "val_au"} <= scalars
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("val_psnr")] == [1, 2]
+    assert all(np.isfinite(e.value) for e in events.Scalars("train/loss"))
+    panels = events.Images("validation/cond_mean_eu_au_error_target")
+    assert len(panels) == 2 and panels[0].width == 6 * panels[0].height
+
+
+def source_centre_ras(mhd: Path) -> np.ndarray:
+    image = sitk.ReadImage(str(mhd))
+    centre = [(n - 1) / 2 for n in image.GetSize()]
+    lps = np.array(image.TransformContinuousIndexToPhysicalPoint(centre))
+    return lps * np.array([-1.0, -1.0, 1.0])
+
+
+def test_inference_writes_nifti_volumes_where_the_source_series_is(trained, synthetic_dir):
+    results = trained / "results"
+    args = ["inference", "--config_file", "bundle/configs/inference.yaml", "--output_dir", str(trained),
+            "--data#synthetic_dir", synthetic_dir, "--inference_cfg#M", "2", "--inference_cfg#N", "2",
+            "--diffusion#ddim_steps", "3"]
+    check(bundle(*args))
+    means = sorted(results.glob("*_mean.nii.gz"))
+    assert len(means) >= 1
+    for mean_path in means:
+        stem = mean_path.name[: -len("_mean.nii.gz")]
+        mhd = next(Path(synthetic_dir).rglob(f"{stem}.mhd"))
+        source = sitk.ReadImage(str(mhd))
+        mean = nib.load(mean_path)
+        assert mean.shape == (64, 64, source.GetSize()[2])
+        # same world position and extent as the source volume
+        centre_voxel = (np.array(mean.shape) - 1) / 2
+        world = mean.affine @ np.append(centre_voxel, 1.0)
+        np.testing.assert_allclose(world[:3], source_centre_ras(mhd), atol=1e-3)
+        voxel_mm = np.sort(np.linalg.norm(mean.affine[:3, :3], axis=0))
+        expected_mm = np.sort(np.array(source.GetSpacing()) * np.array([source.GetSize()[0] / 64,
+                                                                        source.GetSize()[1] / 64, 1.0]))
+        np.testing.assert_allclose(voxel_mm, expected_mm, rtol=1e-6)
+        hu = mean.get_fdata()
+        # HU inside the window [-1000, 1000]; model units would span at most 2 (the model is barely trained)
+        assert -1000.5 <= hu.min() and hu.max() <= 1000.5 and hu.max() - hu.min() > 10, "mean is not in HU"
+        eu, au, total = (nib.load(results / f"{stem}_{k}.nii.gz").get_fdata() for k in ("eu", "au", "total"))
+        np.testing.assert_allclose(eu + au, total, rtol=1e-5, atol=1e-3)
+        assert (eu >= 0).all() and (au >= 0).all() and total.max() > 0
+        metrics = json.loads((results / f"{stem}_metrics.json").read_text())
+        assert np.isfinite(metrics["psnr_db"]) and metrics["psnr_db"] > 5
+        assert (results / f"{stem}_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a second run never silently replaces results
+    before = means[0].stat().st_mtime_ns
+    again = bundle(*args)
+    assert again.returncode != 0 and "overwrite" in again.stdout + again.stderr
+    assert means[0].stat().st_mtime_ns == before
+
+
+def test_killed_training_resumes_to_the_same_iteration(tmp_path, synthetic_dir):
+    out = tmp_path / "run"
+    common = ["--config_file", "bundle/configs/train.yaml", "--output_dir", str(out), "--data#synthetic_dir",
+              synthetic_dir, "--training_cfg#epochs", "3", "--training_cfg#val_interval", "100", *SMALL_RUN]
+    first = subprocess.Popen([sys.executable, "-m", "monai.bundle", "run", *common], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    epoch1 = out / "checkpoints" / "checkpoint_epoch=1.pt"
+    deadline = time.monotonic() + 300
+    while not epoch1.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # plain `run` (no run id) was killed mid-training
+    first.wait()
+    assert epoch1.exists() and not (out / "checkpoints" / "checkpoint_final.pt").exists()
+    time.sleep(0.5)  # let the kill land before reading what it left
+    check(bundle("training", *common, "--training_cfg#resume", str(epoch1)))
+    final = torch.load(out / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == 6  # 3 epochs x 2 iterations, as an uninterrupted run
+    # AdamW counted every step, the 2 before the kill included: its state was restored, not restarted
+    steps = {int(s["step"]) for s in final["optimizer"]["state"].values()}
+    assert steps == {6}
+    assert final["lr_scheduler"]["last_epoch"] == 6
+
+
+def test_script_trains_the_knee_overlay_in_eu_mode(tmp_path, synthetic_dir):
+    result = subprocess.run(
+        [sys.executable, "scripts/train.py", "--config", "bundle/configs/knee_singlecoil.yaml", "training.mode=eu",
+         "training.lr=1e-4", "training.epochs=1", "training.epoch_length=2", "training.batch_size=2",
+         "training.val_M=2", "training.val_N=2", "training.val_ddim_steps=2", "validate.evaluator.epoch_length=1",
+         f"output_dir={tmp_path}", f"data.synthetic_dir={synthetic_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    check(result)
+    events = EventAccumulator(str(tmp_path / "logs"))
+    events.Reload()
+    assert "train/diversity" in events.Tags()["scalars"]  # the eu objective ran
+    assert (Path(synthetic_dir) / "fastmri_knee").is_dir()

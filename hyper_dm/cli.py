@@ -20,7 +20,7 @@ from monai.bundle import ConfigWorkflow
 
 from .config import BUNDLE_CONFIGS, ConfigError, config_files_for, parse_overrides, validate_overrides
 
-__all__ = ["main", "run_workflow"]
+__all__ = ["command_overrides", "main", "parser", "run_workflow"]
 
 RUN_IDS = {"train": "training", "infer": "inference"}
 
@@ -43,7 +43,7 @@ def run_workflow(workflow: str, config_files: Sequence[str], overrides: dict[str
     return runner
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hyper-dm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -62,15 +62,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Bundle overrides from ``key.subkey=value`` arguments and, for ``infer``, the ``--ckpt/--M/...`` flags."""
+    overrides = parse_overrides(args.overrides)
+    if args.command == "infer":
+        flags = {"ckpt": args.ckpt, "M": args.M, "N": args.N, "outdir": args.outdir,
+                 "overwrite": True if args.overwrite else None}
+        overrides.update({f"inference_cfg#{k}": v for k, v in flags.items() if v is not None})
+    return overrides
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     try:
-        overrides = parse_overrides(args.overrides)
-        if args.command == "infer":
-            flags = {"ckpt": args.ckpt, "M": args.M, "N": args.N, "outdir": args.outdir,
-                     "overwrite": True if args.overwrite else None}
-            overrides.update({f"inference_cfg#{k}": v for k, v in flags.items() if v is not None})
-        run_workflow(args.command, config_files_for(args.command, args.config), overrides)
+        run_workflow(args.command, config_files_for(args.command, args.config), command_overrides(args))
     except ConfigError as err:
         logging.getLogger("hyper_dm").error("%s", err)
         print(f"hyper-dm {args.command}: error: {err}", file=sys.stderr)

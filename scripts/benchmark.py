@@ -4,7 +4,9 @@
     python scripts/benchmark.py --size 64 --m 10 --n 10 --steps 20 --threads 2
 
 Reports: parameter counts and checkpoint size; seconds per slice for the loop and vmap evaluation
-paths; peak resident memory of the sampler for N and 4N draws (streamed in chunks of N).
+paths; peak resident memory of the sampler for N and 4N draws (streamed in chunks of N); training images
+per second for each mode; AU calibration of the sampler against ddim_steps (std of DDIM samples over the true
+std, with the exact denoiser for Gaussian data).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import time
 
 import torch
 
-from hyper_dm.diffusion import HyperDDIMSampler, make_ddim
+from hyper_dm.diffusion import HyperDDIMSampler, LossConfig, make_ddim, make_ddpm, training_loss
+from hyper_dm.diffusion.gaussian import spread_ratio
 from hyper_dm.networks import ConditionalUNet, HyperNetwork
 
 
@@ -39,6 +42,22 @@ def time_sampler(args: argparse.Namespace, method: str, n: int, chunk: int | Non
     start = time.perf_counter()
     sampler.sample(backbone, weights, cond, n, torch.Generator().manual_seed(0))
     return time.perf_counter() - start
+
+
+def training_images_per_second(args: argparse.Namespace, mode: str, batch: int = 8, iterations: int = 5) -> float:
+    backbone, hyper = build()
+    optimizer = torch.optim.AdamW(hyper.trainable_parameters(), lr=1e-4)
+    target = torch.rand(batch, 1, args.size, args.size) * 2 - 1
+    cond = torch.rand(batch, 1, args.size, args.size) * 2 - 1
+    config, scheduler = LossConfig(mode=mode), make_ddpm()
+    for i in range(iterations + 1):  # the first iteration warms up
+        if i == 1:
+            start = time.perf_counter()
+        loss = training_loss(hyper, backbone, scheduler, target, cond, config)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return batch * iterations / (time.perf_counter() - start)
 
 
 def peak_rss_mib(args: argparse.Namespace, n: int) -> float:
@@ -76,6 +95,12 @@ def main() -> None:
               f"{args.steps} steps)", flush=True)
     for n in (args.n, 4 * args.n):
         figures[f"peak_rss_MiB_N{n}"] = round(peak_rss_mib(args, n), 1)
+    for mode in ("standard", "eu", "au"):
+        figures[f"train_images_per_s_{mode}"] = round(training_images_per_second(args, mode), 2)
+    figures["au_calibration_std_ratio"] = {
+        f"{spacing}_eta{eta:g}": {steps: round(spread_ratio(steps, spacing, eta)[1], 3) for steps in (10, 20, 50, 100)}
+        for spacing in ("linear", "quadratic") for eta in (0.0, 1.0)
+    }
     print(json.dumps(figures, indent=2))
 
 

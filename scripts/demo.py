@@ -25,9 +25,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASK_OVERLAYS), default="ct")
     parser.add_argument("--out", default="runs/demo", help="demo output folder (emptied first)")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--M", type=int, default=4)
     parser.add_argument("--N", type=int, default=4)
+    parser.add_argument("--ddim-steps", type=int, default=10)
     args = parser.parse_args()
 
     out = Path(args.out).resolve()
@@ -36,10 +37,13 @@ def main() -> int:
     overlay = str(BUNDLE_CONFIGS / TASK_OVERLAYS[args.task])
     common = {"output_dir": str(out)}
     start = time.perf_counter()
-    run_workflow("train", config_files_for("train", overlay), {**common, "training_cfg#epochs": args.epochs})
+    run_workflow("train", config_files_for("train", overlay), {
+        **common, "training_cfg#epochs": args.epochs, "training_cfg#val_interval": 2,
+        "training_cfg#val_epoch_length": 1,  # validate on one batch: a demo, not a benchmark
+    })
     trained = time.perf_counter()
     run_workflow("infer", config_files_for("infer", overlay), {
-        **common, "inference_cfg#M": args.M, "inference_cfg#N": args.N,
+        **common, "inference_cfg#M": args.M, "inference_cfg#N": args.N, "diffusion#ddim_steps": args.ddim_steps,
     })
     done = time.perf_counter()
     results = out / "results"

@@ -92,3 +92,13 @@ def test_the_script_reports_a_misspelt_override_and_exits_2():
     )
     assert result.returncode == 2
     assert "model.z_dimm" in result.stderr and "model.z_dim" in result.stderr
+
+
+def test_infer_flags_become_inference_overrides():
+    from hyper_dm.cli import command_overrides, parser
+
+    args = parser().parse_args(["infer", "--config", "bundle/configs/ct_luna16.yaml", "--ckpt", "m.pt", "--M", "10",
+                                "--N", "10", "--outdir", "results/ct/", "inference.write_std=true"])
+    assert command_overrides(args) == {"inference_cfg#ckpt": "m.pt", "inference_cfg#M": 10, "inference_cfg#N": 10,
+                                       "inference_cfg#outdir": "results/ct/", "inference_cfg#write_std": True}
+    validate_overrides(config_files_for("infer", args.config), command_overrides(args))

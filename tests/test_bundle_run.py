@@ -109,6 +109,7 @@ def test_inference_writes_nifti_volumes_where_the_source_series_is(trained, synt
         assert (eu >= 0).all() and (au >= 0).all() and total.max() > 0
         metrics = json.loads((results / f"{stem}_metrics.json").read_text())
         assert np.isfinite(metrics["psnr_db"]) and metrics["psnr_db"] > 5
+        assert 0 < metrics["crps"] < 2000  # HU
         assert (results / f"{stem}_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second run never silently replaces results
     before = means[0].stat().st_mtime_ns

@@ -29,28 +29,20 @@ def make_ddpm(
     num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2, prediction_type: str = "sample"
 ) -> DDPMScheduler:
     """MONAI DDPM scheduler with linear betas: the training forward process ``q(x_t | x_0)``."""
-    _check_prediction_type(prediction_type)
-    return DDPMScheduler(
-        num_train_timesteps=num_train_timesteps,
-        schedule="linear_beta",
-        beta_start=beta_start,
-        beta_end=beta_end,
-        prediction_type=prediction_type,
-    )
+    return _linear_beta(DDPMScheduler, num_train_timesteps, beta_start, beta_end, prediction_type)
 
 
 def make_ddim(
     num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2, prediction_type: str = "sample"
 ) -> DDIMScheduler:
     """MONAI DDIM scheduler sharing the training betas (its ``alphas_cumprod`` drive the sampler)."""
+    return _linear_beta(DDIMScheduler, num_train_timesteps, beta_start, beta_end, prediction_type)
+
+
+def _linear_beta(cls: type, num_train_timesteps: int, beta_start: float, beta_end: float, prediction_type: str):
     _check_prediction_type(prediction_type)
-    return DDIMScheduler(
-        num_train_timesteps=num_train_timesteps,
-        schedule="linear_beta",
-        beta_start=beta_start,
-        beta_end=beta_end,
-        prediction_type=prediction_type,
-    )
+    return cls(num_train_timesteps=num_train_timesteps, schedule="linear_beta", beta_start=beta_start,
+               beta_end=beta_end, prediction_type=prediction_type)
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int, spacing: Literal["linear", "quadratic"]) -> list[int]:

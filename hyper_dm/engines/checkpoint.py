@@ -2,14 +2,13 @@
 
 MONAI 1.6.1 saves with Ignite's ``DiskSaver(atomic=False)`` (to keep group/other read permission), so a run
 killed while saving leaves a partial ``.pt`` that a resume cannot load. Here every file is written to a
-temporary name in the same folder and renamed into place, then given the usual ``0o666 & ~umask`` mode.
+temporary name in the same folder and renamed into place (Ignite's ``atomic=True`` path, which also adds
+group/other read permission).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from pathlib import Path
 
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
@@ -18,18 +17,14 @@ __all__ = ["AtomicCheckpointSaver"]
 
 
 class _AtomicDiskSaver(DiskSaver):
-    """Ignite ``DiskSaver(atomic=True)`` with an optional fixed file name and umask-respecting permissions."""
+    """Ignite ``DiskSaver(atomic=True)`` with an optional fixed file name (as MONAI's own saver has)."""
 
     def __init__(self, dirname: str, filename: str | None = None) -> None:
         super().__init__(dirname=dirname, require_empty=False, atomic=True)
         self.filename = filename
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        filename = self.filename or filename
-        super().__call__(checkpoint, filename, metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(Path(self.dirname) / filename, 0o666 & ~umask)
+        super().__call__(checkpoint, self.filename or filename, metadata)
 
     def remove(self, filename: str) -> None:
         super().remove(self.filename or filename)

@@ -15,14 +15,13 @@ __all__ = ["SliceMean"]
 class SliceMean(Metric):
     """Mean over all evaluated slices of the spatial mean of ``output[key]``.
 
-    Reads MONAI's decollated outputs (a list of per-slice dicts, where a per-slice scalar may be a float) or
-    a batched dict ``key -> [B, ...]``.
+    Reads MONAI's decollated outputs: a list of per-slice dicts, where a per-slice scalar may be a float.
 
     Args:
         key: output entry, e.g. ``"eu"``, ``"au"`` (variances, squared model units) or ``"crps"``.
     """
 
-    required_output_keys = None  # the whole output is passed to update()
+    required_output_keys = None  # the whole (decollated) output is passed to update()
 
     def __init__(self, key: str, output_transform: Callable = lambda x: x, device: str | torch.device = "cpu"):
         self.key = key
@@ -34,11 +33,8 @@ class SliceMean(Metric):
         self._count = 0
 
     @reinit__is_reduced
-    def update(self, output: list | dict) -> None:
-        if isinstance(output, dict):
-            values = output[self.key].reshape(output[self.key].shape[0], -1).double().mean(dim=1)
-        else:
-            values = torch.stack([torch.as_tensor(item[self.key], dtype=torch.float64).mean() for item in output])
+    def update(self, output: list[dict]) -> None:
+        values = torch.stack([torch.as_tensor(item[self.key], dtype=torch.float64).mean() for item in output])
         self._sum += values.sum().to(self._device)
         self._count += values.numel()
 

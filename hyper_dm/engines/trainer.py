@@ -64,7 +64,6 @@ class HyperDiffusionTrainer(Trainer):
         self.optimizer = optimizer
         self.inferer = inferer
         self.loss_config = loss if isinstance(loss, LossConfig) else LossConfig(**loss)
-        self.scaler = torch.amp.GradScaler("cuda") if amp else None
 
     def _iteration(self, engine: HyperDiffusionTrainer, batchdata: dict) -> dict[str, float]:
         for key in ("target", "cond"):
@@ -80,12 +79,12 @@ class HyperDiffusionTrainer(Trainer):
             )
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if not torch.isfinite(terms["loss"]):
+        if not torch.isfinite(terms["loss"]) and not engine.amp:  # under AMP the scaler skips overflowing steps
             raise FloatingPointError(
                 f"non-finite loss {terms['loss'].item()} at iteration {engine.state.iteration}; lower training lr "
                 "or lambda_eu, or resume from the last checkpoint"
             )
-        if engine.scaler is not None:
+        if engine.amp and engine.scaler is not None:  # MONAI's Trainer.run creates the GradScaler
             engine.scaler.scale(terms["loss"]).backward()
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()

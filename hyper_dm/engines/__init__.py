@@ -1,7 +1,7 @@
 """Ignite engines and handlers: training, validation/inference, TensorBoard panels, case writing."""
 
 from .checkpoint import AtomicCheckpointSaver
-from .evaluator import OUTPUT_KEYS, HyperDiffusionEvaluator
+from .evaluator import HyperDiffusionEvaluator
 from .metrics import SliceMean
 from .panels import UncertaintyPanelHandler, panel_image
 from .previews import write_preview
@@ -11,7 +11,6 @@ from .writer import METRIC_FIELDS, CaseWriter
 __all__ = [
     "METRIC_FIELDS",
     "AtomicCheckpointSaver",
-    "OUTPUT_KEYS",
     "CaseWriter",
     "HyperDiffusionEvaluator",
     "HyperDiffusionTrainer",

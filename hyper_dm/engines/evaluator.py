@@ -13,9 +13,8 @@ from ..diffusion.inferer import HyperDiffusionInferer
 from ..networks.hypernet import HyperNetwork
 from ..uncertainty import crps
 
-__all__ = ["HyperDiffusionEvaluator", "OUTPUT_KEYS"]
+__all__ = ["HyperDiffusionEvaluator"]
 
-OUTPUT_KEYS = ("pred", "eu", "au", "total", "cond", "label", "crps")
 
 
 class HyperDiffusionEvaluator(Evaluator):

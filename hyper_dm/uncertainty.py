@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import math
+
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 
@@ -30,6 +32,8 @@ __all__ = [
     "ause",
     "uce",
     "coverage",
+    "gaussian_crps",
+    "gaussian_coverage",
 ]
 
 
@@ -169,4 +173,34 @@ def coverage(samples: torch.Tensor, target: torch.Tensor, levels: Sequence[float
         lo, hi = torch.quantile(samples.flatten(1), q, dim=0)
         t = target.flatten()
         result[level] = ((t >= lo) & (t <= hi)).double().mean().item()
+    return result
+
+
+def gaussian_crps(mean: torch.Tensor, variance: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CRPS per pixel of the Gaussian ``N(mean, variance)`` at ``target`` (closed form; image units).
+
+    ``sigma * (z (2 Phi(z) - 1) + 2 phi(z) - 1 / sqrt(pi))`` with ``z = (target - mean) / sigma``; a zero variance
+    gives ``|target - mean|``. All inputs share one shape.
+    """
+    sigma = variance.double().clamp_min(0).sqrt()
+    error = (target - mean).double()
+    z = error / sigma.clamp_min(torch.finfo(torch.float64).tiny)
+    phi = torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    score = sigma * (z * (2 * cdf - 1) + 2 * phi - 1 / math.sqrt(math.pi))
+    return torch.where(sigma > 0, score, error.abs())
+
+
+def gaussian_coverage(
+    mean: torch.Tensor, variance: torch.Tensor, target: torch.Tensor, levels: Sequence[float] = (0.5, 0.9, 0.95)
+) -> dict[float, float]:
+    """Fraction of pixels whose ``target`` lies in the central ``level`` interval of ``N(mean, variance)``."""
+    error = (target - mean).double().abs()
+    sigma = variance.double().clamp_min(0).sqrt()
+    result = {}
+    for level in levels:
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"coverage level must be in (0, 1), got {level}")
+        z = math.sqrt(2) * torch.erfinv(torch.tensor(level, dtype=torch.float64)).item()
+        result[level] = (error <= z * sigma).double().mean().item()
     return result

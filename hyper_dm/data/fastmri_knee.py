@@ -18,7 +18,8 @@ import numpy as np
 from ..io import safe_stem
 from .validation import BadFileLog, BadInputError, check_finite
 
-__all__ = ["KneeFile", "case_entries", "find_files", "ras_affine", "read_file_header", "read_slice"]
+__all__ = ["KneeFile", "KneeVolume", "case_entries", "find_files", "ras_affine", "read_file_header", "read_slice",
+           "read_volume"]
 
 _NS = {"m": "http://www.ismrm.org/ISMRMRD"}
 RECON_SHAPE = (320, 320)
@@ -119,3 +120,58 @@ def case_entries(root: str | Path, img_size: int, bad: BadFileLog) -> list[dict]
             "affine": ras_affine(info.fov_mm, img_size, info.n_slices).tolist(), "scale_max": info.max,
         })
     return entries
+
+
+@dataclass(frozen=True)
+class KneeVolume:
+    """A whole file for volume inference: ``kspace [Z, 640, W]`` complex64, ``mask [W]`` bool (measured files,
+    else ``None``), ``reconstruction_esc [Z, 320, 320]`` float32 or ``None``, attrs ``max`` (or ``None``),
+    reconSpace ``fov_mm``."""
+
+    path: Path
+    kspace: np.ndarray
+    mask: np.ndarray | None
+    reconstruction: np.ndarray | None
+    max: float | None
+    fov_mm: tuple[float, float, float]
+
+
+def read_volume(path: str | Path, max_bytes: int = 4 << 30) -> KneeVolume:
+    """Read every slice of a fully sampled or challenge-style (undersampled, with ``mask``) single-coil file.
+
+    Refuses (naming the file) a non-HDF5 file, missing or malformed ``kspace``, a ``mask`` whose length is not
+    the k-space width, a volume above ``max_bytes``, and NaN/inf values.
+    """
+    path = Path(path)
+    try:
+        hf = h5py.File(path, "r")
+    except OSError as e:
+        raise BadInputError(path, f"not a readable HDF5 file ({e})") from e
+    with hf:
+        if "kspace" not in hf or "ismrmrd_header" not in hf:
+            raise BadInputError(path, f"needs datasets 'kspace' and 'ismrmrd_header' (has {sorted(hf.keys())}); "
+                                      "is this a fastMRI single-coil file?")
+        kspace = hf["kspace"]
+        if kspace.ndim != 3 or not np.issubdtype(kspace.dtype, np.complexfloating) or kspace.shape[0] < 1 \
+                or kspace.shape[1] < RECON_SHAPE[0] or kspace.shape[2] < RECON_SHAPE[1]:
+            raise BadInputError(path, f"kspace has shape {kspace.shape} dtype {kspace.dtype}; expected complex "
+                                      "[slices >= 1, 640, W >= 320] (single-coil)")
+        if kspace.size * 8 > max_bytes:
+            raise BadInputError(path, f"kspace {kspace.shape} needs {kspace.size * 8 / 2**30:.1f} GiB, more than the "
+                                      f"{max_bytes / 2**30:.1f} GiB allowed for one volume")
+        data = kspace[()].astype(np.complex64)
+        mask = None
+        if "mask" in hf:
+            mask = np.asarray(hf["mask"][()]).reshape(-1).astype(bool)
+            if mask.shape[0] != data.shape[2]:
+                raise BadInputError(path, f"mask has {mask.shape[0]} entries but kspace has {data.shape[2]} columns")
+        esc = hf["reconstruction_esc"][()].astype(np.float32) if "reconstruction_esc" in hf else None
+        if esc is not None and esc.shape != (data.shape[0], *RECON_SHAPE):
+            raise BadInputError(path, f"reconstruction_esc has shape {esc.shape}; expected "
+                                      f"{(data.shape[0], *RECON_SHAPE)} to match kspace")
+        vmax = float(hf.attrs["max"]) if "max" in hf.attrs else None
+        fov = _recon_fov_mm(path, hf["ismrmrd_header"][()])
+    check_finite(data, path, "kspace")
+    if esc is not None:
+        check_finite(esc, path, "reconstruction_esc")
+    return KneeVolume(path=path, kspace=data, mask=mask, reconstruction=esc, max=vmax, fov_mm=fov)

@@ -6,10 +6,9 @@ from .metrics import SliceMean
 from .panels import UncertaintyPanelHandler, panel_image
 from .previews import write_preview
 from .trainer import HyperDiffusionTrainer
-from .writer import METRIC_FIELDS, CaseWriter
+from .writer import CaseWriter
 
 __all__ = [
-    "METRIC_FIELDS",
     "AtomicCheckpointSaver",
     "CaseWriter",
     "HyperDiffusionEvaluator",

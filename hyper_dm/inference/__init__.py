@@ -1,0 +1,20 @@
+"""Volume-native inference on what the user has: one file, a folder or a datalist, simulated or measured input.
+
+Public API::
+
+    find_cases(source, task) -> [{"image", "case_id"}, ...]          # file | folder | DICOM folder | datalist JSON
+    load_case(entry, data, mode, img_size) -> loaded case dict        # MONAI readers, MetaTensor geometry
+    VolumeReconstructor(network, sampler, img_size, M, N)(cond, gain, offset) -> {mean, eu, au, total}
+    HyperDM.from_bundle(...).reconstruct(volume, M=..., N=...)        # one call from Python
+    CaseDataset, VolumeEvaluator, case_entries, case_metrics          # the bundle's inference workflow
+"""
+
+from .engine import CaseDataset, VolumeEvaluator, case_entries, case_metrics, run_inference
+from .inputs import find_cases
+from .loading import InputMode, load_case, to_source_layout
+from .reconstructor import OUTPUTS, VolumeReconstructor
+
+__all__ = [
+    "OUTPUTS", "CaseDataset", "InputMode", "VolumeEvaluator", "VolumeReconstructor", "case_entries", "case_metrics",
+    "find_cases", "load_case", "run_inference", "to_source_layout",
+]

@@ -1,0 +1,161 @@
+"""The inference workflow over whole cases: a MONAI dataset of cases, an Ignite evaluator, per-case metrics.
+
+``python -m monai.bundle run inference`` builds these from ``inference.yaml``; :func:`case_entries` decides what
+runs (the user's file / folder / datalist, or the ``test`` split of the training-style dataset as a benchmark),
+:class:`CaseDataset` loads each case (bad ones skipped with ``on_bad_file: skip``), :class:`VolumeEvaluator`
+reconstructs it and puts ``volumes`` and ``metrics`` in ``engine.state.output``, and the attached
+:class:`~hyper_dm.engines.writer.CaseWriter` writes it whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from ignite.engine import Events
+from monai.data import Dataset
+from monai.engines import Evaluator
+
+from ..data.datasets import build_datalist
+from ..data.config import resolve_data_config
+from ..data.validation import BadFileLog, BadInputError
+from ..engines.writer import CaseWriter
+from ..uncertainty import ause, gaussian_coverage, gaussian_crps, psnr, ssim, uce
+from .inputs import find_cases
+from .loading import InputMode, load_case, to_source_layout
+from .reconstructor import OUTPUTS, VolumeReconstructor
+
+__all__ = ["CaseDataset", "VolumeEvaluator", "case_entries", "case_metrics", "run_inference"]
+
+logger = logging.getLogger("hyper_dm.inference")
+
+_METRIC_PIXELS = 1 << 21  # AUSE / UCE on at most this many pixels (a fixed stride), the rest on all
+
+
+def case_entries(data: Mapping, source: str | None, writer: CaseWriter, skip_existing: bool = False) -> list[dict]:
+    """Cases to reconstruct: ``source`` (file, folder, datalist JSON) or, when ``None``, the ``test`` split of
+    ``data#dataset_dir``; cases already in ``writer``'s folder are refused or skipped (see ``CaseWriter.pending``)."""
+    data = resolve_data_config(data)
+    if source is None:
+        entries = [{"image": c["image"], "case_id": c["case_id"]} for c in build_datalist(data)["test"]]
+    else:
+        entries = find_cases(source, data["task"])
+    todo = set(writer.pending([e["case_id"] for e in entries], skip_existing))
+    return [e for e in entries if e["case_id"] in todo]
+
+
+class CaseDataset(Dataset):
+    """MONAI dataset of whole cases: item ``i`` is :func:`~.loading.load_case` of ``entries[i]``.
+
+    With ``on_bad_file="skip"`` a case that cannot be loaded becomes ``{"case_id", "image", "error"}`` (the
+    evaluator logs and counts it) instead of stopping the run.
+    """
+
+    def __init__(self, entries: Sequence[Mapping], data: Mapping, mode: str, on_bad_file: str = "raise") -> None:
+        super().__init__(list(entries))
+        self.settings = resolve_data_config(data)
+        self.mode = InputMode.parse(mode)
+        self.bad = BadFileLog(on_bad_file)
+
+    def _transform(self, index: int) -> dict:
+        entry = self.data[index]
+        try:
+            return load_case(entry, self.settings, self.mode, int(self.settings["img_size"]))
+        except BadInputError as e:
+            self.bad.handle(e)
+            return {"case_id": entry["case_id"], "image": entry["image"], "error": str(e)}
+
+
+def case_metrics(outputs: Mapping[str, torch.Tensor], label: torch.Tensor, data_range: float) -> dict:
+    """Quality and calibration of one case against its reference (all ``[1, X, Y, Z]``, physical units).
+
+    ``psnr_db`` over the volume and ``ssim`` (mean over slices) with ``data_range``; ``rmse``; ``crps`` of the
+    Gaussian ``N(mean, total)`` per pixel; coverage of its central 50/90/95% intervals; ``uce`` (variance vs squared
+    error, 10 bins) and ``ause`` (total std vs absolute error, relative to the oracle); mean EU/AU/total.
+    """
+    mean, total = outputs["mean"].float(), outputs["total"].float()
+    slices = lambda x: x[0].permute(2, 0, 1)[:, None]  # noqa: E731  [Z, 1, X, Y]
+    error = mean - label
+    flat = lambda x: x.flatten()[:: max(1, x.numel() // _METRIC_PIXELS)]  # noqa: E731
+    covered = gaussian_coverage(mean, total, label)
+    return {
+        "psnr_db": psnr(mean.flatten()[None, None, None], label.flatten()[None, None, None], data_range).item(),
+        "ssim": ssim(slices(mean), slices(label), data_range).mean().item(),
+        "rmse": error.pow(2).mean().sqrt().item(),
+        "crps": gaussian_crps(mean, total, label).mean().item(),
+        **{f"coverage_{round(level * 100)}": value for level, value in covered.items()},
+        "uce": uce(flat(total), flat(error.pow(2))),
+        "ause": ause(flat(total), flat(error.abs())),
+        **{f"mean_{name}": outputs[name].double().mean().item() for name in ("eu", "au", "total")},
+    }
+
+
+class VolumeEvaluator(Evaluator):
+    """MONAI ``Evaluator`` that reconstructs one whole case per iteration.
+
+    ``engine.state.output``: ``case_id``, ``volumes`` (``mean``/``eu``/``au``/``total`` MetaTensors ``[1, X, Y, Z]``
+    in the source file's layout and geometry), ``metrics`` (with a reference, else ``None``), ``preview`` (middle
+    slice of cond and label) and ``seconds``; for a skipped case only ``case_id`` and ``error``.
+    ``engine.state.skipped`` lists ``(case_id, error)``.
+
+    Args:
+        device: where the network runs (the reconstructor's network must be there).
+        val_data_loader: yields lists holding one loaded case (``DataLoader(batch_size=1, collate_fn=no_collation)``).
+        reconstructor: the :class:`VolumeReconstructor`.
+        data_range: physical range for PSNR/SSIM (CT: the HU window's width); ``None``: twice each case's mean gain
+            (the model's [-1, 1] range in physical units).
+        val_handlers: Ignite handlers, e.g. the checkpoint loader and the :class:`CaseWriter`.
+    """
+
+    def __init__(self, device: torch.device | str, val_data_loader: Iterable, reconstructor: VolumeReconstructor,
+                 data_range: float | None = None, val_handlers: Sequence | None = None) -> None:
+        super().__init__(device=torch.device(device), val_data_loader=val_data_loader, val_handlers=val_handlers,
+                         decollate=False)
+        self.reconstructor, self.data_range = reconstructor, data_range
+        self.add_event_handler(Events.STARTED, lambda engine: setattr(engine.state, "skipped", []))
+
+    def _iteration(self, engine: VolumeEvaluator, batchdata: list[dict] | dict) -> dict:
+        case = batchdata[0] if isinstance(batchdata, list) else batchdata
+        if "error" in case:
+            engine.state.skipped.append((case["case_id"], case["error"]))
+            engine.state.output = {"case_id": case["case_id"], "error": case["error"]}
+            return engine.state.output
+        start = time.perf_counter()
+        volume = case["volume"]
+        raw = self.reconstructor(case["cond"], case["gain"], case["offset"], out_size=tuple(volume.shape[1:3]))
+        label = case.get("label")
+        metrics = None
+        if label is not None:
+            data_range = self.data_range or float(2 * case["gain"].mean())
+            metrics = {"case_id": case["case_id"], "n_slices": int(volume.shape[-1]),
+                       **case_metrics(raw, label.float(), data_range)}
+        k = volume.shape[-1] // 2
+        preview = {name: raw[name][0, ..., k].numpy() for name in ("mean", "eu", "au")}
+        preview["cond"] = case["cond"][0, ..., k].numpy()
+        if label is not None:
+            preview["label"] = label[0, ..., k].numpy()
+        seconds = time.perf_counter() - start
+        logger.info("case %s: %d slices of %s in %.1f s (%.2f s/slice), peak RSS %.0f MiB", case["case_id"],
+                    volume.shape[-1], tuple(volume.shape[1:3]), seconds, seconds / volume.shape[-1],
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        engine.state.output = {"case_id": case["case_id"], "metrics": metrics, "preview": preview, "seconds": seconds,
+                               "volumes": {name: to_source_layout(raw[name], volume) for name in OUTPUTS}}
+        return engine.state.output
+
+
+def run_inference(evaluator: VolumeEvaluator) -> list[tuple[str, str]]:
+    """Run ``evaluator`` over its cases (nothing to do is logged, not an error) and log what was skipped; returns
+    the skipped ``(case_id, error)`` pairs."""
+    n_cases = len(evaluator.data_loader)
+    if n_cases == 0:
+        logger.warning("nothing to reconstruct: no cases left (all already written?)")
+        return []
+    evaluator.run()
+    skipped = evaluator.state.skipped
+    logger.info("inference finished: %d case(s) reconstructed, %d skipped", n_cases - len(skipped), len(skipped))
+    for case_id, error in skipped:
+        logger.warning("skipped case %s: %s", case_id, error)
+    return skipped

@@ -1,0 +1,119 @@
+"""The front door: a volume in, its reconstruction with EU/AU/total variance out, at the volume's own grid.
+
+The 2-D model runs slice by slice on its ``img_size`` grid with one fixed set of M weight sets for the whole
+volume (drawn once per call), N DDIM draws per weight set; slices are batched, draws chunked by the sampler.
+Conditions are resized to the model grid (area averaging) when their in-plane size differs, and the outputs are
+resized back (bilinear, which keeps variances non-negative) to the requested output size.
+
+Example::
+
+    >>> recon = VolumeReconstructor(network, sampler, img_size=64, m_weights=4, n_draws=4)
+    >>> out = recon(cond_hu, gain, offset, out_size=(512, 512))      # cond_hu: [1, X, Y, Z] in HU
+    >>> out["mean"].shape, out["eu"].shape                              # [1, 512, 512, Z] HU, HU^2
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..diffusion.sampler import HyperDDIMSampler
+from ..networks.hypernet import HyperNetwork
+
+__all__ = ["OUTPUTS", "VolumeReconstructor"]
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS = ("mean", "eu", "au", "total")
+
+
+def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, C, *size]``: area averaging down, bilinear up, untouched when equal."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    shrink = images.shape[-2] >= size[0] and images.shape[-1] >= size[1]
+    if shrink:
+        return F.interpolate(images, size=size, mode="area")
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
+class VolumeReconstructor:
+    """M x N Hyper-DM reconstruction of whole volumes, slice by slice (the last axis).
+
+    Args:
+        network: the trained HyperNetwork (its ``target`` is the backbone); moved to nothing, runs where it is.
+        sampler: the DDIM sampler (steps, eta, spacing, clipping, chunk of draws per call).
+        img_size: the model grid S (slices are resized to S x S); ``None`` runs at the volume's own size.
+        m_weights: M, weight sets per volume. ``n_draws``: N, draws per weight set.
+        slice_batch: slices per sampler call (memory grows with ``slice_batch * N`` or ``* chunk``).
+        seed: seed of the weight sets and of the diffusion noise; the same call gives the same result.
+        amp: bfloat16/float16 autocast on CUDA.
+    """
+
+    def __init__(
+        self,
+        network: HyperNetwork,
+        sampler: HyperDDIMSampler,
+        img_size: int | None,
+        m_weights: int = 4,
+        n_draws: int = 4,
+        slice_batch: int = 8,
+        seed: int = 0,
+        amp: bool = False,
+    ) -> None:
+        if m_weights < 1 or n_draws < 1 or slice_batch < 1:
+            raise ValueError(f"M, N and slice_batch must be >= 1, got M={m_weights}, N={n_draws}, "
+                             f"slice_batch={slice_batch}")
+        if m_weights == 1 or n_draws == 1:
+            logger.warning("M=%d, N=%d: with a single %s the %s map is zero by construction", m_weights, n_draws,
+                           "weight set" if m_weights == 1 else "draw", "EU" if m_weights == 1 else "AU")
+        self.network, self.sampler = network, sampler
+        self.img_size, self.m_weights, self.n_draws = img_size, m_weights, n_draws
+        self.slice_batch, self.seed, self.amp = slice_batch, seed, amp
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        cond: torch.Tensor,
+        gain: torch.Tensor,
+        offset: torch.Tensor,
+        out_size: tuple[int, int] | None = None,
+        on_slices: Callable[[int, int], None] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Reconstruct ``cond [1, x, y, Z]`` (physical units: HU / magnitude).
+
+        ``gain``/``offset`` ``[Z]``: physical = gain * model + offset per slice (variances scale by gain^2).
+        Returns ``mean``, ``eu``, ``au``, ``total``: float32 ``[1, *out_size, Z]`` on the CPU (default
+        ``out_size``: the in-plane size of ``cond``). ``on_slices(done, total)`` reports progress.
+        """
+        if cond.ndim != 4 or cond.shape[0] != 1:
+            raise ValueError(f"cond must be [1, X, Y, Z], got shape {tuple(cond.shape)}")
+        z = cond.shape[-1]
+        if gain.shape != (z,) or offset.shape != (z,):
+            raise ValueError(f"gain and offset must be [Z={z}], got {tuple(gain.shape)} and {tuple(offset.shape)}")
+        out_size = tuple(out_size or cond.shape[1:3])
+        grid = (self.img_size, self.img_size) if self.img_size else tuple(cond.shape[1:3])
+        device = next(self.network.parameters()).device
+        generator = torch.Generator().manual_seed(self.seed)
+        self.network.eval()
+        weights = self.network(self.network.sample_z(self.m_weights, generator))
+        outputs = {name: torch.empty(1, *out_size, z) for name in OUTPUTS}
+        for start in range(0, z, self.slice_batch):
+            index = slice(start, min(start + self.slice_batch, z))
+            g = gain[index].view(-1, 1, 1, 1).float()
+            o = offset[index].view(-1, 1, 1, 1).float()
+            x = (cond[0, ..., index].permute(2, 0, 1)[:, None].float() - o) / g  # [b, 1, x, y] model range
+            x = _resize(x, grid).to(device)
+            with torch.autocast(device.type, enabled=self.amp and device.type == "cuda"):
+                stats = self.sampler.sample(self.network.target, weights, x, self.n_draws, generator).stats
+            physical = {"mean": stats.mean.float().cpu() * g + o, "eu": stats.eu.float().cpu() * g**2,
+                        "au": stats.au.float().cpu() * g**2}
+            for name, image in physical.items():
+                outputs[name][0, ..., index] = _resize(image, out_size)[:, 0].permute(1, 2, 0)
+            if on_slices is not None:
+                on_slices(index.stop, z)
+        outputs["total"] = outputs["eu"] + outputs["au"]  # exact after resizing too (bilinear is linear)
+        return outputs

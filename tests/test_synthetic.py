@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from fastmri.data import SliceDataset
 from fastmri.data import transforms as T
 
-from hyper_dm.data.synthetic import LUNA16_ANNOTATION_COLUMNS, write_fastmri_knee_like, write_luna16_like
+from hyper_dm.data.synthetic import KNEE_FOLDER, LUNA16_ANNOTATION_COLUMNS, write_fastmri_knee_like, write_luna16_like
 
 ROTATED = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # in-plane 90 degree turn, z flipped
 
@@ -53,7 +53,7 @@ def test_luna16_is_seeded(tmp_path):
 
 def test_fastmri_knee_files_load_in_fastmri(tmp_path):
     paths = write_fastmri_knee_like(tmp_path, n_files=2, seed=0, n_slices=(2, 3))
-    dataset = SliceDataset(root=tmp_path, challenge="singlecoil")
+    dataset = SliceDataset(root=tmp_path / KNEE_FOLDER, challenge="singlecoil")
     with h5py.File(paths[0]) as hf, h5py.File(paths[1]) as hf1:
         assert len(dataset) == hf["kspace"].shape[0] + hf1["kspace"].shape[0]
     kspace, mask, target, attrs, fname, slice_num = dataset[0]
@@ -62,7 +62,7 @@ def test_fastmri_knee_files_load_in_fastmri(tmp_path):
     assert attrs["encoding_size"] == (640, 368, 1) and attrs["recon_size"] == (320, 320, 1)
     assert attrs["padding_left"] == 0 and attrs["padding_right"] == 368
     assert attrs["acquisition"] in ("CORPD_FBK", "CORPDFS_FBK") and len(attrs["patient_id"]) == 16
-    with h5py.File(tmp_path / fname) as hf:
+    with h5py.File(tmp_path / KNEE_FOLDER / fname) as hf:
         esc = hf["reconstruction_esc"][()]
     assert attrs["max"] == pytest.approx(esc.max()) and attrs["norm"] == pytest.approx(np.linalg.norm(esc), rel=1e-5)
     # fastMRI's convention: target = |centered orthonormal ifft2(kspace)| cropped to 320 x 320

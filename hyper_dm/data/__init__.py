@@ -5,19 +5,20 @@ Public API::
 
     build_datalist(data) -> {"training": [...], "validation": [...], "test": [...]}    # case-level, by patient
     build_dataset(data, split) -> torch Dataset of per-slice sample dicts               # cached MONAI dataset
-    case_slices(data, split) -> iterator of (case_id, [samples in slice order])
+    split_of(patient_id, split_seed, train_frac, val_frac), read_datalist(path), write_datalist(root, splits)
     to_hu(x, hu_window), to_magnitude(x, scale), physical_map(task, hu_window, magnitude_scale)
-    resolve_data_config(data), DATA_DEFAULTS, BadInputError, BadFileLog
+    resolve_data_config(data) (defaults: the bundle's common.yaml), BadInputError, BadFileLog
 
 See :mod:`.config` for the keys, :mod:`.datasets` for the sample layout.
 """
 
-from .config import DATA_DEFAULTS, resolve_data_config
-from .datasets import build_datalist, build_dataset, case_slices
+from .config import resolve_data_config
+from .datalist import read_datalist, split_of, write_datalist
+from .datasets import build_datalist, build_dataset
 from .intensity import physical_map, to_hu, to_magnitude
 from .validation import BadFileLog, BadInputError
 
 __all__ = [
-    "DATA_DEFAULTS", "BadFileLog", "BadInputError", "build_datalist", "build_dataset", "case_slices",
-    "physical_map", "resolve_data_config", "to_hu", "to_magnitude",
+    "BadFileLog", "BadInputError", "build_datalist", "build_dataset",
+    "physical_map", "read_datalist", "resolve_data_config", "split_of", "to_hu", "to_magnitude", "write_datalist",
 ]

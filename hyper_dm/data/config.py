@@ -1,6 +1,6 @@
-"""The ``data`` config section: keys, defaults, checks, and the default synthetic dataset.
+"""The ``data`` config section: keys, checks, and the default synthetic dataset.
 
-Keys (defaults in :data:`DATA_DEFAULTS`):
+Keys (the defaults are the ``data`` section of the bundle's ``common.yaml``, see :func:`resolve_data_config`):
 
 =====================  ==========================================================================================
 ``task``               ``"ct"`` (LUNA16 sparse-view CT) or ``"mri"`` (fastMRI knee single-coil)
@@ -37,45 +37,33 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["DATA_DEFAULTS", "dataset_root", "resolve_data_config"]
+from ..config import BUNDLE_CONFIGS, COMMON_CONFIG, bundle_section
+
+__all__ = ["dataset_root", "resolve_data_config"]
 
 logger = logging.getLogger(__name__)
-
-DATA_DEFAULTS: dict = {
-    "task": "ct",
-    "dataset_dir": None,
-    "synthetic_dir": "data/synthetic",
-    "synthetic_seed": 0,
-    "img_size": 64,
-    "split_seed": 0,
-    "train_frac": 0.7,
-    "val_frac": 0.15,
-    "on_bad_file": "raise",
-    "cache_dir": None,
-    "cache_workers": 2,
-    "hu_window": [-1000.0, 1000.0],
-    "n_views": 24,
-    "noise": "poisson",
-    "i0": 1e5,
-    "sigma": 0.01,
-    "mask_type": "random",
-    "center_fractions": [0.08],
-    "accelerations": [4],
-    "mri_norm": "volume_max",
-}
 
 _CHOICES = {"task": ("ct", "mri"), "on_bad_file": ("raise", "skip"), "noise": ("poisson", "gaussian", "none"),
             "mask_type": ("random", "equispaced"), "mri_norm": ("volume_max", "slice_max")}
 
 
 def resolve_data_config(data: Mapping) -> dict:
-    """``data`` merged over :data:`DATA_DEFAULTS` and checked; unknown keys are errors that list close matches."""
-    unknown = [k for k in data if k not in DATA_DEFAULTS]
+    """``data`` merged over the ``data`` section of the bundle's ``common.yaml`` and checked.
+
+    Its keys are the known keys: any other is an error that lists the close matches.
+
+    Example:
+        >>> resolve_data_config({"task": "mri"})["accelerations"]
+        [4]
+    """
+    defaults = bundle_section("data")
+    unknown = [k for k in data if k not in defaults]
     if unknown:
-        hints = {k: difflib.get_close_matches(k, DATA_DEFAULTS, n=3) for k in unknown}
-        raise KeyError("unknown data config key(s): " + "; ".join(
-            f"{k!r} (did you mean {', '.join(map(repr, m))}?)" if m else repr(k) for k, m in hints.items()))
-    out = {**DATA_DEFAULTS, **data}
+        hints = {k: difflib.get_close_matches(k, defaults, n=3) for k in unknown}
+        raise KeyError(f"unknown data config key(s) (known: the data section of {BUNDLE_CONFIGS / COMMON_CONFIG}): "
+                       + "; ".join(f"{k!r} (did you mean {', '.join(map(repr, m))}?)" if m else repr(k)
+                                   for k, m in hints.items()))
+    out = {**defaults, **data}
     for key, allowed in _CHOICES.items():
         if out[key] not in allowed:
             raise ValueError(f"data.{key} must be one of {allowed}, got {out[key]!r}")

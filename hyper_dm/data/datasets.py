@@ -1,9 +1,8 @@
 """Datalists split by patient and cached per-slice datasets, for both tasks.
 
 - :func:`build_datalist`: case-level entries (a CT series or an MRI file) split into ``training`` /
-  ``validation`` / ``test`` by patient, never by slice, as a pure function of ``split_seed``.
+  ``validation`` / ``test`` by patient, never by slice: the folder's ``datalist.json`` or a hash of the patient id.
 - :func:`build_dataset`: per-slice samples through the MONAI chains of :mod:`.transforms`, cached.
-- :func:`case_slices`: the samples of a split grouped per case, in slice order (for volume-wise inference).
 
 A sample is a dict::
 
@@ -12,8 +11,6 @@ A sample is a dict::
     case_id      str (safe as a file stem)       series UID / file stem
     slice_index  int                             axial slice (CT) / slice (MRI) index in the case
     n_slices     int                             slices of this case
-    affine       float64 [4, 4]                  RAS affine of the case volume [S, S, n_slices] (slices stacked on
-                                                 the last axis in slice_index order), as nibabel expects
     image        str                             source file
     pixel_mm     float (CT)                      in-plane pixel size of the S x S grid
     scale        float (MRI)                     magnitude scale (the model sees 2 m / scale - 1)
@@ -31,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -40,57 +37,59 @@ from torch.utils.data import Dataset
 
 from . import fastmri_knee, luna16
 from .config import dataset_root, resolve_data_config
+from .datalist import DATALIST_NAME, SPLITS, read_datalist, split_of, write_datalist
 from .transforms import ct_transforms, mri_transforms, stable_seed
 from .validation import BadFileLog
 
-__all__ = ["SPLITS", "build_datalist", "build_dataset", "case_slices", "physics_key", "slice_entries",
-           "split_counts"]
+__all__ = ["SPLITS", "build_datalist", "build_dataset", "physics_key", "slice_entries"]
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("training", "validation", "test")
 _PHYSICS_KEYS = {"ct": ("img_size", "hu_window", "n_views", "noise", "i0", "sigma", "split_seed"),
                  "mri": ("img_size", "mask_type", "center_fractions", "accelerations", "mri_norm", "split_seed")}
 
 
-def split_counts(n: int, train_frac: float, val_frac: float) -> tuple[int, int, int]:
-    """``(n_train, n_val, n_test)`` for ``n`` patients; a split with a positive fraction gets at least one."""
-    test_frac = 1.0 - train_frac - val_frac
-    n_val = max(round(n * val_frac), 1 if val_frac > 0 else 0)
-    n_test = max(round(n * test_frac), 1 if test_frac > 1e-9 else 0)
-    n_train = n - n_val - n_test
-    if n_train < 1:
-        raise ValueError(f"{n} patients cannot be split with train_frac={train_frac}, val_frac={val_frac}")
-    return n_train, n_val, n_test
-
-
-def build_datalist(data: Mapping, bad_files: BadFileLog | None = None) -> dict[str, list[dict]]:
+def build_datalist(data: Mapping, bad_files: BadFileLog | None = None, write_to: str | Path | None = None
+                   ) -> dict[str, list[dict]]:
     """Case-level datalist ``{"training": [...], "validation": [...], "test": [...]}``.
 
-    Patients (``patient_id``: the series UID for LUNA16, the ``patient_id`` attribute for fastMRI) are sorted,
-    shuffled with ``split_seed`` and cut by ``train_frac``/``val_frac``; all cases of a patient land in one split.
-    Entries are JSON-serialisable dicts (see ``luna16.case_entries`` / ``fastmri_knee.case_entries``).
+    If the dataset folder holds a ``datalist.json`` (the synthetic sets write one), its splits are used; otherwise
+    each patient (``patient_id``: the series UID for LUNA16, the ``patient_id`` attribute for fastMRI) goes to the
+    split :func:`~.datalist.split_of` gives it, a pure function of the id, ``split_seed``, ``train_frac`` and
+    ``val_frac``: adding or skipping a file moves no other case. Entries are JSON-serialisable dicts (see
+    ``luna16.case_entries`` / ``fastmri_knee.case_entries``).
 
     Args:
-        data: the ``data`` config section (defaults filled in by :func:`resolve_data_config`).
+        data: the ``data`` config section (completed by :func:`resolve_data_config`).
         bad_files: receives the skipped files when ``on_bad_file="skip"`` (a fresh log if ``None``).
+        write_to: also write the result as a Decathlon-style datalist JSON there (image paths relative to it).
     """
     cfg = resolve_data_config(data)
     bad = bad_files if bad_files is not None else BadFileLog(cfg["on_bad_file"])
     bad.on_bad_file = cfg["on_bad_file"]
     reader = luna16 if cfg["task"] == "ct" else fastmri_knee
-    cases = reader.case_entries(dataset_root(cfg), int(cfg["img_size"]), bad)
+    root = dataset_root(cfg)
+    listed = root / DATALIST_NAME
+    if listed.is_file():
+        split_paths = read_datalist(listed)
+        split_of_image = {str(p): split for split, paths in split_paths.items() for p in paths}
+        cases = reader.case_entries(root, int(cfg["img_size"]), bad, paths=[Path(p) for p in split_of_image])
+        assign = lambda case: split_of_image[case["image"]]  # noqa: E731
+    else:
+        cases = reader.case_entries(root, int(cfg["img_size"]), bad)
+        fracs = (int(cfg["split_seed"]), float(cfg["train_frac"]), float(cfg["val_frac"]))
+        assign = lambda case: split_of(case["patient_id"], *fracs)  # noqa: E731
     if bad.skipped:
         logger.warning("skipped %d bad file(s): %s", len(bad.skipped), ", ".join(str(p) for p, _ in bad.skipped))
     if not cases:
-        raise ValueError(f"no usable cases in {dataset_root(cfg)} ({len(bad.skipped)} bad file(s) skipped)")
-    patients = sorted({c["patient_id"] for c in cases})
-    order = np.random.default_rng(int(cfg["split_seed"])).permutation(len(patients))
-    n_train, n_val, _ = split_counts(len(patients), float(cfg["train_frac"]), float(cfg["val_frac"]))
-    split_of = {}
-    for rank, i in enumerate(order):
-        split_of[patients[i]] = SPLITS[0] if rank < n_train else SPLITS[1] if rank < n_train + n_val else SPLITS[2]
-    return {s: [c for c in cases if split_of[c["patient_id"]] == s] for s in SPLITS}
+        raise ValueError(f"no usable cases in {root} ({len(bad.skipped)} bad file(s) skipped)")
+    datalist = {s: [c for c in cases if assign(c) == s] for s in SPLITS}
+    logger.info("datalist of %s: %s", root, ", ".join(f"{len(v)} {k}" for k, v in datalist.items()))
+    if write_to is not None:
+        path = Path(write_to)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_datalist(path.parent, {s: [c["image"] for c in v] for s, v in datalist.items()}, name=path.name)
+    return datalist
 
 
 def slice_entries(cases: list[dict], data: Mapping) -> list[dict]:
@@ -105,7 +104,7 @@ def slice_entries(cases: list[dict], data: Mapping) -> list[dict]:
             seed_parts = (data["split_seed"], case["case_id"], k) if data["task"] == "ct" else \
                 (data["split_seed"], case["case_id"])
             items.append({"image": case["image"], "case_id": case["case_id"], "slice_index": k,
-                          "n_slices": case["n_slices"], "affine": case["affine"], "seed": stable_seed(*seed_parts),
+                          "n_slices": case["n_slices"], "seed": stable_seed(*seed_parts),
                           **extra})
     return items
 
@@ -133,18 +132,3 @@ def build_dataset(data: Mapping, split: str) -> Dataset:
         return CacheDataset(items, transform, num_workers=int(cfg["cache_workers"]), progress=False)
     cache = Path(cfg["cache_dir"]) / f"{cfg['task']}-{split}-{physics_key(cfg)}"
     return PersistentDataset(items, transform, cache_dir=cache)
-
-
-def case_slices(data: Mapping, split: str) -> Iterator[tuple[str, list[dict]]]:
-    """``(case_id, samples)`` per case of ``split``, samples in ``slice_index`` order (``len == n_slices``)."""
-    dataset = build_dataset(data, split)
-    case_id, samples = None, []
-    for i in range(len(dataset)):
-        sample = dataset[i]
-        if samples and sample["case_id"] != case_id:
-            yield case_id, samples
-            samples = []
-        case_id = sample["case_id"]
-        samples.append(sample)
-    if samples:
-        yield case_id, samples

@@ -9,6 +9,7 @@ files; the split groups files by ``patient_id``.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,12 +105,15 @@ def ras_affine(fov_mm: tuple[float, float, float], img_size: int, n_slices: int)
     return affine
 
 
-def case_entries(root: str | Path, img_size: int, bad: BadFileLog) -> list[dict]:
-    """One datalist entry per readable file: ``{"image", "case_id", "patient_id", "n_slices", "affine",
-    "scale_max"}`` (``scale_max``: the file's attrs ``max``)."""
+def case_entries(root: str | Path, img_size: int, bad: BadFileLog, paths: Sequence[Path] | None = None
+                 ) -> list[dict]:
+    """One datalist entry per readable file of ``paths`` (default: all under ``root``): ``{"image", "case_id",
+    "patient_id", "n_slices", "scale_max"}`` (``scale_max``: the file's attrs ``max``)."""
     entries = []
-    for path in find_files(root):
+    for path in find_files(root) if paths is None else paths:
         try:
+            if not path.is_file():
+                raise BadInputError(path, "listed in the datalist but missing")
             info = read_file_header(path)
         except BadInputError as e:
             bad.handle(e)
@@ -117,7 +121,7 @@ def case_entries(root: str | Path, img_size: int, bad: BadFileLog) -> list[dict]
         entries.append({
             "image": str(path), "case_id": safe_stem(path.stem),
             "patient_id": info.patient_id, "n_slices": info.n_slices,
-            "affine": ras_affine(info.fov_mm, img_size, info.n_slices).tolist(), "scale_max": info.max,
+            "scale_max": info.max,
         })
     return entries
 

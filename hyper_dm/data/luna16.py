@@ -2,14 +2,14 @@
 
 Volumes are read with SimpleITK (MetaImage, HU, LPS geometry: spacing, origin, direction). Axial slices are read
 one at a time with SimpleITK's streamed region reading, as ``[x, y]`` arrays (MONAI's ITK axis order, the
-transpose of SimpleITK's ``[y, x]`` array). The NIfTI (RAS) affine of a series on the resized
-``[S, S, n_slices]`` grid is :func:`ras_affine`; ``annotations.csv`` coordinates are world (LPS) mm, as in the
-challenge.
+transpose of SimpleITK's ``[y, x]`` array); ``annotations.csv`` coordinates are world (LPS) mm, as in the
+challenge. Whole volumes for inference are read by MONAI's ``LoadImage`` (:mod:`hyper_dm.inference.loading`).
 """
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from ..io import safe_stem
 from .validation import BadFileLog, BadInputError, check_finite
 
 __all__ = [
-    "Luna16Series", "case_entries", "find_series", "ras_affine", "read_annotations", "read_axial_slice",
+    "Luna16Series", "case_entries", "find_series", "read_annotations", "read_axial_slice",
     "read_series_header",
 ]
 
@@ -120,22 +120,6 @@ def read_axial_slice(path: str | Path, index: int) -> np.ndarray:
     return hu
 
 
-def ras_affine(series: Luna16Series, img_size: int) -> np.ndarray:
-    """NIfTI (RAS) affine ``[4, 4]`` of the series resampled in-plane to ``img_size`` x ``img_size``.
-
-    Voxel ``(a, b, k)`` of the ``[S, S, nz]`` volume covers the same field of view as the source (voxel centres
-    of the resized grid at source continuous index ``(a + 0.5) * nx / S - 0.5``), mapped by the series' LPS
-    geometry and flipped to RAS.
-    """
-    nx, ny, _ = series.size
-    zoom = np.array([nx / img_size, ny / img_size, 1.0])
-    spacing = np.asarray(series.spacing_mm)
-    lps = np.eye(4)
-    lps[:3, :3] = series.direction @ np.diag(spacing * zoom)
-    lps[:3, 3] = np.asarray(series.origin_mm) + series.direction @ (spacing * (zoom - 1) / 2)
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-
-
 def read_annotations(root: str | Path) -> dict[str, list[dict]]:
     """``annotations.csv`` under ``root`` -> ``{seriesuid: [{"coord_mm": [x, y, z], "diameter_mm": d}, ...]}``.
 
@@ -157,16 +141,20 @@ def read_annotations(root: str | Path) -> dict[str, list[dict]]:
     return out
 
 
-def case_entries(root: str | Path, img_size: int, bad: BadFileLog) -> list[dict]:
-    """One datalist entry per readable series (bad ones raise or are skipped by ``bad``).
+def case_entries(root: str | Path, img_size: int, bad: BadFileLog, paths: Sequence[Path] | None = None
+                 ) -> list[dict]:
+    """One datalist entry per readable series of ``paths`` (default: all under ``root``); bad ones raise or are
+    skipped by ``bad``.
 
-    Entry: ``{"image", "case_id", "patient_id", "n_slices", "affine" (RAS, resized grid, nested list),
+    Entry: ``{"image", "case_id", "patient_id", "n_slices",
     "pixel_mm" (in-plane pixel size of the resized grid), "nodules"}``.
     """
     annotations = read_annotations(root)
     entries = []
-    for path in find_series(root):
+    for path in find_series(root) if paths is None else paths:
         try:
+            if not path.is_file():
+                raise BadInputError(path, "listed in the datalist but missing")
             series = read_series_header(path)
         except BadInputError as e:
             bad.handle(e)
@@ -174,7 +162,6 @@ def case_entries(root: str | Path, img_size: int, bad: BadFileLog) -> list[dict]
         entries.append({
             "image": str(path), "case_id": safe_stem(series.seriesuid), "patient_id": series.seriesuid,
             "n_slices": series.size[2],
-            "affine": ras_affine(series, img_size).tolist(),
             "pixel_mm": float(np.mean(np.asarray(series.spacing_mm[:2]) * np.asarray(series.size[:2]) / img_size)),
             "nodules": annotations.get(series.seriesuid, []),
         })

@@ -8,12 +8,13 @@ that the real-format readers (and SimpleITK / fastMRI's own ``SliceDataset``) lo
   rows point at the centres of spherical nodules. Chest-like content: air (-1000 HU) inside a -2000 HU padding
   outside the scan circle, a patient table, subcutaneous fat, soft tissue, lungs near -850 HU with vessels,
   aorta, spine, sternum, ribs and 4-30 mm nodules.
-- :func:`write_fastmri_knee_like`: ``file_knee_<n>.h5`` with ``kspace`` ``[slices, 640, 368]`` complex64 (centered
+- :func:`write_fastmri_knee_like`: ``knee_singlecoil_train/file_knee_<n>.h5`` with ``kspace`` ``[slices, 640, 368]`` complex64 (centered
   orthonormal FFT of a complex knee-like image with 2x readout oversampling and thermal noise),
   ``reconstruction_esc`` ``[slices, 320, 320]`` float32 (the matching cropped magnitude), attrs
   ``acquisition``/``max``/``norm``/``patient_id`` and an ISMRMRD XML header that ``fastmri.data.SliceDataset`` parses.
 
-Both are pure functions of ``seed``. Example::
+Both are pure functions of ``seed`` and write ``datalist.json`` (Decathlon style) with the set's fixed split: the
+last case is ``test``, the one before ``validation``, the rest ``training``. Example::
 
     >>> write_luna16_like("data/synthetic/luna16", n_series=6, seed=0)
     >>> write_fastmri_knee_like("data/synthetic/fastmri_knee", n_files=4, seed=0)
@@ -31,11 +32,13 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
 from ..physics.mri import center_crop, fft2c, ifft2c
+from .datalist import write_datalist
 
-__all__ = ["write_fastmri_knee_like", "write_luna16_like", "LUNA16_ANNOTATION_COLUMNS"]
+__all__ = ["KNEE_FOLDER", "LUNA16_ANNOTATION_COLUMNS", "write_fastmri_knee_like", "write_luna16_like"]
 
 LUNA16_ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+KNEE_FOLDER = "knee_singlecoil_train"
 _UID_ROOT = "1.3.6.1.4.1.14519.5.2.1.6279.6001"  # LIDC/LUNA16 series UID prefix
 
 
@@ -179,6 +182,7 @@ def write_luna16_like(
         writer = csv.writer(f)
         writer.writerow(LUNA16_ANNOTATION_COLUMNS)
         writer.writerows(rows)
+    write_datalist(out, _fixed_splits(paths))
     return paths
 
 
@@ -243,14 +247,15 @@ def write_fastmri_knee_like(
     """Write ``n_files`` single-coil knee files in the fastMRI ``.h5`` format; return their paths.
 
     Args:
-        out_dir: folder for ``file_knee_<n>.h5``.
+        out_dir: dataset root: the files go to ``knee_singlecoil_train/file_knee_<n>.h5`` (a folder fastMRI's
+            ``SliceDataset`` reads), ``datalist.json`` beside it.
         n_files: number of files (one synthetic patient each).
         seed: everything is a deterministic function of it.
         n_slices: ``(min, max)`` slices per file.
         noise_rel: complex thermal noise standard deviation relative to the image maximum.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / KNEE_FOLDER).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(n_files):
@@ -264,7 +269,7 @@ def write_fastmri_knee_like(
         image += sigma * (rng.standard_normal(image.shape) + 1j * rng.standard_normal(image.shape))
         kspace = fft2c(image).astype(np.complex64)
         esc = np.abs(center_crop(ifft2c(kspace), (320, 320))).astype(np.float32)
-        path = out / f"file_knee_{seed:02d}{i:04d}.h5"
+        path = out / KNEE_FOLDER / f"file_knee_{seed:02d}{i:04d}.h5"
         with h5py.File(path, "w") as hf:
             hf.create_dataset("kspace", data=kspace)
             hf.create_dataset("reconstruction_esc", data=esc)
@@ -274,4 +279,13 @@ def write_fastmri_knee_like(
             hf.attrs["norm"] = float(np.linalg.norm(esc))
             hf.attrs["patient_id"] = rng.bytes(8).hex()
         paths.append(path)
+    write_datalist(out, _fixed_splits(paths))
     return paths
+
+
+def _fixed_splits(paths: Sequence[Path]) -> dict[str, list[Path]]:
+    """The synthetic sets' own split: the last case is ``test``, the one before ``validation`` (with 3 or more)."""
+    paths = list(paths)
+    if len(paths) < 3:
+        return {"training": paths, "validation": [], "test": []}
+    return {"training": paths[:-2], "validation": paths[-2:-1], "test": paths[-1:]}

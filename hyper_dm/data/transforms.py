@@ -1,7 +1,7 @@
 """MONAI dictionary transforms from a per-slice datalist item to a training sample, and the chains per task.
 
 Per-slice item (see :func:`hyper_dm.data.datasets.slice_entries`): ``image`` (path), ``case_id``,
-``slice_index``, ``n_slices``, ``affine`` (nested list), ``seed`` (int), plus ``pixel_mm`` (CT) or ``scale_max``
+``slice_index``, ``n_slices``, ``seed`` (int), plus ``pixel_mm`` (CT) or ``scale_max``
 (MRI). Chains (:func:`ct_transforms`, :func:`mri_transforms`)::
 
     CT : LoadLuna16Sliced (HU clipped to the window) -> Resized(target) -> ScaleIntensityRanged(target)
@@ -51,15 +51,9 @@ def stable_seed(*parts: object) -> int:
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
-def _affine_tensor(affine: object) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(affine, dtype=np.float64))
-
-
 class LoadLuna16Sliced(MapTransform):
     """Read axial slice ``slice_index`` of the series at ``d["image"]``: ``target`` ``[1, nx, ny]`` float32 HU
     clipped to ``hu_window`` (before any resampling, so the -2000/-3024 HU padding never bleeds into the image).
-
-    Also turns ``affine`` into a float64 ``[4, 4]`` tensor.
     """
 
     def __init__(self, hu_window: Sequence[float], image_key: str = "image") -> None:
@@ -70,7 +64,6 @@ class LoadLuna16Sliced(MapTransform):
         d = dict(data)
         hu = luna16.read_axial_slice(d[self.keys[0]], int(d["slice_index"]))
         d["target"] = torch.from_numpy(np.clip(hu, *self.hu_window))[None]
-        d["affine"] = _affine_tensor(d["affine"])
         return d
 
 
@@ -95,7 +88,6 @@ class LoadFastMRISliced(MapTransform):
         slice_max = float(target.max())
         scale_max = float(d.pop("scale_max"))
         d["scale"] = scale_max if self.mri_norm == "volume_max" else (slice_max if slice_max > 0 else 1.0)
-        d["affine"] = _affine_tensor(d["affine"])
         return d
 
 

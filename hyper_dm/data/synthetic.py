@@ -34,7 +34,8 @@ from scipy.ndimage import gaussian_filter
 from ..physics.mri import center_crop, fft2c, ifft2c
 from .datalist import write_datalist
 
-__all__ = ["KNEE_FOLDER", "LUNA16_ANNOTATION_COLUMNS", "write_fastmri_knee_like", "write_luna16_like"]
+__all__ = ["KNEE_FOLDER", "LUNA16_ANNOTATION_COLUMNS", "write_challenge_like", "write_fastmri_knee_like",
+           "write_luna16_like"]
 
 LUNA16_ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
@@ -289,3 +290,25 @@ def _fixed_splits(paths: Sequence[Path]) -> dict[str, list[Path]]:
     if len(paths) < 3:
         return {"training": paths, "validation": [], "test": []}
     return {"training": paths[:-2], "validation": paths[-2:-1], "test": paths[-1:]}
+
+
+def write_challenge_like(source: str | Path, out_path: str | Path, acceleration: int = 4,
+                         center_fraction: float = 0.08, seed: int = 0) -> Path:
+    """Copy a fully sampled single-coil file as a fastMRI challenge (test-set) file: ``kspace`` undersampled by a
+    random mask, the ``mask`` dataset, attrs ``acceleration``/``num_low_frequency``, no ``reconstruction_esc``."""
+    from ..physics.mri import make_mask_func, undersample  # fastMRI is the optional [mri] extra
+
+    mask_func = make_mask_func("random", [center_fraction], [acceleration])
+    with h5py.File(source, "r") as hf:
+        kspace, header = hf["kspace"][()], hf["ismrmrd_header"][()]
+        attrs = {k: hf.attrs[k] for k in ("acquisition", "patient_id") if k in hf.attrs}
+    mask = undersample(kspace[0], mask_func, seed)[1]
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(out_path, "w") as hf:
+        hf.create_dataset("kspace", data=(kspace * mask).astype(np.complex64))
+        hf.create_dataset("mask", data=mask)
+        hf.create_dataset("ismrmrd_header", data=header)
+        hf.attrs.update({**attrs, "acceleration": acceleration, "num_low_frequency": int(round(center_fraction
+                                                                                            * len(mask)))})
+    return out_path

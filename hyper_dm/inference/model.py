@@ -1,0 +1,118 @@
+"""One call from Python: a model loaded from the bundle reconstructs a volume the user has.
+
+Example::
+
+    >>> model = HyperDM.from_bundle("bundle/models/model.pt", config="bundle/configs/ct_luna16.yaml")
+    >>> out = model.reconstruct("patient7.nii.gz", M=8, N=8)                  # a file, DICOM folder or .h5
+    >>> out["mean"].shape, out["eu"].affine                                     # [1, X, Y, Z] HU, source geometry
+    >>> out = model.reconstruct(fbp_volume, M=8, N=8)                          # MetaTensor [1, X, Y, Z] HU (measured)
+
+The same loader, reconstructor and metrics run in ``python -m monai.bundle run inference``, the scripts and the
+MONAI Label app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+
+from ..config import config_files_for
+from ..data.config import resolve_data_config
+from ..data.intensity import physical_map
+from ..data.validation import BadInputError
+from ..io import safe_stem
+from .inputs import case_id_of
+from .loading import InputMode, load_case, to_source_layout
+from .reconstructor import OUTPUTS, VolumeReconstructor
+
+__all__ = ["HyperDM", "load_hypernet_state"]
+
+
+def load_hypernet_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """HyperNetwork weights from ``model.pt`` or a training checkpoint (``weights_only=True``), naming the file on
+    failure."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist; train first or set inference_cfg#ckpt") from None
+    except Exception as e:  # truncated or foreign files raise several types
+        raise BadInputError(path, f"is not a readable Hyper-DM checkpoint ({type(e).__name__}: {e})") from e
+    if isinstance(state, Mapping) and "hypernet" in state:
+        state = state["hypernet"]
+    if not isinstance(state, Mapping):
+        raise BadInputError(path, "holds no HyperNetwork state dict (expected the 'hypernet' entry)")
+    return dict(state)
+
+
+class HyperDM:
+    """A trained Hyper-DM model with its bundle settings: ``reconstruct`` is the whole method in one call.
+
+    Build it with :meth:`from_bundle`; ``parser`` is the resolved bundle config (``data``, ``diffusion``, ...).
+    """
+
+    def __init__(self, parser: ConfigParser) -> None:
+        self.parser = parser
+        self.data = resolve_data_config(parser.get_parsed_content("data"))
+        self.network = parser.get_parsed_content("network")
+
+    @classmethod
+    def from_bundle(cls, ckpt: str | Path, config: str | None = None, device: str | torch.device | None = None,
+                    **overrides: Any) -> HyperDM:
+        """Load ``ckpt`` into the network the bundle configs define (``common.yaml`` + ``inference.yaml`` + the
+        overlay ``config``; ``overrides`` as bundle ids, e.g. ``{"diffusion#ddim_steps": 10}``)."""
+        parser = ConfigParser()
+        parser.read_config(config_files_for("infer", config))
+        parser.update(overrides)
+        if device is not None:
+            parser["device"] = f"$torch.device('{torch.device(device)}')"
+        model = cls(parser)
+        model.network.load_state_dict(load_hypernet_state(ckpt, next(model.network.parameters()).device))
+        return model
+
+    def reconstructor(self, M: int, N: int, steps: int | None = None, seed: int = 0) -> VolumeReconstructor:
+        """A :class:`VolumeReconstructor` with this bundle's sampler settings (``steps`` overrides ``ddim_steps``)."""
+        if steps is not None:
+            self.parser["reconstructor#sampler#steps"] = int(steps)
+        self.parser.update({"inference_cfg#M": int(M), "inference_cfg#N": int(N), "inference_cfg#seed": int(seed)})
+        self.parser.parse(reset=True)
+        reconstructor = self.parser.get_parsed_content("reconstructor", instantiate=True)
+        reconstructor.network = self.network
+        return reconstructor
+
+    def reconstruct(self, volume: str | Path | MetaTensor, M: int = 4, N: int = 4, steps: int | None = None,
+                    mode: str = "measured", seed: int = 0) -> dict[str, MetaTensor]:
+        """Reconstruct a volume; returns ``mean``, ``eu``, ``au``, ``total`` ``[1, X, Y, Z]`` MetaTensors in
+        physical units (variances squared) with the input's geometry and voxel layout.
+
+        ``volume``: a file or DICOM folder (read as the bundle's inference reads it, ``mode`` ``measured`` or
+        ``simulate``), or a MetaTensor ``[X, Y, Z]`` / ``[1, X, Y, Z]`` already in the model's slice layout holding
+        the condition in physical units (HU for CT, magnitude for MRI).
+        """
+        if isinstance(volume, (str, Path)):
+            entry = {"image": str(Path(volume).resolve()), "case_id": safe_stem(case_id_of(Path(volume)))}
+            case = load_case(entry, self.data, InputMode.parse(mode), int(self.data["img_size"]))
+        else:
+            case = self._case_from_tensor(volume)
+        raw = self.reconstructor(M, N, steps, seed)(case["cond"], case["gain"], case["offset"],
+                                                    out_size=tuple(case["volume"].shape[1:3]))
+        return {name: to_source_layout(raw[name], case["volume"]) for name in OUTPUTS}
+
+    def _case_from_tensor(self, volume: torch.Tensor) -> dict:
+        volume = volume if isinstance(volume, MetaTensor) else MetaTensor(volume)
+        volume = volume[None] if volume.ndim == 3 else volume
+        if volume.ndim != 4 or volume.shape[0] != 1:
+            raise ValueError(f"volume must be [X, Y, Z] or [1, X, Y, Z], got shape {tuple(volume.shape)}")
+        z = volume.shape[-1]
+        if self.data["task"] == "ct":
+            gain, offset = physical_map("ct", self.data["hu_window"])
+            cond = volume.as_tensor().float().clamp(*self.data["hu_window"])
+        else:
+            gain, offset = physical_map("mri", self.data["hu_window"], float(volume.max()) or 1.0)
+            cond = volume.as_tensor().float()
+        return {"volume": volume, "cond": cond, "gain": torch.full((z,), gain), "offset": torch.full((z,), offset)}

@@ -1,0 +1,261 @@
+"""Volume-native inference on what a user has: files, folders, DICOM series, datalists; simulated or measured input.
+
+Geometry is checked with nibabel and SimpleITK against the source file; outputs are read back as a user would.
+The bundle run is a subprocess exactly as users type it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.bundle import ConfigParser
+
+from hyper_dm.data.synthetic import KNEE_FOLDER, write_challenge_like, write_fastmri_knee_like, write_luna16_like
+from hyper_dm.data.validation import BadInputError
+from hyper_dm.engines.writer import CaseWriter
+from hyper_dm.inference import HyperDM, InputMode, VolumeReconstructor, find_cases, load_case, to_source_layout
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+SMALL_MODEL = {"model#channels": [16, 16, 16], "model#attention_levels": [False, False, False],
+               "model#norm_num_groups": 8, "model#num_head_channels": 8}
+DATA = {"task": "ct", "img_size": 32}
+
+
+def write_dicom_series(volume_zyx: np.ndarray, folder: Path, spacing, origin, series_uid: str, prefix="s") -> None:
+    """Axial int16 DICOM slices (one file each) of ``volume_zyx`` [z, y, x] HU, LPS origin in mm."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(volume_zyx.shape[0]):
+        image = sitk.GetImageFromArray(np.rint(volume_zyx[k:k + 1]).astype(np.int16))
+        image.SetSpacing(spacing)
+        position = (origin[0], origin[1], origin[2] + k * spacing[2])
+        tags = {"0008|0060": "CT", "0020|000d": "1.2.826.0.1", "0020|000e": series_uid, "0020|0013": str(k + 1),
+                "0020|0032": "\\".join(f"{v:.4f}" for v in position), "0020|0037": "1\\0\\0\\0\\1\\0",
+                "0028|0030": f"{spacing[1]}\\{spacing[0]}", "0018|0050": str(spacing[2]),
+                "0008|0018": f"{series_uid}.{k + 1}", "0028|1052": "0", "0028|1053": "1"}
+        for key, value in tags.items():
+            image.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
+        writer.Execute(image)
+
+
+@pytest.fixture(scope="module")
+def luna(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("luna16")
+    write_luna16_like(root, n_series=3, seed=5, size_xy=96, n_slices=(3, 4), spacing_xy_mm=(3.4, 3.6))
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """An untrained small HyperNetwork saved as training saves ``model.pt``."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / "inference.yaml")])
+    parser.update({**SMALL_MODEL, "device": "$torch.device('cpu')"})
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    torch.save({"hypernet": parser.get_parsed_content("network").state_dict()}, path)
+    return path
+
+
+def oblique_nifti(source_mhd: Path, path: Path) -> nib.Nifti1Image:
+    """The series cropped to an odd in-plane size and stored in RAS voxel order (not LUNA16's LPS)."""
+    image = sitk.ReadImage(str(source_mhd))[5:88, 2:79, :]
+    sitk.WriteImage(sitk.Flip(image, [True, False, False]), str(path))
+    return nib.load(path)
+
+
+def test_find_cases_in_files_folders_datalists_and_dicom(tmp_path, luna):
+    series = sorted(luna.rglob("*.mhd"))
+    assert [c["image"] for c in find_cases(series[0], "ct")] == [str(series[0].resolve())]
+    assert {c["case_id"] for c in find_cases(luna, "ct")} == {p.stem for p in series}
+    write_dicom_series(np.zeros((2, 20, 20)), tmp_path / "dcm" / "patient 1", (1.0, 1.0, 2.0), (0, 0, 0), "1.2.3")
+    dicom = find_cases(tmp_path / "dcm", "ct")
+    assert [c["case_id"] for c in dicom] == ["patient_1"]
+    (tmp_path / "list.json").write_text(json.dumps({"testing": [{"image": str(series[1])},
+                                                                {"image": "dcm/patient 1", "n_views": 24}]}))
+    listed = find_cases(tmp_path / "list.json", "ct")
+    assert [c["case_id"] for c in listed] == [series[1].stem, "patient_1"] and listed[1]["n_views"] == 24
+    (tmp_path / "pair").mkdir()
+    for name in ("case one.nii.gz", "case_one.nii.gz"):
+        (tmp_path / "pair" / name).write_bytes(b"")
+    with pytest.raises(BadInputError, match="case_one"):
+        find_cases(tmp_path / "pair", "ct")
+    with pytest.raises(BadInputError, match="no fastMRI .h5"):
+        find_cases(luna, "mri")
+    with pytest.raises(BadInputError, match="does not exist"):
+        find_cases(tmp_path / "missing.nii.gz", "ct")
+
+
+def test_ct_volume_keeps_its_geometry_through_orientation_and_back(tmp_path, luna):
+    source = sorted(luna.rglob("*.mhd"))[0]
+    nifti = oblique_nifti(source, tmp_path / "oblique.nii.gz")
+    entry = find_cases(tmp_path / "oblique.nii.gz", "ct")[0]
+    case = load_case(entry, {**DATA, "hu_window": [-1000.0, 1000.0], "n_views": 24, "noise": "poisson",
+                             "i0": 1e5, "sigma": 0.01, "split_seed": 0}, InputMode.SIMULATE, 32)
+    assert case["volume"].shape[1:] == (nifti.shape[0], nifti.shape[1], nifti.shape[2])
+    assert case["cond"].shape == (1, 32, 32, nifti.shape[2]) and case["label"].shape == case["volume"].shape
+    back = to_source_layout(case["label"], case["volume"])
+    np.testing.assert_allclose(back.affine.numpy(), nifti.affine, atol=1e-4)
+    np.testing.assert_allclose(back[0].numpy(), np.clip(nifti.get_fdata(), -1000, 1000), atol=1e-3)
+    # the oriented grid is LUNA16's: first axis towards patient left (RAS x decreasing)
+    assert case["volume"].affine[0, 0] < 0 and case["volume"].affine[1, 1] < 0
+
+
+def test_dicom_series_and_its_faults(tmp_path):
+    hu = np.random.default_rng(0).uniform(-900, 900, (3, 24, 28))
+    write_dicom_series(hu, tmp_path / "one", (0.8, 0.8, 2.5), (-10.0, -20.0, -50.0), "1.2.840.1")
+    case = load_case({"image": str(tmp_path / "one"), "case_id": "one", "n_views": 24},
+                     {**DATA, "hu_window": [-1000.0, 1000.0], "n_views": 24, "noise": "poisson", "i0": 1e5},
+                     "measured", 32)
+    assert case["label"] is None and case["cond"].shape == (1, 28, 24, 3)
+    reference = sitk.ReadImage(sorted(str(p) for p in (tmp_path / "one").iterdir()))
+    back = to_source_layout(case["cond"], case["volume"])
+    np.testing.assert_allclose(back[0].numpy().transpose(2, 1, 0), sitk.GetArrayFromImage(reference), atol=0.5)
+    write_dicom_series(hu, tmp_path / "one", (0.8, 0.8, 2.5), (-10.0, -20.0, -50.0), "1.2.840.2", prefix="t")
+    with pytest.raises(BadInputError, match="2 DICOM series"):
+        load_case({"image": str(tmp_path / "one"), "case_id": "one"}, {**DATA, "hu_window": [-1000.0, 1000.0]},
+                  "measured", 32)
+
+
+def test_measured_ct_checks_the_stated_acquisition_and_dimensionality(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((40, 40, 3), np.float32), np.eye(4)), tmp_path / "fbp.nii.gz")
+    data = {**DATA, "hu_window": [-1000.0, 1000.0], "n_views": 24, "noise": "poisson", "i0": 1e5}
+    entry = {"image": str(tmp_path / "fbp.nii.gz"), "case_id": "fbp"}
+    with pytest.raises(BadInputError, match="n_views=60.*n_views=24"):
+        load_case({**entry, "n_views": 60}, data, "measured", 32)
+    assert load_case({**entry, "n_views": 24}, data, "measured", 32)["cond"].shape == (1, 40, 40, 3)
+    nib.save(nib.Nifti1Image(np.zeros((40, 40), np.float32), np.eye(4)), tmp_path / "slice.nii.gz")
+    with pytest.raises(BadInputError, match="3-D volume"):
+        load_case({"image": str(tmp_path / "slice.nii.gz"), "case_id": "s"}, data, "measured", 32)
+    with pytest.raises(ValueError, match="input_mode"):
+        load_case(entry, data, "guess", 32)
+
+
+def test_measured_knee_kspace_with_its_mask(tmp_path):
+    full = write_fastmri_knee_like(tmp_path, n_files=1, seed=3, n_slices=(2, 2))[0]
+    challenge = write_challenge_like(full, tmp_path / "test" / "challenge.h5", acceleration=4, seed=1)
+    data = {"task": "mri", "img_size": 32, "hu_window": [-1000.0, 1000.0], "mri_norm": "volume_max",
+            "mask_type": "random", "center_fractions": [0.08], "accelerations": [4], "split_seed": 0}
+    measured = load_case({"image": str(challenge), "case_id": "c"}, data, "measured", 32)
+    assert measured["label"] is None and measured["cond"].shape == (1, 320, 320, 2)
+    with h5py.File(challenge) as hf:
+        kept = hf["mask"][()]
+        assert "reconstruction_esc" not in hf and 3 < len(kept) / kept.sum() < 5
+    np.testing.assert_allclose(measured["volume"].affine.numpy()[:3, :3], np.diag([140 / 320, 140 / 320, 3.0]))
+    simulated = load_case({"image": str(full), "case_id": "f"}, data, "simulate", 32)
+    assert simulated["label"].shape == (1, 320, 320, 2) and float(simulated["gain"][0]) > 0
+    with pytest.raises(BadInputError, match="already undersampled"):
+        load_case({"image": str(challenge), "case_id": "c"}, data, "simulate", 32)
+    with pytest.raises(BadInputError, match="no 'mask'"):
+        load_case({"image": str(full), "case_id": "f"}, data, "measured", 32)
+
+
+def test_reconstructor_returns_the_source_grid_and_the_exact_decomposition(checkpoint):
+    model = HyperDM.from_bundle(checkpoint, device="cpu", **SMALL_MODEL)
+    recon = model.reconstructor(M=2, N=3, steps=2, seed=7)
+    assert isinstance(recon, VolumeReconstructor)
+    cond = torch.linspace(-800, 800, 50 * 44 * 3).reshape(1, 50, 44, 3)
+    gain, offset = torch.full((3,), 1000.0), torch.zeros(3)
+    out = recon(cond, gain, offset)
+    again = model.reconstructor(M=2, N=3, steps=2, seed=7)(cond, gain, offset)
+    assert out["mean"].shape == (1, 50, 44, 3)
+    torch.testing.assert_close(out["total"], out["eu"] + out["au"])
+    assert (out["eu"] > 0).float().mean() > 0.5 and (out["au"] > 0).float().mean() > 0.5  # M, N > 1: spread
+    assert out["mean"].abs().max() <= 1000.0 + 1e-3  # x0 clipped to the model range, mapped to HU
+    torch.testing.assert_close(out["mean"], again["mean"])
+
+
+def test_writer_writes_whole_cases_or_nothing(tmp_path, monkeypatch):
+    from hyper_dm.engines import writer as writer_module
+    from monai.data import MetaTensor
+
+    volume = MetaTensor(torch.rand(1, 6, 5, 4), affine=torch.diag(torch.tensor([-2.0, -2.0, 3.0, 1.0])))
+    volumes = {name: volume.clone() for name in ("mean", "eu", "au", "total")}
+    writer = CaseWriter(tmp_path, previews=False)
+    assert writer.pending(["a"]) == ["a"]
+    calls = []
+
+    def failing(path, *args):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, *args)
+
+    real = writer_module._save_nifti
+    monkeypatch.setattr(writer_module, "_save_nifti", failing)
+    with pytest.raises(OSError, match="No space"):
+        writer.write("a", volumes, {"case_id": "a", "psnr_db": 20.0})
+    assert os.listdir(tmp_path) == []  # no partial case, no staging folder left
+    monkeypatch.setattr(writer_module, "_save_nifti", real)
+    folder = writer.write("a", volumes, {"case_id": "a", "psnr_db": 20.0})
+    assert sorted(p.name for p in folder.iterdir()) == ["a_au.nii.gz", "a_eu.nii.gz", "a_mean.nii.gz",
+                                                         "a_metrics.json", "a_total.nii.gz"]
+    np.testing.assert_allclose(nib.load(folder / "a_mean.nii.gz").affine, np.diag([-2.0, -2.0, 3.0, 1.0]))
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == "case_id,psnr_db"
+    with pytest.raises(FileExistsError, match="skip_existing"):
+        writer.pending(["a", "b"])
+    assert writer.pending(["a", "b"], skip_existing=True) == ["b"]
+    with pytest.raises(FileExistsError, match="another run"):
+        writer.write("a", volumes)  # a second run finishing the same case: refused, the first result kept
+    bad = {**volumes, "au": volumes["au"] * float("nan")}
+    with pytest.raises(ValueError, match="case b: the au volume holds NaN"):
+        writer.write("b", bad)
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="cannot be used as an output file name"):
+        writer.write("../escape", volumes)
+
+
+def bundle_inference(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    files = f"['{CONFIGS / 'common.yaml'}','{CONFIGS / 'inference.yaml'}']"
+    small = [x for k, v in SMALL_MODEL.items() for x in (f"--{k}", json.dumps(v).replace("false", "False"))]
+    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", files, *small,
+                           "--inference_cfg#M", "2", "--inference_cfg#N", "2", "--diffusion#ddim_steps", "2",
+                           *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_bundle_reconstructs_one_user_file_at_its_native_grid(tmp_path, luna, checkpoint):
+    nifti = oblique_nifti(sorted(luna.rglob("*.mhd"))[1], tmp_path / "patient 7.nii.gz")
+    out = tmp_path / "results"
+    args = ["--inference_cfg#ckpt", str(checkpoint), "--inference_cfg#input", str(tmp_path / "patient 7.nii.gz"),
+            "--inference_cfg#input_mode", "measured", "--inference_cfg#outdir", str(out), "--data#img_size", "32"]
+    run = bundle_inference(*args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    mean = nib.load(out / "patient_7" / "patient_7_mean.nii.gz")
+    assert mean.shape == nifti.shape
+    np.testing.assert_allclose(mean.affine, nifti.affine, atol=1e-4)
+    eu, au, total = (nib.load(out / "patient_7" / f"patient_7_{n}.nii.gz").get_fdata() for n in ("eu", "au", "total"))
+    np.testing.assert_allclose(total, eu + au, rtol=1e-5, atol=1e-3)
+    assert np.isfinite(mean.get_fdata()).all() and -1001 <= mean.get_fdata().min() <= mean.get_fdata().max() <= 1001
+    assert not (out / "patient_7" / "patient_7_metrics.json").exists()  # measured input: no reference
+    again = bundle_inference(*args)
+    assert again.returncode != 0 and "refusing to overwrite" in again.stderr + again.stdout
+    resumed = bundle_inference(*args, "--inference_cfg#skip_existing", "True")
+    assert resumed.returncode == 0 and "nothing to reconstruct" in resumed.stderr + resumed.stdout
+
+
+def test_bundle_benchmark_mode_scores_the_test_split_and_skips_bad_cases(tmp_path, luna, checkpoint):
+    series = sorted(luna.rglob("*.mhd"))
+    (tmp_path / "list.json").write_text(json.dumps({"testing": [{"image": str(series[0])},
+                                                                {"image": str(tmp_path / "gone.mhd")}]}))
+    out = tmp_path / "results"
+    run = bundle_inference("--inference_cfg#ckpt", str(checkpoint), "--inference_cfg#input",
+                           str(tmp_path / "list.json"), "--inference_cfg#outdir", str(out), "--data#img_size", "32",
+                           "--data#on_bad_file", "skip")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "skipped case gone" in run.stderr + run.stdout
+    metrics = json.loads((out / series[0].stem / f"{series[0].stem}_metrics.json").read_text())
+    for key in ("psnr_db", "ssim", "crps", "coverage_50", "coverage_90", "coverage_95", "uce", "ause", "mean_eu"):
+        assert metrics[key] is not None, key
+    assert 0 <= metrics["coverage_50"] <= metrics["coverage_90"] <= metrics["coverage_95"] <= 1
+    assert metrics["n_slices"] == sitk.ReadImage(str(series[0])).GetSize()[2]
+    assert (out / "metrics.csv").read_text().count("\n") == 2

@@ -13,10 +13,9 @@ Every variance here is the population variance (divide by the count, ``ddof=0``)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import math
 
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric

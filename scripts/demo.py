@@ -50,8 +50,8 @@ def main() -> int:
     print("\nHyper-DM demo finished "
           f"(training {trained - start:.0f} s, inference {done - trained:.0f} s).")
     print(f"  reconstructions + EU/AU/total maps (NIfTI): {results}")
-    for path in sorted(results.glob("*")):
-        print(f"    {path.name}")
+    for path in sorted(p for p in results.rglob("*") if p.is_file()):
+        print(f"    {path.relative_to(results)}")
     print(f"  checkpoints: {out / 'checkpoints'}")
     print(f"  TensorBoard: tensorboard --logdir {out / 'logs'}")
     return 0

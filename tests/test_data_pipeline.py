@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,8 +13,8 @@ from hyper_dm.data import (
     to_hu,
     to_magnitude,
 )
-from hyper_dm.data.datasets import physics_key
 from hyper_dm.data.datalist import read_datalist, split_of
+from hyper_dm.data.datasets import physics_key
 from hyper_dm.data.synthetic import write_fastmri_knee_like, write_luna16_like
 
 ROTATED = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, -1.0)

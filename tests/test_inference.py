@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 from monai.bundle import ConfigParser
 
-from hyper_dm.data.synthetic import KNEE_FOLDER, write_challenge_like, write_fastmri_knee_like, write_luna16_like
+from hyper_dm.data.synthetic import write_challenge_like, write_fastmri_knee_like, write_luna16_like
 from hyper_dm.data.validation import BadInputError
 from hyper_dm.engines.writer import CaseWriter
 from hyper_dm.inference import HyperDM, InputMode, VolumeReconstructor, find_cases, load_case, to_source_layout
@@ -176,8 +176,9 @@ def test_reconstructor_returns_the_source_grid_and_the_exact_decomposition(check
 
 
 def test_writer_writes_whole_cases_or_nothing(tmp_path, monkeypatch):
-    from hyper_dm.engines import writer as writer_module
     from monai.data import MetaTensor
+
+    from hyper_dm.engines import writer as writer_module
 
     volume = MetaTensor(torch.rand(1, 6, 5, 4), affine=torch.diag(torch.tensor([-2.0, -2.0, 3.0, 1.0])))
     volumes = {name: volume.clone() for name in ("mean", "eu", "au", "total")}

@@ -8,8 +8,8 @@ that the real-format readers (and SimpleITK / fastMRI's own ``SliceDataset``) lo
   rows point at the centres of spherical nodules. Chest-like content: air (-1000 HU) inside a -2000 HU padding
   outside the scan circle, a patient table, subcutaneous fat, soft tissue, lungs near -850 HU with vessels,
   aorta, spine, sternum, ribs and 4-30 mm nodules.
-- :func:`write_fastmri_knee_like`: ``knee_singlecoil_train/file_knee_<n>.h5`` with ``kspace`` ``[slices, 640, 368]`` complex64 (centered
-  orthonormal FFT of a complex knee-like image with 2x readout oversampling and thermal noise),
+- :func:`write_fastmri_knee_like`: ``knee_singlecoil_train/file_knee_<n>.h5`` with ``kspace`` ``[slices, 640, 368]``
+  complex64 (centered orthonormal FFT of a complex knee-like image with 2x readout oversampling and thermal noise),
   ``reconstruction_esc`` ``[slices, 320, 320]`` float32 (the matching cropped magnitude), attrs
   ``acquisition``/``max``/``norm``/``patient_id`` and an ISMRMRD XML header that ``fastmri.data.SliceDataset`` parses.
 

@@ -16,6 +16,6 @@ from .model import HyperDM, load_hypernet_state
 from .reconstructor import OUTPUTS, VolumeReconstructor
 
 __all__ = [
-    "OUTPUTS", "CaseDataset", "HyperDM", "InputMode", "VolumeEvaluator", "VolumeReconstructor", "case_entries", "case_metrics",
-    "find_cases", "load_case", "load_hypernet_state", "run_inference", "to_source_layout",
+    "OUTPUTS", "CaseDataset", "HyperDM", "InputMode", "VolumeEvaluator", "VolumeReconstructor", "case_entries",
+    "case_metrics", "find_cases", "load_case", "load_hypernet_state", "run_inference", "to_source_layout",
 ]

@@ -19,8 +19,8 @@ from ignite.engine import Events
 from monai.data import Dataset
 from monai.engines import Evaluator
 
-from ..data.datasets import build_datalist
 from ..data.config import resolve_data_config
+from ..data.datasets import build_datalist
 from ..data.validation import BadFileLog, BadInputError
 from ..engines.writer import CaseWriter
 from ..uncertainty import ause, gaussian_coverage, gaussian_crps, psnr, ssim, uce

@@ -67,7 +67,8 @@ class InputMode(str, Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"inference_cfg#input_mode must be one of {[m.value for m in cls]}, got {value!r}") from None
+            choices = [m.value for m in cls]
+            raise ValueError(f"inference_cfg#input_mode must be one of {choices}, got {value!r}") from None
 
 
 def _read_ct(path: Path) -> MetaTensor:
@@ -200,5 +201,6 @@ def load_case(entry: Mapping, data: Mapping, mode: InputMode | str, img_size: in
 
 def to_source_layout(array: torch.Tensor, volume: MetaTensor) -> MetaTensor:
     """``array [C, X, Y, Z]`` on ``volume``'s (oriented) grid -> MetaTensor in the file's own voxel layout."""
-    out = MetaTensor(array, meta=copy.deepcopy(volume.meta), applied_operations=copy.deepcopy(volume.applied_operations))
+    out = MetaTensor(array, meta=copy.deepcopy(volume.meta),
+                     applied_operations=copy.deepcopy(volume.applied_operations))
     return _TO_LPS.inverse(out) if out.applied_operations else out

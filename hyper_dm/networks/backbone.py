@@ -24,6 +24,9 @@ class ConditionalUNet(nn.Module):
         attention_levels: self-attention per level (same length as ``channels``).
         num_res_blocks: residual blocks per level.
         norm_num_groups: GroupNorm groups (must divide every entry of ``channels``).
+        num_head_channels: channels per attention head.
+        use_flash_attention: attention through ``torch.nn.functional.scaled_dot_product_attention``, which does
+            not hold the ``tokens x tokens`` matrix (needed at native resolution: 128 x 128 tokens at 512 x 512).
         image_channels: channels of ``x_t`` (and of the prediction).
         cond_channels: channels of ``cond``.
     """
@@ -35,6 +38,7 @@ class ConditionalUNet(nn.Module):
         num_res_blocks: int = 1,
         norm_num_groups: int = 16,
         num_head_channels: int = 32,
+        use_flash_attention: bool = False,
         image_channels: int = 1,
         cond_channels: int = 1,
     ) -> None:
@@ -48,6 +52,7 @@ class ConditionalUNet(nn.Module):
             num_res_blocks=num_res_blocks,
             norm_num_groups=norm_num_groups,
             num_head_channels=num_head_channels,
+            use_flash_attention=use_flash_attention,
         )
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

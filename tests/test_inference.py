@@ -216,12 +216,12 @@ def test_writer_writes_whole_cases_or_nothing(tmp_path, monkeypatch):
         writer.write("../escape", volumes)
 
 
-def bundle_inference(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def bundle_inference(*args: str, run_id: str = "inference") -> subprocess.CompletedProcess:
     files = f"['{CONFIGS / 'common.yaml'}','{CONFIGS / 'inference.yaml'}']"
     small = [x for k, v in SMALL_MODEL.items() for x in (f"--{k}", json.dumps(v).replace("false", "False"))]
-    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", files, *small,
+    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files, *small,
                            "--inference_cfg#M", "2", "--inference_cfg#N", "2", "--diffusion#ddim_steps", "2",
-                           *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+                           *args], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def test_bundle_reconstructs_one_user_file_at_its_native_grid(tmp_path, luna, checkpoint):
@@ -260,3 +260,42 @@ def test_bundle_benchmark_mode_scores_the_test_split_and_skips_bad_cases(tmp_pat
     assert 0 <= metrics["coverage_50"] <= metrics["coverage_90"] <= metrics["coverage_95"] <= 1
     assert metrics["n_slices"] == sitk.ReadImage(str(series[0])).GetSize()[2]
     assert (out / "metrics.csv").read_text().count("\n") == 2
+
+
+def test_split_conformal_scale_reaches_nominal_coverage_on_fresh_pixels():
+    from hyper_dm.calibration import Calibration, fit_calibration, standardised_residuals
+    from hyper_dm.uncertainty import gaussian_coverage
+
+    rng = torch.Generator().manual_seed(0)
+    label = torch.zeros(2, 64, 64)
+    predicted_var = torch.full_like(label, 4.0)  # the model claims std 2; the truth is std 6 (3x too confident)
+    fit = [standardised_residuals(torch.randn(64, 64, generator=rng) * 6, predicted_var[0], label[0]) for _ in range(3)]
+    calibration = fit_calibration(fit, checkpoint_sha256="abc")
+    assert calibration.scale == pytest.approx(3.0, rel=0.05) and calibration.n_cases == 3
+    assert calibration.raw_coverage["0.9"] < 0.5
+    fresh = torch.randn(2, 64, 64, generator=rng) * 6
+    for level in (0.5, 0.9, 0.95):
+        raw = gaussian_coverage(fresh, predicted_var, label, [level])[level]
+        calibrated = gaussian_coverage(fresh, predicted_var * calibration.scales[str(level)] ** 2, label, [level])
+        assert raw < level - 0.2 and abs(calibrated[level] - level) < 0.02
+    with pytest.raises(ValueError, match="no residuals"):
+        fit_calibration([torch.empty(0)])
+    with pytest.raises(ValueError, match="not a usable Hyper-DM calibration"):
+        Calibration.load(__file__)
+
+
+def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, luna, checkpoint):
+    common = ["--inference_cfg#ckpt", str(checkpoint), "--data#dataset_dir", str(luna), "--data#img_size", "32",
+              "--inference_cfg#calibration", str(tmp_path / "calibration.json")]
+    run = bundle_inference(*common, run_id="calibrate")
+    assert run.returncode == 0, run.stderr[-3000:]
+    fitted = json.loads((tmp_path / "calibration.json").read_text())
+    assert fitted["n_cases"] == 1 and fitted["scales"]["0.9"] > 0
+    run = bundle_inference(*common, "--inference_cfg#outdir", str(tmp_path / "out"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    (case,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
+    metrics = json.loads((case / f"{case.name}_metrics.json").read_text())
+    assert metrics["coverage_90_calibrated"] > metrics["coverage_90"]
+    total = nib.load(case / f"{case.name}_total.nii.gz").get_fdata()
+    calibrated = nib.load(case / f"{case.name}_total_std_calibrated.nii.gz").get_fdata()
+    np.testing.assert_allclose(calibrated, fitted["scales"]["0.9"] * np.sqrt(total), rtol=1e-4, atol=1e-3)

@@ -7,6 +7,7 @@ Layout (MONAI's ``SaveImage`` convention, one folder per case; ``{stem}`` checke
     {output_dir}/{stem}/{stem}_au.nii.gz      aleatoric variance (units^2)
     {output_dir}/{stem}/{stem}_total.nii.gz   eu + au
     {output_dir}/{stem}/{stem}_{eu,au,total}_std.nii.gz   square roots (write_std=True)
+    {output_dir}/{stem}/{stem}_total_std_calibrated.nii.gz  calibrated total std (when a calibration is given)
     {output_dir}/{stem}/{stem}_preview.png    middle slice: cond | mean | EU | AU | |error| | label
     {output_dir}/{stem}/{stem}_metrics.json   quality and calibration metrics (cases with a reference)
     {output_dir}/metrics.csv                  one row per case of the folder, rebuilt after each case
@@ -50,6 +51,7 @@ _DESCRIPTIONS = {
     "eu_std": "hyper_dm epistemic standard deviation",
     "au_std": "hyper_dm aleatoric standard deviation",
     "total_std": "hyper_dm total standard deviation",
+    "total_std_calibrated": "hyper_dm total std x split-conformal scale",
 }
 
 

@@ -9,13 +9,21 @@ Public API::
     CaseDataset, VolumeEvaluator, case_entries, case_metrics          # the bundle's inference workflow
 """
 
-from .engine import CaseDataset, VolumeEvaluator, case_entries, case_metrics, run_inference
+from .engine import (
+    CalibrationFitter,
+    CaseDataset,
+    VolumeEvaluator,
+    case_entries,
+    case_metrics,
+    load_calibration,
+    run_inference,
+)
 from .inputs import find_cases
 from .loading import InputMode, load_case, to_source_layout
 from .model import HyperDM, load_hypernet_state
 from .reconstructor import OUTPUTS, VolumeReconstructor
 
 __all__ = [
-    "OUTPUTS", "CaseDataset", "HyperDM", "InputMode", "VolumeEvaluator", "VolumeReconstructor", "case_entries",
-    "case_metrics", "find_cases", "load_case", "load_hypernet_state", "run_inference", "to_source_layout",
+    "OUTPUTS", "CalibrationFitter", "CaseDataset", "HyperDM", "InputMode", "VolumeEvaluator", "VolumeReconstructor",
+    "case_entries", "case_metrics", "find_cases", "load_calibration", "load_case", "load_hypernet_state", "run_inference", "to_source_layout",
 ]

@@ -13,12 +13,14 @@ import logging
 import resource
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from ignite.engine import Events
 from monai.data import Dataset
 from monai.engines import Evaluator
 
+from ..calibration import LEVELS, Calibration, checkpoint_digest, fit_calibration, standardised_residuals
 from ..data.config import resolve_data_config
 from ..data.datasets import build_datalist
 from ..data.validation import BadFileLog, BadInputError
@@ -26,9 +28,10 @@ from ..engines.writer import CaseWriter
 from ..uncertainty import ause, gaussian_coverage, gaussian_crps, psnr, ssim, uce
 from .inputs import find_cases
 from .loading import InputMode, load_case, to_source_layout
-from .reconstructor import OUTPUTS, VolumeReconstructor
+from .reconstructor import VolumeReconstructor
 
-__all__ = ["CaseDataset", "VolumeEvaluator", "case_entries", "case_metrics", "run_inference"]
+__all__ = ["CalibrationFitter", "CaseDataset", "VolumeEvaluator", "case_entries", "case_metrics", "load_calibration",
+           "run_inference"]
 
 logger = logging.getLogger("hyper_dm.inference")
 
@@ -69,12 +72,14 @@ class CaseDataset(Dataset):
             return {"case_id": entry["case_id"], "image": entry["image"], "error": str(e)}
 
 
-def case_metrics(outputs: Mapping[str, torch.Tensor], label: torch.Tensor, data_range: float) -> dict:
+def case_metrics(outputs: Mapping[str, torch.Tensor], label: torch.Tensor, data_range: float,
+                 calibration: Calibration | None = None) -> dict:
     """Quality and calibration of one case against its reference (all ``[1, X, Y, Z]``, physical units).
 
     ``psnr_db`` over the volume and ``ssim`` (mean over slices) with ``data_range``; ``rmse``; ``crps`` of the
     Gaussian ``N(mean, total)`` per pixel; coverage of its central 50/90/95% intervals; ``uce`` (variance vs squared
-    error, 10 bins) and ``ause`` (total std vs absolute error, relative to the oracle); mean EU/AU/total.
+    error, 10 bins) and ``ause`` (total std vs absolute error, relative to the oracle); mean EU/AU/total. With a
+    ``calibration``: ``coverage_<level>_calibrated`` (each level's interval widened by its fitted scale).
     """
     mean, total = outputs["mean"].float(), outputs["total"].float()
     slices = lambda x: x[0].permute(2, 0, 1)[:, None]  # noqa: E731  [Z, 1, X, Y]
@@ -90,6 +95,10 @@ def case_metrics(outputs: Mapping[str, torch.Tensor], label: torch.Tensor, data_
         "uce": uce(flat(total), flat(error.pow(2))),
         "ause": ause(flat(total), flat(error.abs())),
         **{f"mean_{name}": outputs[name].double().mean().item() for name in ("eu", "au", "total")},
+        **({} if calibration is None else {
+            f"coverage_{round(level * 100)}_calibrated": gaussian_coverage(
+                mean, total * calibration.scales[str(level)] ** 2, label, [level])[level]
+            for level in LEVELS if str(level) in calibration.scales}),
     }
 
 
@@ -107,14 +116,20 @@ class VolumeEvaluator(Evaluator):
         reconstructor: the :class:`VolumeReconstructor`.
         data_range: physical range for PSNR/SSIM (CT: the HU window's width); ``None``: twice each case's mean gain
             (the model's [-1, 1] range in physical units).
+        calibration: a fitted :class:`~hyper_dm.calibration.Calibration`: adds the ``total_std_calibrated`` volume
+            and calibrated coverage metrics (the raw maps stay as they are).
         val_handlers: Ignite handlers, e.g. the checkpoint loader and the :class:`CaseWriter`.
+
+    With a reference, ``engine.state.output["residuals"]`` holds the case's standardised residuals (see
+    :class:`CalibrationFitter`).
     """
 
     def __init__(self, device: torch.device | str, val_data_loader: Iterable, reconstructor: VolumeReconstructor,
-                 data_range: float | None = None, val_handlers: Sequence | None = None) -> None:
+                 data_range: float | None = None, calibration: Calibration | None = None,
+                 val_handlers: Sequence | None = None) -> None:
         super().__init__(device=torch.device(device), val_data_loader=val_data_loader, val_handlers=val_handlers,
                          decollate=False)
-        self.reconstructor, self.data_range = reconstructor, data_range
+        self.reconstructor, self.data_range, self.calibration = reconstructor, data_range, calibration
         self.add_event_handler(Events.STARTED, lambda engine: setattr(engine.state, "skipped", []))
 
     def _iteration(self, engine: VolumeEvaluator, batchdata: list[dict] | dict) -> dict:
@@ -127,11 +142,14 @@ class VolumeEvaluator(Evaluator):
         volume = case["volume"]
         raw = self.reconstructor(case["cond"], case["gain"], case["offset"], out_size=tuple(volume.shape[1:3]))
         label = case.get("label")
-        metrics = None
+        metrics = residuals = None
+        if self.calibration is not None:
+            raw["total_std_calibrated"] = self.calibration.scale * raw["total"].clamp_min(0).sqrt()
         if label is not None:
             data_range = self.data_range or float(2 * case["gain"].mean())
             metrics = {"case_id": case["case_id"], "n_slices": int(volume.shape[-1]),
-                       **case_metrics(raw, label.float(), data_range)}
+                       **case_metrics(raw, label.float(), data_range, self.calibration)}
+            residuals = standardised_residuals(raw["mean"], raw["total"], label.float(), float(case["gain"].mean()))
         k = volume.shape[-1] // 2
         preview = {name: raw[name][0, ..., k].numpy() for name in ("mean", "eu", "au")}
         preview["cond"] = case["cond"][0, ..., k].numpy()
@@ -142,7 +160,8 @@ class VolumeEvaluator(Evaluator):
                     volume.shape[-1], tuple(volume.shape[1:3]), seconds, seconds / volume.shape[-1],
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         engine.state.output = {"case_id": case["case_id"], "metrics": metrics, "preview": preview, "seconds": seconds,
-                               "volumes": {name: to_source_layout(raw[name], volume) for name in OUTPUTS}}
+                               "residuals": residuals,
+                               "volumes": {name: to_source_layout(image, volume) for name, image in raw.items()}}
         return engine.state.output
 
 
@@ -159,3 +178,46 @@ def run_inference(evaluator: VolumeEvaluator) -> list[tuple[str, str]]:
     for case_id, error in skipped:
         logger.warning("skipped case %s: %s", case_id, error)
     return skipped
+
+
+def load_calibration(path: str | None, checkpoint: str | None = None) -> Calibration | None:
+    """The calibration at ``path`` (``None`` if ``path`` is ``None`` or absent, logged); a calibration fitted for
+    another checkpoint than ``checkpoint`` is used with a warning."""
+    if path is None or not Path(path).is_file():
+        logger.info("no calibration file%s: writing raw uncertainty maps only (fit one with the 'calibrate' run id)",
+                    f" at {path}" if path else "")
+        return None
+    calibration = Calibration.load(path)
+    if checkpoint and Path(checkpoint).is_file() and calibration.checkpoint_sha256 \
+            and calibration.checkpoint_sha256 != checkpoint_digest(checkpoint):
+        logger.warning("%s was fitted for another checkpoint than %s; refit it with the 'calibrate' run id", path,
+                       checkpoint)
+    logger.info("calibrated std = %.3f x raw std (90%% intervals), from %s", calibration.scale, path)
+    return calibration
+
+
+class CalibrationFitter:
+    """Ignite handler: collects each case's standardised residuals and, when the run completes, fits and saves the
+    split-conformal :class:`~hyper_dm.calibration.Calibration` to ``path`` (tied to ``checkpoint``'s digest)."""
+
+    def __init__(self, path: str, checkpoint: str | None = None) -> None:
+        self.path, self.checkpoint = path, checkpoint
+        self.residuals: list[torch.Tensor] = []
+
+    def attach(self, engine: Evaluator) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.fit)
+
+    def collect(self, engine: Evaluator) -> None:
+        residuals = engine.state.output.get("residuals")
+        if residuals is not None:
+            self.residuals.append(residuals)
+
+    def fit(self, engine: Evaluator | None = None) -> Calibration:
+        digest = checkpoint_digest(self.checkpoint) if self.checkpoint and Path(self.checkpoint).is_file() else ""
+        calibration = fit_calibration(self.residuals, checkpoint_sha256=digest)
+        calibration.save(self.path)
+        logger.info("calibration from %d cases (%d pixels): std scales %s, raw coverage %s -> %s", calibration.n_cases,
+                    calibration.n_pixels, {k: round(v, 3) for k, v in calibration.scales.items()},
+                    {k: round(v, 3) for k, v in calibration.raw_coverage.items()}, self.path)
+        return calibration

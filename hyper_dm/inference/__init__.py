@@ -25,5 +25,6 @@ from .reconstructor import OUTPUTS, VolumeReconstructor
 
 __all__ = [
     "OUTPUTS", "CalibrationFitter", "CaseDataset", "HyperDM", "InputMode", "VolumeEvaluator", "VolumeReconstructor",
-    "case_entries", "case_metrics", "find_cases", "load_calibration", "load_case", "load_hypernet_state", "run_inference", "to_source_layout",
+    "case_entries", "case_metrics", "find_cases", "load_calibration", "load_case", "load_hypernet_state",
+    "run_inference", "to_source_layout",
 ]

@@ -3,9 +3,12 @@
     hyper-dm train --config bundle/configs/ct_luna16.yaml training.mode=eu training.lr=1e-4 model.z_dim=16
     hyper-dm infer --config bundle/configs/ct_luna16.yaml --ckpt bundle/models/model.pt --M 10 --N 10 \\
         --outdir results/ct/
+    hyper-dm infer --config bundle/configs/ct_luna16.yaml --input my_fbp.nii.gz --mode measured
 
 Each ``a.b=v`` becomes a bundle override (``training.*`` -> ``training_cfg#*``, ``inference.*`` ->
-``inference_cfg#*``) and the same MONAI bundle workflow runs as with ``python -m monai.bundle run``.
+``inference_cfg#*``) and the same MONAI bundle workflow runs as with ``python -m monai.bundle run``, on
+``common.yaml`` + ``train.yaml``/``inference.yaml`` + ``--config``. Outputs go where the bundle's ``bundle_root``
+says: ``bundle/models`` from the repository root, ``./models`` anywhere else.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ RUN_IDS = {"train": "training", "infer": "inference"}
 
 def run_workflow(workflow: str, config_files: Sequence[str], overrides: dict[str, Any]) -> ConfigWorkflow:
     """Validate ``overrides`` against ``config_files`` and run the bundle workflow (``train`` or ``infer``)."""
-    overrides = {"bundle_root": str(BUNDLE_CONFIGS.parent), **overrides}
     validate_overrides(config_files, overrides)
     runner = ConfigWorkflow(
         config_file=list(config_files),
@@ -54,6 +56,11 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", help="a bundle config or task overlay (e.g. bundle/configs/knee_singlecoil.yaml)")
         cmd.add_argument("overrides", nargs="*", help="key.subkey=value, e.g. training.lr=1e-4")
         if name == "infer":
+            cmd.add_argument("--input", help="a volume file, DICOM folder, folder of volumes or datalist JSON "
+                                             "(inference.input; default: the test split of data.dataset_dir)")
+            cmd.add_argument("--mode", choices=["simulate", "measured"],
+                             help="simulate the measurement from a full-dose input, or take the input as measured "
+                                  "(inference.input_mode)")
             cmd.add_argument("--ckpt", help="checkpoint to load (inference.ckpt)")
             cmd.add_argument("--M", type=int, help="weight sets per input (inference.M)")
             cmd.add_argument("--N", type=int, help="DDIM draws per weight set (inference.N)")
@@ -66,8 +73,8 @@ def command_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Bundle overrides from ``key.subkey=value`` arguments and, for ``infer``, the ``--ckpt/--M/...`` flags."""
     overrides = parse_overrides(args.overrides)
     if args.command == "infer":
-        flags = {"ckpt": args.ckpt, "M": args.M, "N": args.N, "outdir": args.outdir,
-                 "overwrite": True if args.overwrite else None}
+        flags = {"input": args.input, "input_mode": args.mode, "ckpt": args.ckpt, "M": args.M, "N": args.N,
+                 "outdir": args.outdir, "overwrite": True if args.overwrite else None}
         overrides.update({f"inference_cfg#{k}": v for k, v in flags.items() if v is not None})
     return overrides
 

@@ -1,5 +1,10 @@
 """The one configuration system: MONAI bundle configs, overridden from seed-style ``a.b=v`` arguments.
 
+The shared sections live in ``common.yaml``, merged first; ``train.yaml`` or ``inference.yaml`` adds a workflow
+and a task overlay goes last (:func:`config_files_for`). Python code reads defaults from there
+(:func:`bundle_section`) instead of repeating them. The configs ship inside the package (``hyper_dm/bundle`` links
+to the repository's ``bundle/`` and is copied into wheels), so :data:`BUNDLE_CONFIGS` works from any install.
+
 The bundle's hyperparameter sections are ``data``, ``model``, ``diffusion``, ``training_cfg`` and
 ``inference_cfg`` (``training``/``inference`` are the run ids MONAI executes). The seed-style scripts keep
 the seed's names, so ``training.lr=1e-4`` becomes the bundle override ``training_cfg#lr`` = ``1e-4``.
@@ -24,15 +29,18 @@ from monai.bundle import ConfigParser
 
 __all__ = [
     "BUNDLE_CONFIGS",
+    "COMMON_CONFIG",
     "SECTION_ALIASES",
     "ConfigError",
+    "bundle_section",
     "config_files_for",
     "parse_overrides",
     "translate_key",
     "validate_overrides",
 ]
 
-BUNDLE_CONFIGS = Path(__file__).resolve().parent.parent / "bundle" / "configs"
+BUNDLE_CONFIGS = (Path(__file__).resolve().parent / "bundle" / "configs").resolve()
+COMMON_CONFIG = "common.yaml"
 SECTION_ALIASES = {"training": "training_cfg", "inference": "inference_cfg"}
 WORKFLOW_CONFIGS = {"train": "train.yaml", "infer": "inference.yaml"}
 
@@ -76,16 +84,32 @@ def _number_or_text(value: Any) -> Any:
 
 
 def config_files_for(workflow: str, config: str | None) -> list[str]:
-    """The bundle config of ``workflow`` (train/infer), with ``config`` merged on top unless it is that file."""
-    base = BUNDLE_CONFIGS / WORKFLOW_CONFIGS[workflow]
-    files = [str(base)]
+    """``common.yaml``, the config of ``workflow`` (train/infer), then ``config`` unless it is one of those two."""
+    files = [BUNDLE_CONFIGS / COMMON_CONFIG, BUNDLE_CONFIGS / WORKFLOW_CONFIGS[workflow]]
     if config is not None:
         path = Path(config)
         if not path.is_file():
             raise ConfigError(f"config file {config} does not exist")
-        if path.resolve() != base.resolve():
-            files.append(str(path))
-    return files
+        if path.resolve() not in files:
+            files.append(path)
+    return [str(f) for f in files]
+
+
+def bundle_section(section: str, workflow: str | None = None) -> Any:
+    """``section`` as the bundle resolves it from ``common.yaml`` (and the config of ``workflow`` if given).
+
+    Example:
+        >>> bundle_section("model")["z_dim"]
+        8
+        >>> bundle_section("training_cfg", "train")["mode"]
+        'standard'
+    """
+    files = config_files_for(workflow, None) if workflow else [str(BUNDLE_CONFIGS / COMMON_CONFIG)]
+    parser = ConfigParser()
+    parser.read_config(files)
+    if section not in parser:
+        raise ConfigError(f"no section {section!r} in {files}")
+    return parser.get_parsed_content(section)
 
 
 def _ids(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

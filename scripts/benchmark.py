@@ -22,8 +22,10 @@ import time
 
 import torch
 
+from hyper_dm.config import bundle_section
 from hyper_dm.diffusion import HyperDDIMSampler, LossConfig, make_ddim, make_ddpm, training_loss
 from hyper_dm.diffusion.gaussian import spread_ratio
+from hyper_dm.diffusion.losses import MODE_KEYS
 from hyper_dm.networks import ConditionalUNet, HyperNetwork
 
 
@@ -49,7 +51,9 @@ def training_images_per_second(args: argparse.Namespace, mode: str, batch: int =
     optimizer = torch.optim.AdamW(hyper.trainable_parameters(), lr=1e-4)
     target = torch.rand(batch, 1, args.size, args.size) * 2 - 1
     cond = torch.rand(batch, 1, args.size, args.size) * 2 - 1
-    config, scheduler = LossConfig(mode=mode), make_ddpm()
+    training_cfg = bundle_section("training_cfg", "train")  # the bundle's values for the mode's keys
+    config = LossConfig(mode=mode, **{k: training_cfg[k] for k in MODE_KEYS[mode]})
+    scheduler = make_ddpm()
     for i in range(iterations + 1):  # the first iteration warms up
         if i == 1:
             start = time.perf_counter()

@@ -1,11 +1,12 @@
 """The bundle run from a subprocess exactly as a user types it, at the default 64 x 64 size but few iterations.
 
-Reads back what a user looks at: TensorBoard events (TensorBoard's own reader), NIfTI volumes (nibabel) placed
-where the source series is (SimpleITK), checkpoints (``torch.load(weights_only=True)``).
+Reads back what a user looks at: the console, TensorBoard events (TensorBoard's own reader), NIfTI volumes
+(nibabel) placed where the source series is (SimpleITK), checkpoints (``torch.load(weights_only=True)``).
 """
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,16 +21,17 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
+TRAIN = "['bundle/configs/common.yaml','bundle/configs/train.yaml']"
+INFER = "['bundle/configs/common.yaml','bundle/configs/inference.yaml']"
 SMALL_RUN = [  # few iterations and cheap validation; the model and image size stay the defaults
     "--training_cfg#epoch_length", "2", "--training_cfg#batch_size", "4", "--training_cfg#val_M", "2",
     "--training_cfg#val_N", "2", "--training_cfg#val_ddim_steps", "3", "--training_cfg#val_epoch_length", "1",
 ]
 
 
-def bundle(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=timeout)
-    return result
+def bundle(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def check(result: subprocess.CompletedProcess) -> None:
@@ -42,11 +44,23 @@ def synthetic_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, synthetic_dir) -> Path:
+def training_run(tmp_path_factory, synthetic_dir) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("ct_run")
-    check(bundle("training", "--config_file", "bundle/configs/train.yaml", "--output_dir", str(out),
-                 "--data#synthetic_dir", synthetic_dir, "--training_cfg#epochs", "2", *SMALL_RUN))
-    return out
+    result = bundle("training", "--config_file", TRAIN, "--output_dir", str(out), "--data#synthetic_dir",
+                    synthetic_dir, "--training_cfg#epochs", "2", *SMALL_RUN)
+    check(result)
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def trained(training_run) -> Path:
+    return training_run[0]
+
+
+def test_console_shows_the_training_loss(training_run):
+    console = training_run[1].stdout + training_run[1].stderr
+    assert console.count("Epoch: 2/2, Iter: 2/2 -- loss: ") == 1, console[-3000:]
+    assert "ignoring non-scalar output in StatsHandler" not in console
 
 
 def test_training_writes_checkpoints_that_load_with_weights_only(trained):
@@ -64,53 +78,58 @@ def test_tensorboard_has_loss_curves_validation_metrics_and_panels(trained):
     events = EventAccumulator(str(trained / "logs"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/mse", "train/lr", "val_psnr", "val_ssim", "val_crps", "val_eu", "val_au"} <= scalars
+    assert {"train/loss", "train/mse", "train/lr", "val_psnr", "val_ssim", "val_crps", "val_eu", "val_au",
+            "val_coverage_90", "val_uce", "val_ause"} <= scalars
+    assert all(0 <= e.value <= 1 for e in events.Scalars("val_coverage_90"))
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.step for e in events.Scalars("val_psnr")] == [1, 2]
     assert all(np.isfinite(e.value) for e in events.Scalars("train/loss"))
     panels = events.Images("validation/cond_mean_eu_au_error_target")
     assert len(panels) == 2 and panels[0].width == 6 * panels[0].height
+    assert len(list((trained / "logs").glob("events.out.tfevents.*"))) == 1  # one writer for the run
 
 
-def source_centre_ras(mhd: Path) -> np.ndarray:
-    image = sitk.ReadImage(str(mhd))
-    centre = [(n - 1) / 2 for n in image.GetSize()]
-    lps = np.array(image.TransformContinuousIndexToPhysicalPoint(centre))
-    return lps * np.array([-1.0, -1.0, 1.0])
+def test_the_bundle_copied_alone_trains_from_its_own_folder(tmp_path, synthetic_dir):
+    """As ``monai.bundle download`` delivers it: outputs land in ./models of the bundle, not in a nested ./bundle."""
+    shutil.copytree(REPO / "bundle", tmp_path / "hyper_dm_bundle", ignore=shutil.ignore_patterns("models", "data"))
+    here = tmp_path / "hyper_dm_bundle"
+    check(bundle("training", "--config_file", "['configs/common.yaml','configs/train.yaml']", "--data#synthetic_dir",
+                 synthetic_dir, "--training_cfg#epochs", "1", "--training_cfg#val_interval", "100", *SMALL_RUN,
+                 cwd=here))
+    assert (here / "models" / "checkpoints" / "checkpoint_final.pt").is_file()
+    assert len(list((here / "models" / "logs").glob("events.out.tfevents.*"))) == 1
+    assert not (here / "bundle").exists()
 
 
-def test_inference_writes_nifti_volumes_where_the_source_series_is(trained, synthetic_dir):
+def test_inference_writes_nifti_volumes_on_the_source_series_grid(trained, synthetic_dir):
     results = trained / "results"
-    args = ["inference", "--config_file", "bundle/configs/inference.yaml", "--output_dir", str(trained),
+    args = ["inference", "--config_file", INFER, "--output_dir", str(trained),
             "--data#synthetic_dir", synthetic_dir, "--inference_cfg#M", "2", "--inference_cfg#N", "2",
             "--diffusion#ddim_steps", "3"]
     check(bundle(*args))
-    means = sorted(results.glob("*_mean.nii.gz"))
+    means = sorted(results.glob("*/*_mean.nii.gz"))
     assert len(means) >= 1
     for mean_path in means:
-        stem = mean_path.name[: -len("_mean.nii.gz")]
+        stem = mean_path.parent.name
         mhd = next(Path(synthetic_dir).rglob(f"{stem}.mhd"))
         source = sitk.ReadImage(str(mhd))
         mean = nib.load(mean_path)
-        assert mean.shape == (64, 64, source.GetSize()[2])
-        # same world position and extent as the source volume
-        centre_voxel = (np.array(mean.shape) - 1) / 2
-        world = mean.affine @ np.append(centre_voxel, 1.0)
-        np.testing.assert_allclose(world[:3], source_centre_ras(mhd), atol=1e-3)
-        voxel_mm = np.sort(np.linalg.norm(mean.affine[:3, :3], axis=0))
-        expected_mm = np.sort(np.array(source.GetSpacing()) * np.array([source.GetSize()[0] / 64,
-                                                                        source.GetSize()[1] / 64, 1.0]))
-        np.testing.assert_allclose(voxel_mm, expected_mm, rtol=1e-6)
+        assert mean.shape == source.GetSize()  # the source's own matrix (512 x 512), not the 64 x 64 model grid
+        # the same voxel grid in the world: LPS (SimpleITK) -> RAS (NIfTI)
+        for index in [(0, 0, 0), (511, 3, 1), (17, 400, source.GetSize()[2] - 1)]:
+            lps = np.array(source.TransformIndexToPhysicalPoint(index))
+            np.testing.assert_allclose(mean.affine @ np.append(index, 1.0), [*(lps * [-1, -1, 1]), 1.0], atol=1e-3)
         hu = mean.get_fdata()
         # HU inside the window [-1000, 1000]; model units would span at most 2 (the model is barely trained)
         assert -1000.5 <= hu.min() and hu.max() <= 1000.5 and hu.max() - hu.min() > 10, "mean is not in HU"
-        eu, au, total = (nib.load(results / f"{stem}_{k}.nii.gz").get_fdata() for k in ("eu", "au", "total"))
+        folder = mean_path.parent
+        eu, au, total = (nib.load(folder / f"{stem}_{k}.nii.gz").get_fdata() for k in ("eu", "au", "total"))
         np.testing.assert_allclose(eu + au, total, rtol=1e-5, atol=1e-3)
         assert (eu >= 0).all() and (au >= 0).all() and total.max() > 0
-        metrics = json.loads((results / f"{stem}_metrics.json").read_text())
+        metrics = json.loads((folder / f"{stem}_metrics.json").read_text())
         assert np.isfinite(metrics["psnr_db"]) and metrics["psnr_db"] > 5
         assert 0 < metrics["crps"] < 2000  # HU
-        assert (results / f"{stem}_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (folder / f"{stem}_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second run never silently replaces results
     before = means[0].stat().st_mtime_ns
     again = bundle(*args)
@@ -120,7 +139,7 @@ def test_inference_writes_nifti_volumes_where_the_source_series_is(trained, synt
 
 def test_killed_training_resumes_to_the_same_iteration(tmp_path, synthetic_dir):
     out = tmp_path / "run"
-    common = ["--config_file", "bundle/configs/train.yaml", "--output_dir", str(out), "--data#synthetic_dir",
+    common = ["--config_file", TRAIN, "--output_dir", str(out), "--data#synthetic_dir",
               synthetic_dir, "--training_cfg#epochs", "3", "--training_cfg#val_interval", "100", *SMALL_RUN]
     first = subprocess.Popen([sys.executable, "-m", "monai.bundle", "run", *common], cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -153,4 +172,27 @@ def test_script_trains_the_knee_overlay_in_eu_mode(tmp_path, synthetic_dir):
     events = EventAccumulator(str(tmp_path / "logs"))
     events.Reload()
     assert "train/diversity" in events.Tags()["scalars"]  # the eu objective ran
-    assert (Path(synthetic_dir) / "fastmri_knee").is_dir()
+    assert (Path(synthetic_dir) / "fastmri_knee_seed0").is_dir()
+
+
+def test_native_overlay_trains_and_infers_at_256_on_cpu(tmp_path, synthetic_dir):
+    """The native-resolution model (four levels, SDPA attention) at 256 x 256: a few training iterations, then a
+    3-slice 256 x 256 volume reconstructed on its own grid with the trained checkpoint."""
+    out = tmp_path / "native"
+    native = "'bundle/configs/native.yaml'"
+    check(bundle("training", "--config_file", TRAIN.replace("]", f",{native}]"), "--output_dir", str(out),
+                 "--data#synthetic_dir", synthetic_dir, "--data#img_size", "256", "--training_cfg#epochs", "1",
+                 "--training_cfg#epoch_length", "2", "--training_cfg#batch_size", "2",
+                 "--training_cfg#val_interval", "100"))
+    final = out / "checkpoints" / "checkpoint_final.pt"
+    assert torch.load(final, weights_only=True)["trainer"]["iteration"] == 2
+    source = sitk.ReadImage(str(next(Path(synthetic_dir).rglob("*.mhd"))))[::2, ::2, :3]  # 256 x 256 x 3
+    sitk.WriteImage(source, str(tmp_path / "slab.nii.gz"))
+    check(bundle("inference", "--config_file", INFER.replace("]", f",{native}]"), "--output_dir", str(out),
+                 "--data#img_size", "256", "--inference_cfg#ckpt", str(final), "--inference_cfg#input",
+                 str(tmp_path / "slab.nii.gz"), "--inference_cfg#M", "2", "--inference_cfg#N", "2",
+                 "--diffusion#ddim_steps", "2", "--inference_cfg#slice_batch", "1"))
+    mean = nib.load(out / "results" / "slab" / "slab_mean.nii.gz")
+    assert mean.shape == (256, 256, 3)
+    np.testing.assert_allclose(mean.affine, nib.load(tmp_path / "slab.nii.gz").affine, atol=1e-4)
+    assert np.isfinite(mean.get_fdata()).all()

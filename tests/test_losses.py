@@ -30,7 +30,8 @@ def test_every_mode_trains_the_hypernet_and_never_the_backbone(model, mode, pred
     backbone, hyper = model
     target, cond = batch()
     out = training_loss(hyper, backbone, make_ddpm(prediction_type=prediction_type), target, cond,
-                        LossConfig(mode=mode), torch.Generator().manual_seed(0))
+                        LossConfig(mode, m_weights=2, lambda_eu=0.01, n_noisy=2, sigma_noise=0.05),
+                        torch.Generator().manual_seed(0))
     assert torch.isfinite(out["loss"])
     grads = grads_of(hyper, out["loss"])
     for name, g in grads.items():
@@ -66,4 +67,6 @@ def test_mode_errors_list_the_valid_modes():
     with pytest.raises(ValueError, match=r"'standard', 'eu', 'au'"):
         LossConfig(mode="epistemic")
     with pytest.raises(ValueError, match="m_weights"):
-        LossConfig(mode="eu", m_weights=1)
+        LossConfig(mode="eu", m_weights=1, lambda_eu=0.01)
+    with pytest.raises(ValueError, match=r"'au' needs n_noisy, sigma_noise"):
+        LossConfig(mode="au")  # the values live in the bundle config, not in Python defaults

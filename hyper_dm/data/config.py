@@ -5,8 +5,8 @@ Keys (the defaults are the ``data`` section of the bundle's ``common.yaml``, see
 =====================  ==========================================================================================
 ``task``               ``"ct"`` (LUNA16 sparse-view CT) or ``"mri"`` (fastMRI knee single-coil)
 ``dataset_dir``        dataset root; ``None``: the synthetic set under ``synthetic_dir`` (written on first use)
-``synthetic_dir``      where the synthetic sets live (``<synthetic_dir>/luna16``, ``<synthetic_dir>/fastmri_knee``)
-``synthetic_seed``     seed of the synthetic set
+``synthetic_dir``      where the synthetic sets live (``<synthetic_dir>/luna16_seed<k>``, ``.../fastmri_knee_seed<k>``)
+``synthetic_seed``     seed k of the synthetic set (part of its folder name: a new seed writes a new set)
 ``img_size``           S: slices are resized to S x S
 ``split_seed``         seed of the case-level split and of the validation/test physics
 ``train_frac``         fraction of patients in ``training``
@@ -88,7 +88,7 @@ def dataset_root(data: Mapping) -> Path:
         return Path(data["dataset_dir"])
     from . import synthetic
 
-    name = "luna16" if data["task"] == "ct" else "fastmri_knee"
+    name = f"{'luna16' if data['task'] == 'ct' else 'fastmri_knee'}_seed{int(data['synthetic_seed'])}"
     root = Path(data["synthetic_dir"]) / name
     if root.is_dir():
         return root

@@ -31,7 +31,6 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 from monai.data import CacheDataset, PersistentDataset
 from torch.utils.data import Dataset
 

@@ -25,29 +25,47 @@ from ..networks.functional import apply_weight_sets
 from ..networks.hypernet import HyperNetwork
 from .schedule import training_target
 
-__all__ = ["MODES", "LossConfig", "training_loss"]
+__all__ = ["MODES", "MODE_KEYS", "LossConfig", "training_loss"]
 
 MODES = ("standard", "eu", "au")
 
 
+MODE_KEYS = {"standard": (), "eu": ("m_weights", "lambda_eu"), "au": ("n_noisy", "sigma_noise")}
+
+
 @dataclass
 class LossConfig:
-    """Hyperparameters of the training objectives (the ``training`` section)."""
+    """Hyperparameters of the training objectives (the bundle's ``training_cfg`` section holds their values).
 
-    mode: str = "standard"
-    m_weights: int = 2
-    lambda_eu: float = 0.01
-    n_noisy: int = 2
-    sigma_noise: float = 0.05
+    Each mode needs its own keys (:data:`MODE_KEYS`): ``eu`` needs ``m_weights`` and ``lambda_eu``, ``au`` needs
+    ``n_noisy`` and ``sigma_noise``; keys of other modes may stay ``None``. ``method`` is the evaluation order of
+    the weight sets (see :func:`hyper_dm.networks.apply_weight_sets`).
+
+    Example:
+        >>> LossConfig(mode="eu", m_weights=2, lambda_eu=0.01).mode
+        'eu'
+    """
+
+    mode: str
+    m_weights: int | None = None
+    lambda_eu: float | None = None
+    n_noisy: int | None = None
+    sigma_noise: float | None = None
     method: str = "loop"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown training mode {self.mode!r}; expected one of {MODES}")
-        if self.mode == "eu" and self.m_weights < 2:
-            raise ValueError(f"mode 'eu' needs m_weights >= 2 (pairwise diversity), got {self.m_weights}")
-        if self.n_noisy < 1 or self.sigma_noise < 0 or self.lambda_eu < 0:
-            raise ValueError("n_noisy must be >= 1, sigma_noise and lambda_eu must be >= 0")
+        missing = [k for k in MODE_KEYS[self.mode] if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"training mode {self.mode!r} needs {', '.join(missing)} (training_cfg#... in the "
+                             "bundle's train.yaml)")
+        if self.mode == "eu" and (self.m_weights < 2 or self.lambda_eu < 0):
+            raise ValueError(f"mode 'eu' needs m_weights >= 2 (pairwise diversity) and lambda_eu >= 0, got "
+                             f"{self.m_weights}, {self.lambda_eu}")
+        if self.mode == "au" and (self.n_noisy < 1 or self.sigma_noise < 0):
+            raise ValueError(f"mode 'au' needs n_noisy >= 1 and sigma_noise >= 0, got {self.n_noisy}, "
+                             f"{self.sigma_noise}")
 
 
 def training_loss(

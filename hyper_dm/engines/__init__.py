@@ -2,7 +2,7 @@
 
 from .checkpoint import AtomicCheckpointSaver
 from .evaluator import HyperDiffusionEvaluator
-from .metrics import SliceMean
+from .metrics import CalibrationScore, SliceMean
 from .panels import UncertaintyPanelHandler, panel_image
 from .previews import write_preview
 from .trainer import HyperDiffusionTrainer
@@ -10,6 +10,7 @@ from .writer import CaseWriter
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "CalibrationScore",
     "CaseWriter",
     "HyperDiffusionEvaluator",
     "HyperDiffusionTrainer",

@@ -29,16 +29,16 @@ class UncertaintyPanelHandler:
     """Writes :func:`panel_image` of the first slice of each evaluator run to TensorBoard.
 
     Args:
-        log_dir: TensorBoard directory (a ``SummaryWriter`` of its own is opened there).
+        summary_writer: the run's TensorBoard writer (shared with the stats handlers; its owner closes it).
         global_step_transform: maps the evaluator's epoch to the step shown (e.g. the trainer's epoch).
         tag: TensorBoard image tag.
     """
 
     def __init__(
-        self, log_dir: str, global_step_transform: Callable[[int], int] = lambda epoch: epoch,
+        self, summary_writer: SummaryWriter, global_step_transform: Callable[[int], int] = lambda epoch: epoch,
         tag: str = "validation/cond_mean_eu_au_error_target",
     ) -> None:
-        self.writer = SummaryWriter(log_dir=log_dir)
+        self.writer = summary_writer
         self.global_step_transform, self.tag = global_step_transform, tag
 
     def attach(self, engine: Engine) -> None:

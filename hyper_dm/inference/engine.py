@@ -25,8 +25,9 @@ from ..data.config import resolve_data_config
 from ..data.datasets import build_datalist
 from ..data.validation import BadFileLog, BadInputError
 from ..engines.writer import CaseWriter
+from ..io import safe_stem
 from ..uncertainty import ause, gaussian_coverage, gaussian_crps, psnr, ssim, uce
-from .inputs import find_cases
+from .inputs import case_id_of, find_cases
 from .loading import InputMode, load_case, to_source_layout
 from .reconstructor import VolumeReconstructor
 
@@ -51,15 +52,18 @@ def case_entries(data: Mapping, source: str | None, writer: CaseWriter, skip_exi
 
 
 class CaseDataset(Dataset):
-    """MONAI dataset of whole cases: item ``i`` is :func:`~.loading.load_case` of ``entries[i]``.
+    """MONAI dataset of whole cases: item ``i`` is :func:`~.loading.load_case` of ``data[i]``.
 
-    With ``on_bad_file="skip"`` a case that cannot be loaded becomes ``{"case_id", "image", "error"}`` (the
+    ``data`` holds case entries (``{"image": path}``, optional ``case_id`` and stated acquisition), as MONAI's
+    ``Dataset`` takes them (so MONAI tools that set ``dataset#data`` work); ``settings`` is the bundle's ``data``
+    section. With ``on_bad_file="skip"`` a case that cannot be loaded becomes ``{"case_id", "image", "error"}`` (the
     evaluator logs and counts it) instead of stopping the run.
     """
 
-    def __init__(self, entries: Sequence[Mapping], data: Mapping, mode: str, on_bad_file: str = "raise") -> None:
-        super().__init__(list(entries))
-        self.settings = resolve_data_config(data)
+    def __init__(self, data: Sequence[Mapping], settings: Mapping, mode: str, on_bad_file: str = "raise") -> None:
+        entries = [{**e, "case_id": e.get("case_id") or safe_stem(case_id_of(Path(e["image"])))} for e in data]
+        super().__init__(entries)
+        self.settings = resolve_data_config(settings)
         self.mode = InputMode.parse(mode)
         self.bad = BadFileLog(on_bad_file)
 

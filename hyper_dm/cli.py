@@ -22,6 +22,7 @@ from typing import Any
 from monai.bundle import ConfigWorkflow
 
 from .config import BUNDLE_CONFIGS, ConfigError, config_files_for, parse_overrides, validate_overrides
+from .data.validation import BadInputError
 
 __all__ = ["command_overrides", "main", "parser", "run_workflow"]
 
@@ -79,13 +80,29 @@ def command_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+USER_ERRORS = (ConfigError, BadInputError, FileExistsError, FileNotFoundError)
+"""Faults of the input, the configuration or the output folder: reported as one line, not a traceback."""
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The user-facing fault behind ``err`` (MONAI wraps it in ``RuntimeError("Failed to evaluate ...")``)."""
+    while err is not None:
+        if isinstance(err, USER_ERRORS):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         run_workflow(args.command, config_files_for(args.command, args.config), command_overrides(args))
-    except ConfigError as err:
-        logging.getLogger("hyper_dm").error("%s", err)
-        print(f"hyper-dm {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        logging.getLogger("hyper_dm").error("%s", cause)
+        print(f"hyper-dm {args.command}: error: {cause}", file=sys.stderr)
         return 2
     return 0
 

@@ -299,3 +299,15 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     total = nib.load(case / f"{case.name}_total.nii.gz").get_fdata()
     calibrated = nib.load(case / f"{case.name}_total_std_calibrated.nii.gz").get_fdata()
     np.testing.assert_allclose(calibrated, fitted["scales"]["0.9"] * np.sqrt(total), rtol=1e-4, atol=1e-3)
+
+
+def test_script_names_a_missing_input_in_one_line(tmp_path, checkpoint):
+    run = subprocess.run([sys.executable, "scripts/infer.py", "--ckpt", str(checkpoint), "--input",
+                          str(tmp_path / "nope.nii.gz"), "--outdir", str(tmp_path / "out"),
+                          *[f"{k.replace('#', '.')}={json.dumps(v)}" for k, v in SMALL_MODEL.items()]],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"hyper-dm infer: error: {tmp_path / 'nope.nii.gz'}: inference input does not exist; give a volume file, "
+        "a folder of volumes, a DICOM series folder or a datalist JSON (inference_cfg#input)")
+    assert "Traceback" not in run.stderr

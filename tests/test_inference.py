@@ -183,7 +183,13 @@ def test_writer_writes_whole_cases_or_nothing(tmp_path, monkeypatch):
     volume = MetaTensor(torch.rand(1, 6, 5, 4), affine=torch.diag(torch.tensor([-2.0, -2.0, 3.0, 1.0])))
     volumes = {name: volume.clone() for name in ("mean", "eu", "au", "total")}
     writer = CaseWriter(tmp_path, previews=False)
+    killed = tmp_path / ".a.partial-999999999-beef"  # left by a killed run (no such process)
+    live = tmp_path / f".b.partial-{os.getpid()}-cafe"  # another writer still at work
+    killed.mkdir()
+    live.mkdir()
     assert writer.pending(["a"]) == ["a"]
+    assert not killed.exists() and live.exists()
+    live.rmdir()
     calls = []
 
     def failing(path, *args):

@@ -1,8 +1,10 @@
 import pytest
 import torch
+from torch import nn
 
 from hyper_dm.diffusion import LossConfig, make_ddpm, training_loss
-from hyper_dm.networks import ConditionalUNet, HyperNetwork
+from hyper_dm.diffusion.losses import sample_timesteps
+from hyper_dm.networks import ConditionalMLP, ConditionalUNet, HyperNetwork
 
 
 @pytest.fixture
@@ -70,3 +72,86 @@ def test_mode_errors_list_the_valid_modes():
         LossConfig(mode="eu", m_weights=1, lambda_eu=0.01)
     with pytest.raises(ValueError, match=r"'au' needs n_noisy, sigma_noise"):
         LossConfig(mode="au")  # the values live in the bundle config, not in Python defaults
+
+
+class GivenWeightSets(nn.Module):
+    """Stands in for a HyperNetwork whose M weight sets are given: ``{"bias": [M, 1]}``."""
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(bias)
+
+    def sample_z(self, m, generator=None):
+        return torch.zeros(m, 1)
+
+    def forward(self, z):
+        return {"bias": self.bias}
+
+
+class ConstantBackbone(nn.Module):
+    """Predicts its bias everywhere, so with ``prediction_type="sample"`` weight set i's x0 is ``bias_i``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x_t, t, cond):
+        return self.bias.expand_as(x_t)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 2.0])
+def test_eu_kl_term_is_the_gaussian_kl_of_the_x0_spread_to_the_prior(scale):
+    s, lam = 0.3, 0.1
+    a = s * scale / 2**0.5  # weight sets +-a: Var_i x0 (ddof=1) = 2 a^2 = (scale * s)^2
+    hyper = GivenWeightSets(torch.tensor([[a], [-a]]))
+    target, cond = torch.zeros(8, 1), torch.zeros(8, 1)
+    config = LossConfig(mode="eu", m_weights=2, lambda_eu=lam, eu_term="kl", prior_std=s)
+    out = training_loss(hyper, ConstantBackbone(), make_ddpm(prediction_type="sample"), target, cond, config,
+                        torch.Generator().manual_seed(0))
+    expected = 0.5 * (scale**2 - 2 * torch.log(torch.tensor(scale)) - 1)
+    assert out["kl"].item() == pytest.approx(expected.item(), abs=1e-6)
+    assert out["loss"].item() == pytest.approx((out["mse"] + lam * out["kl"]).item())
+    grad_a = torch.autograd.grad(out["kl"], hyper.bias)[0][0, 0].item()
+    # spread below the prior is pushed up, above it pulled back (the L1 reward pushes up without bound)
+    if scale == 1.0:
+        assert abs(grad_a) < 1e-6
+    else:
+        assert (grad_a > 0) == (scale > 1), grad_a
+
+
+@pytest.mark.parametrize("eu_term", ["l1", "kl"])
+def test_probe_cond_moves_the_diversity_term_and_not_the_mse(eu_term):
+    torch.manual_seed(0)
+    backbone = ConditionalMLP(hidden=16, depth=2)
+    hyper = HyperNetwork(backbone, z_dim=4, hidden=16, rank=2)
+    target, cond = torch.rand(16, 1) * 2 - 1, torch.rand(16, 1) * 2 - 1
+    config = LossConfig(mode="eu", m_weights=3, lambda_eu=0.1, eu_term=eu_term)
+    run = lambda probe: training_loss(  # noqa: E731
+        hyper, backbone, make_ddpm(prediction_type="v_prediction"), target, cond, config,
+        torch.Generator().manual_seed(1), probe_cond=probe,
+    )
+    key = "kl" if eu_term == "kl" else "diversity"
+    plain, same, elsewhere = run(None), run(cond), run(cond + 3.0)
+    assert same[key].item() == pytest.approx(plain[key].item())
+    assert elsewhere[key].item() != pytest.approx(plain[key].item(), rel=1e-3)
+    assert elsewhere["mse"].item() == pytest.approx(plain["mse"].item())
+
+
+def test_quadratic_timestep_sampling_is_dense_near_zero():
+    g = torch.Generator().manual_seed(0)
+    uniform = sample_timesteps(1000, 20000, "uniform", g)
+    quadratic = sample_timesteps(1000, 20000, "quadratic", g)
+    for t in (uniform, quadratic):
+        assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999
+    assert (uniform < 250).float().mean().item() == pytest.approx(0.25, abs=0.02)
+    assert (quadratic < 250).float().mean().item() == pytest.approx(0.5, abs=0.02)  # P(u^2 < 1/4)
+    assert (quadratic < 10).float().mean().item() == pytest.approx(0.1, abs=0.01)  # P(u < 0.1)
+
+
+def test_option_errors_list_the_valid_choices():
+    with pytest.raises(ValueError, match=r"'l1', 'kl'"):
+        LossConfig(mode="eu", m_weights=2, lambda_eu=0.01, eu_term="entropy")
+    with pytest.raises(ValueError, match=r"'uniform', 'quadratic'"):
+        LossConfig(mode="standard", timestep_sampling="log")
+    with pytest.raises(ValueError, match="prior_std"):
+        LossConfig(mode="standard", prior_std=0.0)

@@ -78,11 +78,13 @@ class CaseWriter:
         """The ``case_ids`` still to compute, checked before any work starts.
 
         An existing case is recomputed with ``overwrite``, left out with ``skip_existing`` (to finish an
-        interrupted run), and otherwise an error listing the cases. Stale staging folders are removed.
+        interrupted run), and otherwise an error listing the cases. Staging folders of writers that are no longer
+        running (a killed run) are removed.
         """
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.output_dir.glob(".*.partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for stage in self.output_dir.glob(".*.partial-*"):
+            if not _writer_alive(stage):
+                shutil.rmtree(stage, ignore_errors=True)
         case_ids = list(case_ids)
         done = [c for c in case_ids if self.case_dir(c).exists()]
         if not done or self.overwrite:
@@ -108,7 +110,7 @@ class CaseWriter:
             if not torch.isfinite(volumes[name]).all():
                 raise ValueError(f"case {case_id}: the {name} volume holds NaN/infinite values (input out of range?); "
                                  "nothing written for this case")
-        stage = output_path(self.output_dir, f".{stem}.partial-{secrets.token_hex(4)}", "")
+        stage = output_path(self.output_dir, f".{stem}.partial-{os.getpid()}-{secrets.token_hex(4)}", "")
         stage.mkdir(parents=True)
         try:
             maps = dict(volumes)
@@ -175,6 +177,18 @@ class CaseWriter:
             writer.writeheader()
             writer.writerows(rows)
         return table
+
+
+def _writer_alive(stage: Path) -> bool:
+    """Whether the process that named staging folder ``.<stem>.partial-<pid>-<token>`` still runs on this host."""
+    try:
+        pid = int(stage.name.rsplit(".partial-", 1)[1].split("-")[0])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _save_nifti(path: Path, volume: MetaTensor, description: str) -> None:

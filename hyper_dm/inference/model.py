@@ -77,9 +77,8 @@ class HyperDM:
 
     def reconstructor(self, M: int, N: int, steps: int | None = None, seed: int = 0) -> VolumeReconstructor:
         """A :class:`VolumeReconstructor` with this bundle's sampler settings (``steps`` overrides ``ddim_steps``)."""
-        if steps is not None:
-            self.parser["reconstructor#sampler#steps"] = int(steps)
-        self.parser.update({"inference_cfg#M": int(M), "inference_cfg#N": int(N), "inference_cfg#seed": int(seed)})
+        self.parser.update({"inference_cfg#M": int(M), "inference_cfg#N": int(N), "inference_cfg#seed": int(seed),
+                            "reconstructor#sampler#steps": "@diffusion#ddim_steps" if steps is None else int(steps)})
         self.parser.parse(reset=True)
         reconstructor = self.parser.get_parsed_content("reconstructor", instantiate=True)
         reconstructor.network = self.network

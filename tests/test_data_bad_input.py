@@ -64,7 +64,7 @@ def test_h5_missing_kspace(tmp_path):
     data, paths = mri_set(tmp_path)
     with h5py.File(paths[0], "a") as hf:
         del hf["kspace"]
-    assert_bad(data, paths[0], "missing dataset 'kspace'")
+    assert_bad(data, paths[0], r"missing dataset\(s\) \['kspace'\]")
 
 
 def test_h5_wrong_shape(tmp_path):

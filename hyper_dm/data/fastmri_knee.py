@@ -57,23 +57,33 @@ def _recon_fov_mm(path: Path, header: bytes) -> tuple[float, float, float]:
         raise BadInputError(path, f"ismrmrd_header has no readable encoding/reconSpace/fieldOfView_mm ({e})") from e
 
 
-def read_file_header(path: str | Path) -> KneeFile:
-    """Open and check one file (datasets, shapes, dtypes, attrs, header; ``reconstruction_esc`` finite)."""
-    path = Path(path)
+def _open(path: Path, required: tuple[str, ...]) -> h5py.File:
+    """Open a single-coil file for reading; :class:`BadInputError` unless it is HDF5 with the ``required`` datasets
+    and a complex ``kspace [slices, 640, W >= 320]``."""
     try:
         hf = h5py.File(path, "r")
     except OSError as e:
         raise BadInputError(path, f"not a readable HDF5 file ({e})") from e
-    with hf:
-        for name in ("kspace", "reconstruction_esc", "ismrmrd_header"):
-            if name not in hf:
-                raise BadInputError(path, f"missing dataset '{name}' (has {sorted(hf.keys())}); "
-                                          "is this a fastMRI single-coil file?")
+    missing = [name for name in required if name not in hf]
+    kspace = hf.get("kspace")
+    problem = None
+    if missing:
+        problem = f"missing dataset(s) {missing} (has {sorted(hf.keys())}); is this a fastMRI single-coil file?"
+    elif kspace.ndim != 3 or not np.issubdtype(kspace.dtype, np.complexfloating) \
+            or kspace.shape[1] < RECON_SHAPE[0] or kspace.shape[2] < RECON_SHAPE[1]:
+        problem = (f"kspace has shape {kspace.shape} dtype {kspace.dtype}; expected complex [slices, 640, W] with "
+                   "W >= 320 (single-coil)")
+    if problem:
+        hf.close()
+        raise BadInputError(path, problem)
+    return hf
+
+
+def read_file_header(path: str | Path) -> KneeFile:
+    """Open and check one file (datasets, shapes, dtypes, attrs, header; ``reconstruction_esc`` finite)."""
+    path = Path(path)
+    with _open(path, ("kspace", "reconstruction_esc", "ismrmrd_header")) as hf:
         kspace, esc = hf["kspace"], hf["reconstruction_esc"]
-        if kspace.ndim != 3 or not np.issubdtype(kspace.dtype, np.complexfloating) \
-                or kspace.shape[1] < RECON_SHAPE[0] or kspace.shape[2] < RECON_SHAPE[1]:
-            raise BadInputError(path, f"kspace has shape {kspace.shape} dtype {kspace.dtype}; expected complex "
-                                      "[slices, 640, W] with W >= 320 (single-coil)")
         if esc.shape != (kspace.shape[0], *RECON_SHAPE):
             raise BadInputError(path, f"reconstruction_esc has shape {esc.shape}; expected "
                                       f"{(kspace.shape[0], *RECON_SHAPE)} to match kspace")
@@ -147,19 +157,10 @@ def read_volume(path: str | Path, max_bytes: int = 4 << 30) -> KneeVolume:
     the k-space width, a volume above ``max_bytes``, and NaN/inf values.
     """
     path = Path(path)
-    try:
-        hf = h5py.File(path, "r")
-    except OSError as e:
-        raise BadInputError(path, f"not a readable HDF5 file ({e})") from e
-    with hf:
-        if "kspace" not in hf or "ismrmrd_header" not in hf:
-            raise BadInputError(path, f"needs datasets 'kspace' and 'ismrmrd_header' (has {sorted(hf.keys())}); "
-                                      "is this a fastMRI single-coil file?")
+    with _open(path, ("kspace", "ismrmrd_header")) as hf:
         kspace = hf["kspace"]
-        if kspace.ndim != 3 or not np.issubdtype(kspace.dtype, np.complexfloating) or kspace.shape[0] < 1 \
-                or kspace.shape[1] < RECON_SHAPE[0] or kspace.shape[2] < RECON_SHAPE[1]:
-            raise BadInputError(path, f"kspace has shape {kspace.shape} dtype {kspace.dtype}; expected complex "
-                                      "[slices >= 1, 640, W >= 320] (single-coil)")
+        if kspace.shape[0] < 1:
+            raise BadInputError(path, f"kspace has shape {kspace.shape}: no slices")
         if kspace.size * 8 > max_bytes:
             raise BadInputError(path, f"kspace {kspace.shape} needs {kspace.size * 8 / 2**30:.1f} GiB, more than the "
                                       f"{max_bytes / 2**30:.1f} GiB allowed for one volume")

@@ -1,10 +1,12 @@
 """Train Hyper-DM on the 1-D toy and save the picture a user checks first.
 
-    python scripts/toy_1d.py --mode standard --out toy_standard.png
-    python scripts/toy_1d.py --mode eu --seeds 0 1 2 3      # figures over several seeds
+    python scripts/toy_1d.py --seeds 0 1 2 3 4 5            # the recipe (ToyConfig defaults), figures per seed
+    python scripts/toy_1d.py --mode standard --timestep-sampling uniform --steps 3000 --out old.png  # old default
+    python scripts/toy_1d.py --eu-term l1 --lambda-eu 0.01 --no-probe   # the seed's eu mode: L1 on the batch
 
-Prints, per seed, the EU gap ratio, the AU rank correlation and magnitude (see ``hyper_dm.toy.toy_figures``);
-plots the training data, the mean prediction, and +-2 std bands of EU and AU for the first seed.
+Prints, per seed, the figures of ``hyper_dm.toy.toy_figures`` (EU in the gap against both training sides, AU on
+the noise-free side, AU rank correlation and magnitude on the noisy side); plots the training data, the mean
+prediction, and +-2 std bands of EU and AU for the first seed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from hyper_dm.diffusion.losses import EU_TERMS, TIMESTEP_SAMPLINGS  # noqa: E402
 from hyper_dm.toy import X_SCALE, Y_SCALE, ToyConfig, predict_toy, sample_toy, toy_figures, train_toy  # noqa: E402
 
 
@@ -41,18 +44,25 @@ def plot(path: str, x: torch.Tensor, stats, seed: int, mode: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="standard", choices=["standard", "eu"])  # ToyConfig has no au keys
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    default = ToyConfig()
+    parser.add_argument("--mode", default=default.mode, choices=["standard", "eu"])  # ToyConfig has no au keys
+    parser.add_argument("--eu-term", default=default.eu_term, choices=list(EU_TERMS))
+    parser.add_argument("--lambda-eu", type=float, default=default.lambda_eu)
+    parser.add_argument("--no-probe", action="store_true", help="diversity term at the batch's x, not x ~ U(-pi, pi)")
+    parser.add_argument("--timestep-sampling", default=default.timestep_sampling, choices=list(TIMESTEP_SAMPLINGS))
+    parser.add_argument("--steps", type=int, default=default.steps)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[default.seed])
     parser.add_argument("--out", default="toy_1d.png", help="PNG path for the first seed's plot")
     args = parser.parse_args()
     torch.set_num_threads(2)
     x = torch.linspace(-math.pi, math.pi, 241)
+    settings = {"mode": args.mode, "eu_term": args.eu_term, "lambda_eu": args.lambda_eu, "probe": not args.no_probe,
+                "timestep_sampling": args.timestep_sampling, "steps": args.steps}
     for i, seed in enumerate(args.seeds):
-        hyper, backbone, _ = train_toy(ToyConfig(mode=args.mode, steps=args.steps, seed=seed))
+        hyper, backbone, _ = train_toy(ToyConfig(seed=seed, **settings))
         stats = predict_toy(hyper, backbone, x)
-        figures = {k: round(v, 3) for k, v in toy_figures(stats, x).items()}
-        print(json.dumps({"mode": args.mode, "seed": seed, **figures}), flush=True)
+        figures = {k: float(f"{v:.3g}") for k, v in toy_figures(stats, x).items()}
+        print(json.dumps({**settings, "seed": seed, **figures}), flush=True)
         if i == 0:
             plot(args.out, x, stats, seed, args.mode)
             print(f"plot saved to {args.out}")

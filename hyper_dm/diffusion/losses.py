@@ -23,8 +23,10 @@ Opt-in options (defaults keep the behaviour above):
   collapsing (as in Bayesian hypernetworks, Krueger et al. 2017); its prior part bounds the spread where no
   data constrains it, which the linear L1 reward does not. The loss is ``MSE + lambda_eu * KL``.
 - ``probe_cond`` (argument of :func:`training_loss`, mode ``eu``): conditions at which the diversity term is
-  evaluated instead of the batch's own, with the batch's ``x_t`` and ``t`` (one extra forward pass). Away from
-  the training inputs the MSE does not hold the weight sets together, so that is where EU can grow.
+  evaluated instead of the batch's own, in one extra forward pass on the batch's targets noised afresh at
+  uniform ``t`` (the x0 spread that EU inherits is decided at large ``t``, which quadratic sampling visits
+  less). Away from the training inputs the MSE does not hold the weight sets together, so that is where EU
+  can grow.
 """
 
 from __future__ import annotations
@@ -132,7 +134,10 @@ def training_loss(
     mse = F.mse_loss(prediction, rep(regress))
     if config.mode != "eu":
         return {"loss": mse, "mse": mse}
-    if probe_cond is not None:
+    if probe_cond is not None:  # a fresh draw at uniform t: timestep_sampling weights the MSE, not this term
+        t = sample_timesteps(scheduler.num_train_timesteps, b, "uniform", generator, device).to(target.device)
+        noise = torch.randn(target.shape, generator=generator, device=device).to(target)
+        x_t = scheduler.add_noise(target, noise, t)
         prediction = apply_weight_sets(backbone, weights, rep(x_t), rep(t), rep(probe_cond), config.method)
     if config.eu_term == "kl":
         alpha_bar = scheduler.alphas_cumprod.to(t.device)[t].view(1, b, *[1] * (x_t.ndim - 1))

@@ -24,7 +24,7 @@ from monai.bundle import ConfigWorkflow
 from .config import BUNDLE_CONFIGS, ConfigError, config_files_for, parse_overrides, validate_overrides
 from .data.validation import BadInputError
 
-__all__ = ["command_overrides", "main", "parser", "run_workflow"]
+__all__ = ["command_overrides", "main", "parse_args", "parser", "run_workflow"]
 
 RUN_IDS = {"train": "training", "infer": "inference"}
 
@@ -93,8 +93,19 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides allowed both before and after the flags."""
+    cli = parser()
+    args, extra = cli.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        cli.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides += extra
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         run_workflow(args.command, config_files_for(args.command, args.config), command_overrides(args))
     except Exception as err:

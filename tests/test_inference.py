@@ -317,3 +317,14 @@ def test_script_names_a_missing_input_in_one_line(tmp_path, checkpoint):
         f"hyper-dm infer: error: {tmp_path / 'nope.nii.gz'}: inference input does not exist; give a volume file, "
         "a folder of volumes, a DICOM series folder or a datalist JSON (inference_cfg#input)")
     assert "Traceback" not in run.stderr
+
+
+def test_script_overrides_may_come_before_and_after_the_flags():
+    from hyper_dm.cli import command_overrides, parse_args
+
+    args = parse_args(["infer", "model.z_dim=4", "--input", "scan.nii.gz", "--mode", "measured",
+                       "inference.skip_existing=true"])
+    assert command_overrides(args) == {"model#z_dim": 4, "inference_cfg#skip_existing": True,
+                                       "inference_cfg#input": "scan.nii.gz", "inference_cfg#input_mode": "measured"}
+    with pytest.raises(SystemExit):
+        parse_args(["infer", "--input", "a.nii.gz", "--bogus"])

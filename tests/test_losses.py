@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -137,15 +139,20 @@ def test_probe_cond_moves_the_diversity_term_and_not_the_mse(eu_term):
     assert here[key].item() != pytest.approx(plain[key].item(), rel=1e-3)  # its own draw of x_t and t
 
 
-def test_quadratic_timestep_sampling_is_dense_near_zero():
+def test_timestep_samplings_follow_their_distributions():
     g = torch.Generator().manual_seed(0)
-    uniform = sample_timesteps(1000, 20000, "uniform", g)
-    quadratic = sample_timesteps(1000, 20000, "quadratic", g)
-    for t in (uniform, quadratic):
+    a = make_ddpm(1000, 1e-4, 0.02, "v_prediction").alphas_cumprod
+    uniform, quadratic, lognormal = (sample_timesteps(a, 20000, s, g) for s in ("uniform", "quadratic", "lognormal"))
+    for t in (uniform, quadratic, lognormal):
         assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999
     assert (uniform < 250).float().mean().item() == pytest.approx(0.25, abs=0.02)
     assert (quadratic < 250).float().mean().item() == pytest.approx(0.5, abs=0.02)  # P(u^2 < 1/4)
     assert (quadratic < 10).float().mean().item() == pytest.approx(0.1, abs=0.01)  # P(u < 0.1)
+    # EDM: the median noise level is exp(-1.2); half the draws land at or below the step whose sigma_t reaches it
+    sigma = ((1 - a) / a).sqrt()
+    median_step = int(torch.searchsorted(sigma, torch.tensor(math.exp(-1.2)).to(sigma)))
+    assert (lognormal <= median_step).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    assert sigma[lognormal].log().std().item() == pytest.approx(1.2, abs=0.1)
 
 
 def test_option_errors_list_the_valid_choices():

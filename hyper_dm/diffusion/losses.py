@@ -46,7 +46,7 @@ __all__ = ["EU_TERMS", "MODES", "MODE_KEYS", "TIMESTEP_SAMPLINGS", "LossConfig",
 
 MODES = ("standard", "eu", "au")
 EU_TERMS = ("l1", "kl")
-TIMESTEP_SAMPLINGS = ("uniform", "quadratic")
+TIMESTEP_SAMPLINGS = ("uniform", "quadratic", "lognormal")
 
 
 MODE_KEYS = {"standard": (), "eu": ("m_weights", "lambda_eu"), "au": ("n_noisy", "sigma_noise")}
@@ -122,8 +122,7 @@ def training_loss(
     m = config.m_weights if config.mode == "eu" else 1
     b = target.shape[0]
     device = _device(generator, target)
-    t = sample_timesteps(scheduler.num_train_timesteps, b, config.timestep_sampling, generator, device)
-    t = t.to(target.device)
+    t = sample_timesteps(scheduler.alphas_cumprod, b, config.timestep_sampling, generator, device).to(target.device)
     noise = torch.randn(target.shape, generator=generator, device=device).to(target)
     x_t = scheduler.add_noise(target, noise, t)
     regress = training_target(scheduler, target, noise, t)
@@ -135,7 +134,7 @@ def training_loss(
     if config.mode != "eu":
         return {"loss": mse, "mse": mse}
     if probe_cond is not None:  # a fresh draw at uniform t: timestep_sampling weights the MSE, not this term
-        t = sample_timesteps(scheduler.num_train_timesteps, b, "uniform", generator, device).to(target.device)
+        t = sample_timesteps(scheduler.alphas_cumprod, b, "uniform", generator, device).to(target.device)
         noise = torch.randn(target.shape, generator=generator, device=device).to(target)
         x_t = scheduler.add_noise(target, noise, t)
         prediction = apply_weight_sets(backbone, weights, rep(x_t), rep(t), rep(probe_cond), config.method)
@@ -151,23 +150,30 @@ def training_loss(
 
 
 def sample_timesteps(
-    num_train_timesteps: int,
+    alphas_cumprod: torch.Tensor,
     b: int,
     sampling: str = "uniform",
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """``b`` training timesteps ``[B]`` (long): uniform on ``{0..T-1}``, or ``floor(T u^2)`` (dense near 0).
+    """``b`` training timesteps ``[B]`` (long) for the schedule ``alphas_cumprod [T]``: uniform on ``{0..T-1}``,
+    ``floor(T u^2)`` (dense near 0), or EDM's log-normal noise level (see the module docstring).
 
     Example:
-        >>> t = sample_timesteps(1000, 10000, "quadratic", torch.Generator().manual_seed(0))
+        >>> a = make_ddpm(1000, 1e-4, 0.02, "v_prediction").alphas_cumprod
+        >>> t = sample_timesteps(a, 10000, "quadratic", torch.Generator().manual_seed(0))
         >>> round((t < 250).float().mean().item(), 1)  # P(u^2 < 1/4) = 1/2
         0.5
     """
+    steps = alphas_cumprod.numel()
     if sampling == "uniform":
-        return torch.randint(0, num_train_timesteps, (b,), generator=generator, device=device)
-    u = torch.rand(b, generator=generator, device=device)
-    return (num_train_timesteps * u**2).long().clamp_max(num_train_timesteps - 1)
+        return torch.randint(0, steps, (b,), generator=generator, device=device)
+    if sampling == "quadratic":
+        u = torch.rand(b, generator=generator, device=device)
+        return (steps * u**2).long().clamp_max(steps - 1)
+    sigma = (-1.2 + 1.2 * torch.randn(b, generator=generator, device=device)).exp()
+    sigma_t = ((1 - alphas_cumprod) / alphas_cumprod).sqrt().to(sigma)  # increasing in t
+    return torch.searchsorted(sigma_t, sigma).clamp_max(steps - 1)
 
 
 def _device(generator: torch.Generator | None, like: torch.Tensor) -> torch.device:

@@ -1,0 +1,336 @@
+"""Compare training recipes for CT by the posterior they give, at one stated budget (docs/recipes.md).
+
+Three steps; the last two run on a GPU where one is available (they need torch and monai only)::
+
+    python scripts/compare_recipes.py prepare --out study/data.pt --series 16       # synthetic LUNA16 -> tensors
+    python scripts/compare_recipes.py train --data study/data.pt --recipe v_quadratic --minutes 5 --out study/
+    python scripts/compare_recipes.py report --runs study/ --out docs/recipes.md
+
+``prepare`` writes, on the model grid (model units, HU / 1000; stored in float16): training slices with ``--realisations`` noisy FBP
+conditions each, validation slices (for the conformal scale), test slices at three photon counts, and the test
+slices with an unfamiliar object (the striped dense disc of ``scripts/evaluate.py``) with its mask.
+
+``train`` trains one recipe (:data:`RECIPES`) for a wall-clock budget under a cosine learning-rate schedule over
+that budget, records EU on the unfamiliar object at five points of the run, and writes ``<recipe>.json`` (figures)
+and ``<recipe>.pt`` (HyperNetwork state). ``report`` tabulates every run and the deep-ensemble baseline (the
+members ``v_quadratic``, ``v_quadratic_s1``, ... : EU is the spread across members, one weight set each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hyper_dm.diffusion import HyperDDIMSampler, LossConfig, make_ddim, make_ddpm, training_loss  # noqa: E402
+from hyper_dm.networks import ConditionalUNet, HyperNetwork  # noqa: E402
+from hyper_dm.uncertainty import ause, gaussian_coverage, psnr  # noqa: E402
+
+HU = 1000.0  # HU per model unit (hu_window [-1000, 1000])
+PHOTON_COUNTS = (1e5, 2e4, 5e3)
+_BASE = {"prediction_type": "sample", "timestep_sampling": "uniform", "mode": "standard", "seed": 0}
+_V = {**_BASE, "prediction_type": "v_prediction"}
+RECIPES = {
+    "x0": _BASE,
+    "eps": {**_BASE, "prediction_type": "epsilon"},
+    "v": _V,
+    "v_quadratic": {**_V, "timestep_sampling": "quadratic"},
+    "v_edm": {**_V, "timestep_sampling": "lognormal"},
+    "x0_eu_l1": {**_BASE, "mode": "eu", "m_weights": 2, "lambda_eu": 0.01},
+    "v_eu_kl": {**_V, "timestep_sampling": "quadratic", "mode": "eu", "m_weights": 4, "lambda_eu": 0.03,
+                "eu_term": "kl", "prior_std": 0.3, "probe": True},
+    "v_eu_kl_low": {**_V, "timestep_sampling": "quadratic", "mode": "eu", "m_weights": 4, "lambda_eu": 0.003,
+                    "eu_term": "kl", "prior_std": 0.3, "probe": True},
+    **{f"v_quadratic_s{k}": {**_V, "timestep_sampling": "quadratic", "seed": k} for k in (1, 2, 3)},
+}
+ENSEMBLE = ("v_quadratic", "v_quadratic_s1", "v_quadratic_s2", "v_quadratic_s3")
+
+
+# ----------------------------------------------------------------------------------------------- prepare (CPU)
+def prepare(args: argparse.Namespace) -> None:
+    from evaluate import insert_object  # scripts/evaluate.py, beside this file
+
+    from hyper_dm.config import bundle_section
+    from hyper_dm.data import build_datalist, build_dataset
+    from hyper_dm.data.synthetic import write_luna16_like
+    from hyper_dm.inference import load_case
+
+    out = Path(args.out)
+    root = out.parent / f"luna16_{args.series}"
+    if not (root / "datalist.json").exists():
+        write_luna16_like(root, n_series=args.series, seed=args.seed)
+    data = {**bundle_section("data"), "dataset_dir": str(root), "cache_dir": None}
+    size = int(data["img_size"])
+
+    train = build_dataset(data, "training")
+    targets = torch.stack([item["target"] for item in train])
+    conds = torch.stack([torch.stack([item["cond"] for item in train]) for _ in range(args.realisations)])
+
+    def cases(split: str, i0: float = PHOTON_COUNTS[0], limit: int | None = None) -> dict:
+        rows = {"target": [], "cond": []}
+        for entry in build_datalist(data)[split][:limit]:
+            case = load_case({"image": entry["image"], "case_id": entry["case_id"]}, {**data, "i0": i0},
+                             "simulate", size)
+            rows["target"].append(_model_grid(case["label"], size) / HU)
+            rows["cond"].append(case["cond"][0].permute(2, 0, 1)[:, None] / HU)
+        return {k: torch.cat(v) for k, v in rows.items()}
+
+    test = {f"cond_{int(i0)}": cases("test", i0)["cond"] for i0 in PHOTON_COUNTS}
+    test["target"] = cases("test")["target"]
+    ood = {"target": [], "cond": [], "mask": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for entry in build_datalist(data)["test"]:
+            mask = insert_object(Path(entry["image"]), Path(tmp) / "object.nii.gz")
+            case = load_case({"image": str(Path(tmp) / "object.nii.gz"), "case_id": entry["case_id"]}, data,
+                             "simulate", size)
+            ood["target"].append(_model_grid(case["label"], size) / HU)
+            ood["cond"].append(case["cond"][0].permute(2, 0, 1)[:, None] / HU)
+            ood["mask"].append(_model_grid(torch.from_numpy(mask[None]).float(), size) > 0.5)
+    half = lambda split: {k: v.half() if v.is_floating_point() else v for k, v in split.items()}  # noqa: E731
+    torch.save({"train": half({"target": targets, "cond": conds}), "val": half(cases("validation")),
+                "test": half(test), "ood": half({k: torch.cat(v) for k, v in ood.items()}),
+                "model": bundle_section("model")}, out)
+    print(f"wrote {out}: {targets.shape[0]} training slices x {args.realisations} conditions, "
+          f"{test['target'].shape[0]} test slices")
+
+
+def _model_grid(volume: torch.Tensor, size: int) -> torch.Tensor:
+    """``[1, X, Y, Z]`` -> ``[Z, 1, size, size]`` by area averaging (as the training slices are made)."""
+    return F.interpolate(volume[0].permute(2, 0, 1)[:, None].float(), size=(size, size), mode="area")
+
+
+# ------------------------------------------------------------------------------------------------------ train
+def load_study(path: str) -> dict:
+    """The tensors of ``prepare`` (stored in float16 to travel light) as float32."""
+    study = torch.load(path, weights_only=True)
+    for split in ("train", "val", "test", "ood"):
+        study[split] = {k: v.float() if v.is_floating_point() else v for k, v in study[split].items()}
+    return study
+
+
+def build(study: dict, device: torch.device) -> HyperNetwork:
+    model = study["model"]
+    backbone = ConditionalUNet(model["channels"], model["attention_levels"], model["num_res_blocks"],
+                               model["norm_num_groups"], model["num_head_channels"])
+    return HyperNetwork(backbone, z_dim=model["z_dim"], hidden=model["hidden"], rank=model["rank"],
+                        offset_scale=model["offset_scale"]).to(device)
+
+
+def random_objects(cond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``cond [B, 1, H, W]`` with one to three random ellipses of random value and stripe texture pasted in:
+    inputs off the training distribution where the KL term of mode ``eu`` keeps the weight sets apart."""
+    b, _, h, w = cond.shape
+    out = cond.clone()
+    yy, xx = torch.meshgrid(torch.arange(h, device=cond.device), torch.arange(w, device=cond.device),
+                            indexing="ij")
+    for _ in range(3):
+        r = torch.rand(b, 7, generator=generator, device=generator.device).to(cond.device)
+        cy, cx, ay, ax = r[:, 0] * h, r[:, 1] * w, 2 + r[:, 2] * h / 6, 2 + r[:, 3] * w / 6
+        inside = ((yy - cy.view(b, 1, 1)) / ay.view(b, 1, 1)) ** 2 + ((xx - cx.view(b, 1, 1)) / ax.view(b, 1, 1)) ** 2
+        period = 2 + (r[:, 4] * 4).floor().view(b, 1, 1)
+        value = (2 * r[:, 5] - 1).view(b, 1, 1) * (1 - ((xx // period) % 2) * r[:, 6].view(b, 1, 1))
+        out[:, 0] = torch.where(inside <= 1, value, out[:, 0])
+    return out
+
+
+def train(args: argparse.Namespace) -> None:
+    recipe = RECIPES[args.recipe]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    study = load_study(args.data)
+    torch.manual_seed(recipe["seed"])
+    generator = torch.Generator(device).manual_seed(recipe["seed"])
+    hyper = build(study, device)
+    scheduler = make_ddpm(prediction_type=recipe["prediction_type"])
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    loss_config = LossConfig(**{k: v for k, v in recipe.items() if k in LossConfig.__dataclass_fields__})
+    optimizer = torch.optim.AdamW(hyper.trainable_parameters(), lr=args.lr)
+    targets, conds = study["train"]["target"].to(device), study["train"]["cond"].to(device)
+    budget = args.minutes * 60.0
+    start, step, curve, track = time.perf_counter(), 0, [], []
+    checkpoints = [budget * k / 5 for k in range(1, 6)]
+    while (elapsed := time.perf_counter() - start) < budget:
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
+        idx = torch.randint(0, targets.shape[0], (args.batch,), generator=generator, device=device)
+        real = torch.randint(0, conds.shape[0], (args.batch,), generator=generator, device=device)
+        target, cond = targets[idx], conds[real, idx]
+        probe = random_objects(cond, generator) if recipe.get("probe") else None
+        terms = training_loss(hyper, hyper.target, scheduler, target, cond, loss_config, generator, probe)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        curve.append(terms["mse"].item())
+        step += 1
+        if checkpoints and time.perf_counter() - start >= checkpoints[0]:
+            checkpoints.pop(0)
+            ratio = ood_ratio(evaluate_set([hyper_weights(hyper, args.M, device)], hyper.target, study["ood"],
+                                           recipe, args, n_draws=2, limit=args.track_slices))
+            track.append({"minutes": round((time.perf_counter() - start) / 60, 2), "step": step,
+                          "ood_eu_ratio": ratio})
+            print(f"{args.recipe}: step {step}, mse {sum(curve[-100:]) / len(curve[-100:]):.4g}, "
+                  f"EU ratio on the object {ratio:.2f}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(hyper.state_dict(), out / f"{args.recipe}.pt")
+    figures = posterior_figures([hyper_weights(hyper, args.M, device)], hyper.target, study, recipe, args)
+    mse = [sum(curve[i:i + 100]) / len(curve[i:i + 100]) for i in range(0, len(curve), 100)]
+    result = {"recipe": args.recipe, "settings": recipe, "steps": step, "batch": args.batch,
+              "minutes": args.minutes, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "mse_per_100_steps": mse, "track": track, **figures}
+    (out / f"{args.recipe}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("mse_per_100_steps",)}, indent=1))
+
+
+@torch.no_grad()
+def hyper_weights(hyper: HyperNetwork, m: int, device: torch.device) -> dict[str, torch.Tensor]:
+    return hyper(hyper.sample_z(m, torch.Generator(device).manual_seed(1234)))
+
+
+# --------------------------------------------------------------------------------------------------- evaluate
+@torch.no_grad()
+def evaluate_set(weight_list: list[dict], backbone: torch.nn.Module, split: dict, recipe: dict,
+                 args: argparse.Namespace, cond_key: str = "cond", n_draws: int | None = None,
+                 limit: int | None = None) -> dict[str, torch.Tensor]:
+    """Mean, EU, AU ``[S, 1, H, W]`` over the slices of ``split`` (first ``limit``); EU is the spread across all
+    weight sets of ``weight_list`` (one model's M sets, or one set per ensemble member)."""
+    device = next(iter(weight_list[0].values())).device
+    weights = {k: torch.cat([w[k] for w in weight_list]) for k in weight_list[0]}
+    sampler = HyperDDIMSampler(make_ddim(prediction_type=recipe["prediction_type"]), steps=args.steps, eta=0.0,
+                               spacing="quadratic", clip=(-1.0, 1.0))
+    generator = torch.Generator(device).manual_seed(0)
+    cond = split[cond_key][:limit]
+    out = {"mean": [], "eu": [], "au": []}
+    for batch in cond.split(args.eval_batch):
+        stats = sampler.sample(backbone, weights, batch.to(device), n_draws or args.N, generator).stats
+        for key in out:
+            out[key].append(getattr(stats, key).float().cpu())
+    result = {k: torch.cat(v) for k, v in out.items()}
+    result["target"] = split["target"][:limit]
+    result["mask"] = split["mask"][:limit] if "mask" in split else None
+    return result
+
+
+def ood_ratio(res: dict) -> float:
+    """Median over slices of mean EU inside the object / mean EU in the rest of the body."""
+    ratios = []
+    for eu, mask, target in zip(res["eu"], res["mask"], res["target"]):
+        body = (target > -0.99) & ~mask
+        if mask.any() and body.any():
+            ratios.append(float(eu[mask].mean() / eu[body].mean().clamp_min(1e-20)))
+    return float(torch.tensor(ratios).median()) if ratios else float("nan")
+
+
+def posterior_figures(weight_list: list[dict], backbone: torch.nn.Module, study: dict, recipe: dict,
+                      args: argparse.Namespace) -> dict:
+    val = evaluate_set(weight_list, backbone, study["val"], recipe, args, limit=args.eval_slices)
+    residual = ((val["target"] - val["mean"]).abs() / (val["eu"] + val["au"]).clamp_min(1e-12).sqrt()).flatten()
+    k = min(residual.numel(), math.ceil((residual.numel() + 1) * 0.9))
+    scale = float(residual.sort().values[k - 1] / 1.6448536)  # split-conformal scale of the std at 90%
+    figures = {"conformal_scale_90": scale, "noise": []}
+    test = study["test"]
+    for i0 in PHOTON_COUNTS:
+        key = f"cond_{int(i0)}"
+        res = evaluate_set(weight_list, backbone, test, recipe, args, cond_key=key, limit=args.eval_slices)
+        total = res["eu"] + res["au"]
+        error = res["mean"] - res["target"]
+        row = {"i0": i0, "mean_eu_hu2": float(res["eu"].mean()) * HU**2, "mean_au_hu2": float(res["au"].mean()) * HU**2,
+               "mse_hu2": float(error.pow(2).mean()) * HU**2}
+        figures["noise"].append(row)
+        if i0 == PHOTON_COUNTS[0]:
+            cond = test[key][:args.eval_slices]
+            figures.update(
+                psnr=float(psnr(res["mean"], res["target"]).mean()), psnr_fbp=float(psnr(cond, res["target"]).mean()),
+                coverage_raw=gaussian_coverage(res["mean"], total, res["target"], (0.5, 0.9)),
+                coverage_calibrated=gaussian_coverage(res["mean"], total * scale**2, res["target"], (0.5, 0.9)),
+                ause=ause(total, error.abs()),
+                ause_random=ause(torch.rand(total.shape, generator=torch.Generator().manual_seed(0)), error.abs()),
+                variance_ratio=float(error.pow(2).mean() / total.mean().clamp_min(1e-20)),
+                **{k: v for k, v in row.items() if k != "i0"})
+            figures["coverage_raw"] = {str(k): v for k, v in figures["coverage_raw"].items()}
+            figures["coverage_calibrated"] = {str(k): v for k, v in figures["coverage_calibrated"].items()}
+    aus = [row["mean_au_hu2"] for row in figures["noise"]]
+    eus = [row["mean_eu_hu2"] for row in figures["noise"]]
+    figures["au_rises"] = all(a < b for a, b in zip(aus, aus[1:]))
+    figures["au_change"] = aus[-1] / max(aus[0], 1e-20) - 1
+    figures["eu_change"] = eus[-1] / max(eus[0], 1e-20) - 1
+    figures["ood_eu_ratio"] = ood_ratio(evaluate_set(weight_list, backbone, study["ood"], recipe, args,
+                                                     limit=args.eval_slices))
+    return figures
+
+
+# ----------------------------------------------------------------------------------------------------- report
+def report(args: argparse.Namespace) -> None:
+    runs = Path(args.runs)
+    rows = {p.stem: json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))}
+    if args.data and all((runs / f"{name}.pt").exists() for name in ENSEMBLE):
+        study = load_study(args.data)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        members = []
+        for name in ENSEMBLE:
+            hyper = build(study, device)
+            hyper.load_state_dict(torch.load(runs / f"{name}.pt", map_location=device, weights_only=True))
+            members.append(hyper_weights(hyper, 1, device))
+        figures = posterior_figures(members, hyper.target, study, RECIPES[ENSEMBLE[0]], args)
+        rows["ensemble"] = {"recipe": "ensemble", "settings": {"members": list(ENSEMBLE)},
+                            "steps": sum(rows[m]["steps"] for m in ENSEMBLE), "minutes": sum(
+                                rows[m]["minutes"] for m in ENSEMBLE), **figures}
+        (runs / "ensemble.json").write_text(json.dumps(rows["ensemble"], indent=1))
+    head = ("| recipe | steps | PSNR (FBP) dB | MSE HU^2 | EU HU^2 | AU HU^2 | MSE / total var | cov90 raw | "
+            "cov90 cal | AUSE (random) | EU on object x | AU change i0 1e5 -> 5e3 | EU change |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for name, r in rows.items():
+        if name.startswith("v_quadratic_s"):
+            continue
+        lines.append(f"| {name} | {r['steps']} | {r['psnr']:.2f} ({r['psnr_fbp']:.2f}) | {r['mse_hu2']:.0f} | "
+                     f"{r['mean_eu_hu2']:.2f} | {r['mean_au_hu2']:.2f} | {r['variance_ratio']:.0f} | "
+                     f"{r['coverage_raw']['0.9']:.3f} | {r['coverage_calibrated']['0.9']:.3f} | "
+                     f"{r['ause']:.3f} ({r['ause_random']:.3f}) | {r['ood_eu_ratio']:.2f} | "
+                     f"{r['au_change']:+.2f} | {r['eu_change']:+.2f} |")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--out", default="study/data.pt")
+    p.add_argument("--series", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--realisations", type=int, default=4)
+    for name in ("train", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("--data", default="study/data.pt")
+        p.add_argument("--M", type=int, default=8)
+        p.add_argument("--N", type=int, default=8)
+        p.add_argument("--steps", type=int, default=20, help="DDIM steps at evaluation")
+        p.add_argument("--eval_slices", type=int, default=32)
+        p.add_argument("--eval_batch", type=int, default=16)
+        if name == "train":
+            p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+            p.add_argument("--minutes", type=float, default=5.0)
+            p.add_argument("--batch", type=int, default=32)
+            p.add_argument("--lr", type=float, default=1e-3)
+            p.add_argument("--track_slices", type=int, default=8)
+            p.add_argument("--out", default="study")
+        else:
+            p.add_argument("--runs", default="study")
+            p.add_argument("--out", default="study/recipes.md")
+    args = parser.parse_args(argv)
+    {"prepare": prepare, "train": train, "report": report}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,9 +6,10 @@ Three steps; the last two run on a GPU where one is available (they need torch a
     python scripts/compare_recipes.py train --data study/data.pt --recipe v_quadratic --minutes 5 --out study/
     python scripts/compare_recipes.py report --runs study/ --out docs/recipes.md
 
-``prepare`` writes, on the model grid (model units, HU / 1000; stored in float16): training slices with ``--realisations`` noisy FBP
-conditions each, validation slices (for the conformal scale), test slices at three photon counts, and the test
-slices with an unfamiliar object (the striped dense disc of ``scripts/evaluate.py``) with its mask.
+``prepare`` writes, on the model grid (model units, HU / 1000; stored in float16): training slices with
+``--realisations`` noisy FBP conditions each, validation slices (for the conformal scale), test slices at three
+photon counts, and the test slices with an unfamiliar object (the striped dense disc of ``scripts/evaluate.py``)
+with its mask.
 
 ``train`` trains one recipe (:data:`RECIPES`) for a wall-clock budget under a cosine learning-rate schedule over
 that budget, records EU on the unfamiliar object at five points of the run, and writes ``<recipe>.json`` (figures)
@@ -184,13 +185,29 @@ def train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(hyper.state_dict(), out / f"{args.recipe}.pt")
-    figures = posterior_figures([hyper_weights(hyper, args.M, device)], hyper.target, study, recipe, args)
     mse = [sum(curve[i:i + 100]) / len(curve[i:i + 100]) for i in range(0, len(curve), 100)]
-    result = {"recipe": args.recipe, "settings": recipe, "steps": step, "batch": args.batch,
-              "minutes": args.minutes, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "mse_per_100_steps": mse, "track": track, **figures}
-    (out / f"{args.recipe}.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("mse_per_100_steps",)}, indent=1))
+    run = {"recipe": args.recipe, "settings": recipe, "steps": step, "batch": args.batch, "minutes": args.minutes,
+           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "mse_per_100_steps": mse,
+           "track": track}
+    (out / f"{args.recipe}.run.json").write_text(json.dumps(run, indent=1))  # survives a cut evaluation
+    evaluate_run(args.recipe, out, study, args, device)
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    evaluate_run(args.recipe, Path(args.runs), load_study(args.data), args, device)
+
+
+def evaluate_run(name: str, runs: Path, study: dict, args: argparse.Namespace, device: torch.device) -> None:
+    """Posterior figures of the trained ``<runs>/<name>.pt`` into ``<name>.json`` (with its ``.run.json``)."""
+    hyper = build(study, device)
+    hyper.load_state_dict(torch.load(runs / f"{name}.pt", map_location=device, weights_only=True))
+    run_file = runs / f"{name}.run.json"
+    run = json.loads(run_file.read_text()) if run_file.exists() else {"recipe": name, "settings": RECIPES[name]}
+    figures = posterior_figures([hyper_weights(hyper, args.M, device)], hyper.target, study, RECIPES[name], args)
+    result = {**run, "evaluation": {"M": args.M, "N": args.N, "ddim_steps": args.steps}, **figures}
+    (runs / f"{name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "mse_per_100_steps"}, indent=1))
 
 
 @torch.no_grad()
@@ -225,7 +242,7 @@ def evaluate_set(weight_list: list[dict], backbone: torch.nn.Module, split: dict
 def ood_ratio(res: dict) -> float:
     """Median over slices of mean EU inside the object / mean EU in the rest of the body."""
     ratios = []
-    for eu, mask, target in zip(res["eu"], res["mask"], res["target"]):
+    for eu, mask, target in zip(res["eu"], res["mask"], res["target"], strict=True):
         body = (target > -0.99) & ~mask
         if mask.any() and body.any():
             ratios.append(float(eu[mask].mean() / eu[body].mean().clamp_min(1e-20)))
@@ -262,7 +279,7 @@ def posterior_figures(weight_list: list[dict], backbone: torch.nn.Module, study:
             figures["coverage_calibrated"] = {str(k): v for k, v in figures["coverage_calibrated"].items()}
     aus = [row["mean_au_hu2"] for row in figures["noise"]]
     eus = [row["mean_eu_hu2"] for row in figures["noise"]]
-    figures["au_rises"] = all(a < b for a, b in zip(aus, aus[1:]))
+    figures["au_rises"] = all(a < b for a, b in zip(aus, aus[1:], strict=False))
     figures["au_change"] = aus[-1] / max(aus[0], 1e-20) - 1
     figures["eu_change"] = eus[-1] / max(eus[0], 1e-20) - 1
     figures["ood_eu_ratio"] = ood_ratio(evaluate_set(weight_list, backbone, study["ood"], recipe, args,
@@ -273,8 +290,8 @@ def posterior_figures(weight_list: list[dict], backbone: torch.nn.Module, study:
 # ----------------------------------------------------------------------------------------------------- report
 def report(args: argparse.Namespace) -> None:
     runs = Path(args.runs)
-    rows = {p.stem: json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))}
-    if args.data and all((runs / f"{name}.pt").exists() for name in ENSEMBLE):
+    rows = {p.stem: json.loads(p.read_text()) for p in sorted(runs.glob("*.json")) if ".run" not in p.suffixes}
+    if args.data and all(name in rows and (runs / f"{name}.pt").exists() for name in ENSEMBLE):
         study = load_study(args.data)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         members = []
@@ -293,7 +310,7 @@ def report(args: argparse.Namespace) -> None:
     for name, r in rows.items():
         if name.startswith("v_quadratic_s"):
             continue
-        lines.append(f"| {name} | {r['steps']} | {r['psnr']:.2f} ({r['psnr_fbp']:.2f}) | {r['mse_hu2']:.0f} | "
+        lines.append(f"| {name} | {r.get('steps', '?')} | {r['psnr']:.2f} ({r['psnr_fbp']:.2f}) | {r['mse_hu2']:.0f} | "
                      f"{r['mean_eu_hu2']:.2f} | {r['mean_au_hu2']:.2f} | {r['variance_ratio']:.0f} | "
                      f"{r['coverage_raw']['0.9']:.3f} | {r['coverage_calibrated']['0.9']:.3f} | "
                      f"{r['ause']:.3f} ({r['ause_random']:.3f}) | {r['ood_eu_ratio']:.2f} | "
@@ -310,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--series", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--realisations", type=int, default=4)
-    for name in ("train", "report"):
+    for name in ("train", "evaluate", "report"):
         p = sub.add_parser(name)
         p.add_argument("--data", default="study/data.pt")
         p.add_argument("--M", type=int, default=8)
@@ -318,8 +335,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--steps", type=int, default=20, help="DDIM steps at evaluation")
         p.add_argument("--eval_slices", type=int, default=32)
         p.add_argument("--eval_batch", type=int, default=16)
-        if name == "train":
+        if name != "report":
             p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+        if name == "train":
             p.add_argument("--minutes", type=float, default=5.0)
             p.add_argument("--batch", type=int, default=32)
             p.add_argument("--lr", type=float, default=1e-3)
@@ -327,9 +345,10 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--out", default="study")
         else:
             p.add_argument("--runs", default="study")
+        if name == "report":
             p.add_argument("--out", default="study/recipes.md")
     args = parser.parse_args(argv)
-    {"prepare": prepare, "train": train, "report": report}[args.command](args)
+    {"prepare": prepare, "train": train, "evaluate": evaluate, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hyper_dm.data import BadFileLog, BadInputError, build_datalist
+from hyper_dm.data import BadFileLog, BadInputError, build_datalist, fastmri_knee
 from hyper_dm.data.synthetic import write_fastmri_knee_like, write_luna16_like
 
 
@@ -95,3 +95,28 @@ def test_skip_logs_and_counts(tmp_path, caplog):
     kept = [c["image"] for split in lists.values() for c in split]
     assert sorted(kept) == sorted(str(p) for p in paths[1:3] + paths[4:])
     assert "skipped 2 bad file(s)" in caplog.text
+
+
+@pytest.mark.parametrize("edit", ["fewer slices", "uchar over short"])
+def test_header_that_does_not_match_its_data(tmp_path, edit):
+    data, paths = ct_set(tmp_path)
+    header = paths[0].read_text()
+    if edit == "fewer slices":
+        dims = next(line for line in header.splitlines() if line.startswith("DimSize"))
+        nx, ny, nz = dims.split("=")[1].split()
+        header = header.replace(dims, f"DimSize = {nx} {ny} {int(nz) - 1}")
+    else:
+        header = header.replace("MET_SHORT", "MET_UCHAR")
+    paths[0].write_text(header)
+    assert_bad(data, paths[0], "DimSize or ElementType does not match the data")
+
+
+def test_kspace_that_would_overflow_the_fft(tmp_path):
+    _, paths = mri_set(tmp_path)
+    with h5py.File(paths[0], "a") as hf:
+        hf["kspace"][0, 320, 180] = 3e38
+    for read in (lambda: fastmri_knee.read_volume(paths[0]), lambda: fastmri_knee.read_slice(paths[0], 0)):
+        with pytest.raises(BadInputError, match="overflow the inverse FFT") as info:
+            read()
+        assert info.value.path == paths[0]
+    fastmri_knee.read_slice(paths[0], 1)  # the other slice is fine

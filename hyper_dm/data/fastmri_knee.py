@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from ..io import safe_stem
-from .validation import BadFileLog, BadInputError, check_finite
+from .validation import BadFileLog, BadInputError, check_finite, check_kspace
 
 __all__ = ["KneeFile", "KneeVolume", "case_entries", "find_files", "ras_affine", "read_file_header", "read_slice",
            "read_volume"]
@@ -103,7 +103,7 @@ def read_slice(path: str | Path, index: int) -> tuple[np.ndarray, np.ndarray]:
             raise BadInputError(path, f"slice {index} out of range (the file has {hf['kspace'].shape[0]} slices)")
         kspace = hf["kspace"][index].astype(np.complex64)
         target = hf["reconstruction_esc"][index].astype(np.float32)
-    check_finite(kspace, path, f"kspace slice {index}")
+    check_kspace(kspace, path, f"kspace slice {index}")
     return kspace, target
 
 
@@ -176,7 +176,7 @@ def read_volume(path: str | Path, max_bytes: int = 4 << 30) -> KneeVolume:
                                       f"{(data.shape[0], *RECON_SHAPE)} to match kspace")
         vmax = float(hf.attrs["max"]) if "max" in hf.attrs else None
         fov = _recon_fov_mm(path, hf["ismrmrd_header"][()])
-    check_finite(data, path, "kspace")
+    check_kspace(data, path, "kspace")
     if esc is not None:
         check_finite(esc, path, "reconstruction_esc")
     return KneeVolume(path=path, kspace=data, mask=mask, reconstruction=esc, max=vmax, fov_mm=fov)

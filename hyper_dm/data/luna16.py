@@ -89,9 +89,14 @@ def read_series_header(path: str | Path) -> Luna16Series:
         if not raw.is_file():
             raise BadInputError(path, f"data file {raw.name} named by ElementDataFile is missing")
         expected = int(np.prod(size)) * _BYTES_PER_ELEMENT.get(element, 0)
-        if expected and raw.stat().st_size < expected:
-            raise BadInputError(raw, f"has {raw.stat().st_size} bytes but the header {path.name} needs {expected} "
+        actual = raw.stat().st_size
+        if expected and actual < expected:
+            raise BadInputError(raw, f"has {actual} bytes but the header {path.name} needs {expected} "
                                      f"({size} x {element}); the file is truncated, copy it again")
+        if expected and actual > expected:
+            raise BadInputError(path, f"header says {size} x {element} = {expected} bytes but {raw.name} holds "
+                                      f"{actual} ({actual / expected:.3g} x as many): DimSize or ElementType does not "
+                                      "match the data")
     if element in _FLOAT_TYPES:
         try:
             check_finite(sitk.GetArrayViewFromImage(sitk.ReadImage(str(path))), path, "the volume")

@@ -53,3 +53,15 @@ def check_finite(array: np.ndarray, path: str | Path, what: str) -> None:
     bad = ~np.isfinite(array)
     if bad.any():
         raise BadInputError(path, f"{what} contains {int(bad.sum())} NaN/infinite values; fix or remove the file")
+
+
+def check_kspace(kspace: np.ndarray, path: str | Path, what: str) -> None:
+    """:func:`check_finite`, and reject values so large that the orthonormal inverse FFT of ``kspace [..., H, W]``
+    would overflow float32 (its output is bounded by ``max |k| * sqrt(H W)``)."""
+    check_finite(kspace, path, what)
+    peak = float(np.abs(kspace).max(initial=0.0))
+    limit = float(np.finfo(np.float32).max) / np.sqrt(kspace.shape[-1] * kspace.shape[-2]) / 16
+    if peak > limit:
+        raise BadInputError(path, f"{what} has values up to {peak:.3g}, which overflow the inverse FFT in float32 "
+                                  f"(limit {limit:.3g}; fastMRI single-coil k-space peaks near 1e-3): check how the "
+                                  "file was scaled")

@@ -88,6 +88,23 @@ def test_validation_physics_deterministic_training_random(ct_data):
     assert not torch.equal(first["cond"], second["cond"])  # new noise every draw
 
 
+def test_training_photon_count_drawn_from_i0_range(ct_data):
+    """With ``i0_range`` the training noise level varies from draw to draw (AU can learn it); without, it does not.
+    Validation keeps the configured ``i0``."""
+    def noise_levels(data: dict) -> torch.Tensor:
+        train = build_dataset(data, "training")
+        return torch.stack([(train[0]["cond"] - train[0]["target"]).std() for _ in range(24)])
+
+    fixed = noise_levels({**ct_data, "noise": "poisson", "i0": 3e3, "i0_range": None})
+    ranged = noise_levels({**ct_data, "noise": "poisson", "i0": 3e3, "i0_range": [3e2, 3e5]})
+    assert fixed.max() / fixed.min() < 1.3
+    assert ranged.max() / ranged.min() > 2.0
+    val = [build_dataset({**ct_data, "i0_range": r}, "validation")[0]["cond"] for r in (None, [3e2, 3e5])]
+    torch.testing.assert_close(val[0], val[1])
+    with pytest.raises(ValueError, match="i0_range must be null or"):
+        resolve_data_config({**ct_data, "i0_range": [1e5, 1e3]})
+
+
 def test_persistent_cache_keyed_on_physics(ct_data, tmp_path):
     data = {**ct_data, "cache_dir": str(tmp_path)}
     fresh = build_dataset(data, "validation")[0]

@@ -17,7 +17,9 @@ Keys (the defaults are the ``data`` section of the bundle's ``common.yaml``, see
 ``hu_window``          CT: ``[lo, hi]`` HU clipped and mapped linearly to [-1, 1]
 ``n_views``            CT: projection angles over 180 degrees
 ``noise``              CT: ``"poisson"``, ``"gaussian"`` or ``"none"``
-``i0``                 CT: incident photons per detector bin (Poisson)
+``i0``                 CT: incident photons per detector bin (Poisson): validation, test, simulated inference
+``i0_range``           CT: ``[low, high]``: training draws i0 log-uniformly per slice, so AU learns the noise
+                       level from the image; ``None``: training uses ``i0`` too
 ``sigma``              CT: std of additive noise on the line integrals (Gaussian)
 ``mask_type``          MRI: ``"random"`` or ``"equispaced"`` (fastMRI mask functions)
 ``center_fractions``   MRI: fully sampled central fraction(s) of the phase-encode columns
@@ -73,6 +75,10 @@ def resolve_data_config(data: Mapping) -> dict:
     if not (0 < out["train_frac"] and 0 <= out["val_frac"] and out["train_frac"] + out["val_frac"] <= 1):
         raise ValueError(f"need 0 < train_frac, 0 <= val_frac, train_frac + val_frac <= 1; got "
                          f"{out['train_frac']}, {out['val_frac']}")
+    i0_range = out["i0_range"]
+    if i0_range is not None and not (len(i0_range) == 2 and 0 < i0_range[0] <= i0_range[1]):
+        raise ValueError(f"data.i0_range must be null or [low, high] photons with 0 < low <= high, got "
+                         f"{out['i0_range']}")
     if int(out["img_size"]) < 8:
         raise ValueError(f"data.img_size must be >= 8, got {out['img_size']}")
     return out

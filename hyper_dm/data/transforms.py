@@ -138,22 +138,41 @@ class CTMeasurementd(MapTransform):
     def _rng(self, d: Mapping) -> np.random.Generator | np.random.RandomState:
         return np.random.default_rng(int(d["seed"]))
 
+    def _i0(self) -> float | None:
+        return None  # the configured photon count
+
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         sino = d.pop("sino").numpy()
-        fbp_mu = self.ct.fbp(self.ct.add_noise(sino, self._rng(d)), float(d["pixel_mm"]), self.img_size)
+        noisy = self.ct.add_noise(sino, self._rng(d), self._i0())
+        fbp_mu = self.ct.fbp(noisy, float(d["pixel_mm"]), self.img_size)
         d["cond"] = torch.from_numpy(mu_to_hu(fbp_mu).astype(np.float32))[None]
         return d
 
 
 class RandCTMeasurementd(Randomizable, CTMeasurementd):
-    """:class:`CTMeasurementd` with fresh noise from the transform's random state on every call (training)."""
+    """:class:`CTMeasurementd` with fresh noise from the transform's random state on every call (training); with
+    ``i0_range = (low, high)`` the photon count of each call is drawn log-uniformly in it."""
+
+    def __init__(self, ct: ParallelBeamCT, img_size: int, i0_range: Sequence[float] | None = None) -> None:
+        super().__init__(ct, img_size)
+        self.i0_range = None if i0_range is None else tuple(float(v) for v in i0_range)
+        self.i0: float | None = None
 
     def randomize(self, data: object = None) -> None:
-        """Nothing to pre-draw: the noise is drawn from ``self.R`` directly."""
+        """Draw this call's photon count (the noise itself is drawn from ``self.R`` directly)."""
+        if self.i0_range is not None:
+            self.i0 = float(np.exp(self.R.uniform(*np.log(self.i0_range))))
 
     def _rng(self, d: Mapping) -> np.random.RandomState:
         return self.R
+
+    def _i0(self) -> float | None:
+        return self.i0
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        self.randomize()
+        return super().__call__(data)
 
 
 class MRIUndersampled(MapTransform):
@@ -223,7 +242,7 @@ def ct_transforms(data: Mapping, train: bool) -> Compose:
         Resized(keys="target", spatial_size=(size, size), mode="area"),
         ScaleIntensityRanged(keys="target", **window),
         CTSinogramd(ct, (lo, hi)),
-        (RandCTMeasurementd if train else CTMeasurementd)(ct, size),
+        RandCTMeasurementd(ct, size, data["i0_range"]) if train else CTMeasurementd(ct, size),
         ScaleIntensityRanged(keys="cond", **window),
         IntensityMapd("ct", (lo, hi)),
         _plain_tensors(),

@@ -84,11 +84,14 @@ class ParallelBeamCT:
         """Line integrals of ``mu: [S, S]`` (1/mm) -> sinogram ``[n_det, n_views]``, ``n_det = ceil(S * sqrt(2))``."""
         return radon(np.asarray(mu, dtype=np.float64), theta=self.theta_deg, circle=False) * pixel_mm
 
-    def add_noise(self, sino: np.ndarray, rng: np.random.Generator | np.random.RandomState) -> np.ndarray:
-        """Noisy copy of the line integrals ``sino: [n_det, n_views]`` drawn with ``rng``."""
+    def add_noise(self, sino: np.ndarray, rng: np.random.Generator | np.random.RandomState,
+                  i0: float | None = None) -> np.ndarray:
+        """Noisy copy of the line integrals ``sino: [n_det, n_views]`` drawn with ``rng`` (Poisson: ``i0`` photons,
+        default the configured count)."""
         if self.noise == "poisson":
-            counts = rng.poisson(self.i0 * np.exp(-sino))
-            return -np.log(np.maximum(counts, 1) / self.i0)
+            i0 = self.i0 if i0 is None else i0
+            counts = rng.poisson(i0 * np.exp(-sino))
+            return -np.log(np.maximum(counts, 1) / i0)
         if self.noise == "gaussian":
             return sino + self.sigma * rng.standard_normal(sino.shape)
         return sino.copy()

@@ -1,14 +1,18 @@
 """Uncertainty decomposition and metrics for M weight sets x N draws.
 
-Samples ``x[i, j]`` (``i`` over weight sets, ``j`` over diffusion draws) give, per pixel::
+Samples ``x[i, j]`` (``i`` over weight sets, ``j`` over diffusion draws) give, per pixel, unbiased estimates of
+the two parts of the predictive variance (law of total variance, ``Var x = Var_i E_j x + E_i Var_j x``)::
 
     mean  = mean_ij x
-    EU    = Var_i(mean_j x)      # epistemic: disagreement between weight sets
-    AU    = mean_i(Var_j x)      # aleatoric: spread of the posterior for one weight set
-    total = EU + AU              # = Var_ij x  (law of total variance)
+    AU    = mean_i(Var_j x)                          # aleatoric: the posterior spread of one weight set
+    EU    = max(0, Var_i(mean_j x) - AU / N)         # epistemic: disagreement between weight sets
+    total = EU + AU
 
-Every variance here is the population variance (divide by the count, ``ddof=0``), in both terms, so
-``total`` equals the variance over all ``M * N`` samples exactly. Variances are in squared image units.
+Both variances divide by ``count - 1``. The spread of the N-draw means of one weight set holds Monte Carlo noise
+of variance ``AU / N`` besides the disagreement itself; EU subtracts it, so a small N does not pass aleatoric
+noise off as epistemic (with N = 4 and AU as large as EU, the plain spread would overstate EU by 25%). With
+``M = 1`` EU is 0 and with ``N = 1`` AU is 0 and EU holds the whole spread (neither can be estimated; callers
+warn); ``total`` stays an unbiased estimate of the predictive variance. Variances are in squared image units.
 """
 
 from __future__ import annotations
@@ -53,12 +57,17 @@ def decompose(samples: torch.Tensor) -> Decomposition:
     """Decompose raw samples ``[M, N, *shape]`` into mean, EU and AU (see module docstring)."""
     if samples.ndim < 3:
         raise ValueError(f"samples must be [M, N, *shape], got shape {tuple(samples.shape)}")
-    per_set_mean = samples.mean(dim=1)  # [M, *shape]
-    return Decomposition(
-        mean=per_set_mean.mean(dim=0),
-        eu=per_set_mean.var(dim=0, unbiased=False),
-        au=samples.var(dim=1, unbiased=False).mean(dim=0),
-    )
+    set_means = samples.mean(dim=1)  # [M, *shape]
+    return _combine(set_means, (samples - set_means.unsqueeze(1)).pow(2).sum(dim=1), samples.shape[1])
+
+
+def _combine(set_means: torch.Tensor, squares: torch.Tensor, n: int) -> Decomposition:
+    """Unbiased decomposition from per-set means ``[M, *shape]`` and sums of squared deviations ``[M, *shape]``
+    of ``n`` draws each."""
+    m = set_means.shape[0]
+    au = squares.mean(dim=0) / (n - 1) if n > 1 else torch.zeros_like(set_means[0])
+    eu = (set_means.var(dim=0) - au / n).clamp_min(0) if m > 1 else torch.zeros_like(set_means[0])
+    return Decomposition(mean=set_means.mean(dim=0), eu=eu, au=au)
 
 
 class UncertaintyAccumulator:
@@ -92,11 +101,8 @@ class UncertaintyAccumulator:
     def result(self, dtype: torch.dtype = torch.float32) -> Decomposition:
         if self._mean is None:
             raise RuntimeError("no draws accumulated")
-        return Decomposition(
-            mean=self._mean.mean(dim=0).to(dtype),
-            eu=self._mean.var(dim=0, unbiased=False).to(dtype),
-            au=(self._m2 / self.count).mean(dim=0).to(dtype),
-        )
+        d = _combine(self._mean, self._m2, self.count)
+        return Decomposition(mean=d.mean.to(dtype), eu=d.eu.to(dtype), au=d.au.to(dtype))
 
 
 def psnr(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:

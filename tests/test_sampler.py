@@ -49,7 +49,7 @@ def test_sampler_shapes_reproducibility_and_streaming():
     direct = decompose(full.samples)
     for key in ("mean", "eu", "au"):
         assert torch.allclose(getattr(full.stats, key), getattr(direct, key), atol=1e-6)
-    assert (full.stats.eu > 0).all() and (full.stats.au > 0).all()
+    assert (full.stats.eu >= 0).all() and (full.stats.eu > 0).any() and (full.stats.au > 0).all()  # EU clamps at 0
 
 
 def test_chunked_sampling_streams_the_same_statistics():

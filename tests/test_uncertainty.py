@@ -12,12 +12,23 @@ def grouped_gaussian(m=400, n=400, between=0.3, within=0.1, shape=(2, 1, 4, 4), 
     return centres + within * torch.randn((m, n, *shape), generator=g, dtype=torch.float64)
 
 
-def test_law_of_total_variance_is_exact():
-    samples = grouped_gaussian(m=7, n=5)
-    d = decompose(samples)
-    flat = samples.flatten(0, 1)
-    assert torch.allclose(d.total, flat.var(dim=0, unbiased=False), atol=1e-12)
-    assert torch.allclose(d.mean, flat.mean(dim=0), atol=1e-12)
+def test_small_m_and_n_are_unbiased():
+    """With M = 3, N = 2 the plain spread of the set means would report EU = (2/3)(0.09 + 0.01 / 2) = 0.063 and AU
+    = 0.005; the estimates must find the true 0.09 and 0.01 (averaged over many pixels) and total their sum."""
+    d = decompose(grouped_gaussian(m=3, n=2, shape=(64, 1, 32, 32)))
+    assert d.eu.mean().item() == pytest.approx(0.09, rel=0.05)
+    assert d.au.mean().item() == pytest.approx(0.01, rel=0.05)
+    assert d.total.mean().item() == pytest.approx(0.10, rel=0.05)
+    assert (d.eu >= 0).all()
+
+
+def test_single_set_or_single_draw():
+    samples = grouped_gaussian(m=5, n=1, shape=(64, 1, 16, 16))
+    one_draw = decompose(samples)
+    assert (one_draw.au == 0).all() and one_draw.total.mean().item() == pytest.approx(0.10, rel=0.1)
+    one_set = decompose(grouped_gaussian(m=1, n=6))
+    assert (one_set.eu == 0).all() and one_set.au.mean().item() == pytest.approx(0.01, rel=0.2)
+    torch.testing.assert_close(one_set.mean, grouped_gaussian(m=1, n=6).mean(dim=(0, 1)))
 
 
 def test_decompose_recovers_known_between_and_within_variance():

@@ -67,10 +67,11 @@ class VolumeReconstructor:
         if m_weights < 1 or n_draws < 1 or slice_batch < 1:
             raise ValueError(f"M, N and slice_batch must be >= 1, got M={m_weights}, N={n_draws}, "
                              f"slice_batch={slice_batch}")
-        if m_weights == 1 or n_draws == 1:
-            logger.warning("M=%d, N=%d: with a single %s the %s map is zero by construction", m_weights, n_draws,
-                           "weight set" if m_weights == 1 else "draw", "EU" if m_weights == 1 else "AU")
-        self.network, self.sampler = network, sampler
+        if m_weights == 1:
+            logger.warning("M=1: with a single weight set EU cannot be estimated; the EU map is zero")
+        if n_draws == 1:
+            logger.warning("N=1: with a single draw per weight set AU cannot be estimated; the AU map is zero and "
+                           "EU holds the whole spread")
         self.img_size, self.m_weights, self.n_draws = img_size, m_weights, n_draws
         self.slice_batch, self.seed, self.amp = slice_batch, seed, amp
 

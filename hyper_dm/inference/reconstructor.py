@@ -72,6 +72,7 @@ class VolumeReconstructor:
         if n_draws == 1:
             logger.warning("N=1: with a single draw per weight set AU cannot be estimated; the AU map is zero and "
                            "EU holds the whole spread")
+        self.network, self.sampler = network, sampler
         self.img_size, self.m_weights, self.n_draws = img_size, m_weights, n_draws
         self.slice_batch, self.seed, self.amp = slice_batch, seed, amp
 

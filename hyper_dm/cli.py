@@ -21,7 +21,7 @@ from typing import Any
 
 from monai.bundle import ConfigWorkflow
 
-from .config import BUNDLE_CONFIGS, ConfigError, config_files_for, parse_overrides, validate_overrides
+from .config import BUNDLE_CONFIGS, ConfigError, check_literal, config_files_for, parse_overrides, validate_overrides
 from .data.validation import BadInputError
 
 __all__ = ["command_overrides", "main", "parse_args", "parser", "run_workflow"]
@@ -56,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--config", help="a bundle config or task overlay (e.g. bundle/configs/knee_singlecoil.yaml)")
         cmd.add_argument("overrides", nargs="*", help="key.subkey=value, e.g. training.lr=1e-4")
+        cmd.add_argument("--allow-expressions", action="store_true",
+                         help="let values starting with $ (Python), @ or %% (references) be evaluated by MONAI")
         if name == "infer":
             cmd.add_argument("--input", help="a volume file, DICOM folder, folder of volumes or datalist JSON "
                                              "(inference.input; default: the test split of data.dataset_dir)")
@@ -72,11 +74,15 @@ def parser() -> argparse.ArgumentParser:
 
 def command_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Bundle overrides from ``key.subkey=value`` arguments and, for ``infer``, the ``--ckpt/--M/...`` flags."""
-    overrides = parse_overrides(args.overrides)
+    overrides = parse_overrides(args.overrides, args.allow_expressions)
     if args.command == "infer":
         flags = {"input": args.input, "input_mode": args.mode, "ckpt": args.ckpt, "M": args.M, "N": args.N,
                  "outdir": args.outdir, "overwrite": True if args.overwrite else None}
-        overrides.update({f"inference_cfg#{k}": v for k, v in flags.items() if v is not None})
+        for key, value in flags.items():
+            if value is not None:
+                if not args.allow_expressions:
+                    check_literal(f"inference_cfg#{key}", value)
+                overrides[f"inference_cfg#{key}"] = value
     return overrides
 
 

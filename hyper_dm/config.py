@@ -33,6 +33,7 @@ __all__ = [
     "SECTION_ALIASES",
     "ConfigError",
     "bundle_section",
+    "check_literal",
     "config_files_for",
     "parse_overrides",
     "translate_key",
@@ -58,8 +59,11 @@ def translate_key(dotted: str) -> str:
     return "#".join(parts)
 
 
-def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
-    """``["training.lr=1e-4", "model.z_dim=16"]`` -> ``{"training_cfg#lr": 1e-4, "model#z_dim": 16}`` (YAML values)."""
+def parse_overrides(args: Sequence[str], allow_expressions: bool = False) -> dict[str, Any]:
+    """``["training.lr=1e-4", "model.z_dim=16"]`` -> ``{"training_cfg#lr": 1e-4, "model#z_dim": 16}`` (YAML values).
+
+    Values are literals: one starting with ``$``, ``@`` or ``%`` (which MONAI would evaluate as Python or resolve as
+    a reference) is an error unless ``allow_expressions`` (see :func:`check_literal`)."""
     overrides = {}
     for arg in args:
         key, sep, text = arg.partition("=")
@@ -70,7 +74,22 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
         except yaml.YAMLError as err:
             raise ConfigError(f"override {arg!r}: value {text!r} is not valid YAML ({err})") from err
         overrides[translate_key(key.strip())] = _number_or_text(value)
+    if not allow_expressions:
+        for cid, value in overrides.items():
+            check_literal(cid, value)
     return overrides
+
+
+def check_literal(cid: str, value: Any) -> None:
+    """Refuse a command-line ``value`` for ``cid`` that MONAI's config parser would not take literally."""
+    texts = value if isinstance(value, list | tuple) else value.values() if isinstance(value, dict) else [value]
+    for text in texts:
+        if isinstance(text, str) and text[:1] in ("$", "@", "%"):
+            raise ConfigError(
+                f"{_seed_name(cid)}={text!r}: a value starting with {text[0]!r} is evaluated by MONAI's config parser "
+                "('$' runs Python, '@' and '%' are references), not taken literally. For an environment variable "
+                "let the shell expand it (no quotes: data.dataset_dir=$HOME/LUNA16); to evaluate it on purpose "
+                "pass --allow-expressions")
 
 
 def _number_or_text(value: Any) -> Any:

@@ -196,3 +196,18 @@ def test_infer_flags_become_inference_overrides():
     assert command_overrides(args) == {"inference_cfg#ckpt": "m.pt", "inference_cfg#M": 10, "inference_cfg#N": 10,
                                        "inference_cfg#outdir": "results/ct/", "inference_cfg#write_std": True}
     validate_overrides(config_files_for("infer", args.config), command_overrides(args))
+
+
+def test_command_line_values_are_literals_unless_expressions_are_allowed():
+    from hyper_dm.cli import command_overrides, parser
+
+    with pytest.raises(ConfigError, match=r"data\.dataset_dir='\$HOME/LUNA16'.*runs Python.*--allow-expressions"):
+        parse_overrides(["data.dataset_dir=$HOME/LUNA16"])
+    with pytest.raises(ConfigError, match=r"model\.channels='@model#hidden'"):
+        parse_overrides(["model.channels=[16, '@model#hidden']"])
+    assert parse_overrides(["training.epochs=$2 + 1"], allow_expressions=True) == {"training_cfg#epochs": "$2 + 1"}
+    args = parser().parse_args(["infer", "--outdir", "$__import__('os').getcwd()"])
+    with pytest.raises(ConfigError, match=r"inference\.outdir="):
+        command_overrides(args)
+    args = parser().parse_args(["infer", "--allow-expressions", "--outdir", "$'x' + 'y'"])
+    assert command_overrides(args) == {"inference_cfg#outdir": "$'x' + 'y'"}

@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -18,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["OVERWRITE_HINT", "atomic_write", "check_no_overwrite", "output_path", "safe_stem"]
+__all__ = ["OVERWRITE_HINT", "atomic_write", "check_no_overwrite", "file_stem", "output_path", "safe_stem"]
 
 OVERWRITE_HINT = "pass overwrite=True (bundle: inference_cfg.overwrite=true) or choose another output directory"
 
@@ -97,6 +98,22 @@ def safe_stem(name: str) -> str:
     if problem:
         raise ValueError(f"case id {name!r} cannot be used as an output file name: {problem}")
     return _UNSAFE.sub("_", name)
+
+
+def file_stem(name: str) -> str:
+    """A safe output stem derived from an input file name: like :func:`safe_stem`, but a leading ``.`` becomes
+    ``_`` and a name over the length limit is cut and given a short hash of the whole name, instead of an error.
+
+    Example::
+
+        >>> file_stem(".hidden scan")
+        '_hidden_scan'
+    """
+    stem = _UNSAFE.sub("_", name)
+    stem = "_" + stem[1:] if stem.startswith(".") else stem
+    if len(stem) > _MAX_STEM:
+        stem = f"{stem[:_MAX_STEM - 9]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return safe_stem(stem)
 
 
 def output_path(out_dir: str | os.PathLike, stem: str, suffix: str) -> Path:

@@ -86,10 +86,17 @@ def test_find_cases_in_files_folders_datalists_and_dicom(tmp_path, luna):
     listed = find_cases(tmp_path / "list.json", "ct")
     assert [c["case_id"] for c in listed] == [series[1].stem, "patient_1"] and listed[1]["n_views"] == 24
     (tmp_path / "pair").mkdir()
-    for name in ("case one.nii.gz", "case_one.nii.gz"):
+    for name in ("case one.nii.gz", "case_one.nii.gz", ".hidden.nii.gz", "x" * 240 + ".nii.gz"):
         (tmp_path / "pair" / name).write_bytes(b"")
-    with pytest.raises(BadInputError, match="case_one"):
-        find_cases(tmp_path / "pair", "ct")
+    stems = [c["case_id"] for c in find_cases(tmp_path / "pair", "ct")]  # a folder search skips hidden files
+    assert len(set(stems)) == 3 and stems == [c["case_id"] for c in find_cases(tmp_path / "pair", "ct")]
+    assert sorted(s[:9] for s in stems if s.startswith("case_one_")) == ["case_one_"] * 2  # + a hash of the path
+    assert max(map(len, stems)) == 200
+    assert [c["case_id"] for c in find_cases(tmp_path / "pair" / ".hidden.nii.gz", "ct")] == ["_hidden"]
+    (tmp_path / "dup.json").write_text(json.dumps({"testing": [{"image": str(series[0]), "case_id": "a"},
+                                                               {"image": str(series[1]), "case_id": "a"}]}))
+    with pytest.raises(BadInputError, match="case_id. 'a' is also that of"):
+        find_cases(tmp_path / "dup.json", "ct")
     with pytest.raises(BadInputError, match="no fastMRI .h5"):
         find_cases(luna, "mri")
     with pytest.raises(BadInputError, match="does not exist"):

@@ -3,7 +3,9 @@
 A case is one volume: a LUNA16 ``.mhd`` series, a NIfTI file, a DICOM series folder (CT) or a fastMRI ``.h5``
 file (MRI). Each entry is ``{"image": <absolute path>, "case_id": <output stem>}`` plus whatever else a datalist
 entry carried (e.g. the acquisition it states: ``n_views``). Output stems are checked by
-:func:`hyper_dm.io.safe_stem`; two inputs that would share a stem are an error naming both.
+:func:`hyper_dm.io.safe_stem` (a stem derived from a file name is made safe by :func:`hyper_dm.io.file_stem`).
+Inputs whose derived stems coincide (``case one.mhd`` and ``case_one.mhd``) each get a short hash of their path
+appended, the same on every run; two datalist entries given the same ``case_id`` are an error naming both.
 
 Example::
 
@@ -14,17 +16,22 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+from collections import defaultdict
 from pathlib import Path
 
 from ..data.validation import BadInputError
-from ..io import safe_stem
+from ..io import file_stem, safe_stem
 
 __all__ = ["CT_SUFFIXES", "MRI_SUFFIXES", "case_id_of", "find_cases", "is_dicom_folder"]
 
 CT_SUFFIXES = (".mhd", ".nii", ".nii.gz")
 MRI_SUFFIXES = (".h5",)
 DATALIST_KEYS = ("testing", "test", "validation", "training")
+
+logger = logging.getLogger(__name__)
 
 
 def is_dicom_folder(path: Path) -> bool:
@@ -94,13 +101,25 @@ def find_cases(source: str | Path, task: str) -> list[dict]:
             raise BadInputError(source, f"no {kinds} found in this folder (task {task!r})")
     else:
         entries = [{"image": str(source)}]
-    stems: dict[str, str] = {}
-    for entry in entries:
+    given = set()
+    for i, entry in enumerate(entries):
         entry["image"] = str(Path(entry["image"]).resolve())
-        entry["case_id"] = safe_stem(str(entry.get("case_id") or case_id_of(Path(entry["image"]))))
-        if entry["case_id"] in stems:
-            raise BadInputError(entry["image"], f"its output name {entry['case_id']!r} is also that of "
-                                                f"{stems[entry['case_id']]}; rename one or list them with distinct "
-                                                '"case_id" values in a datalist')
-        stems[entry["case_id"]] = entry["image"]
+        if entry.get("case_id"):
+            entry["case_id"] = safe_stem(str(entry["case_id"]))
+            given.add(i)
+        else:
+            entry["case_id"] = file_stem(case_id_of(Path(entry["image"])))
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, entry in enumerate(entries):
+        groups[entry["case_id"]].append(i)
+    for stem, members in groups.items():
+        if len(members) < 2:
+            continue
+        if len(given.intersection(members)) > 1:
+            a, b = (entries[i]["image"] for i in sorted(given.intersection(members))[:2])
+            raise BadInputError(b, f'its datalist "case_id" {stem!r} is also that of {a}; give distinct case ids')
+        for i in set(members) - given:
+            entries[i]["case_id"] = f"{stem}_{hashlib.sha1(entries[i]['image'].encode()).hexdigest()[:6]}"
+        logger.warning("%d inputs share the output name %r; each derived name gets a hash of its path: %s",
+                       len(members), stem, ", ".join(entries[i]["case_id"] for i in members))
     return entries

@@ -9,6 +9,9 @@ Each ``a.b=v`` becomes a bundle override (``training.*`` -> ``training_cfg#*``, 
 ``inference_cfg#*``) and the same MONAI bundle workflow runs as with ``python -m monai.bundle run``, on
 ``common.yaml`` + ``train.yaml``/``inference.yaml`` + ``--config``. Outputs go where the bundle's ``bundle_root``
 says: ``bundle/models`` from the repository root, ``./models`` anywhere else.
+
+Exit status: 0 done; 2 a fault of the input, the configuration or the output folder (one line on stderr);
+3 (``infer`` with ``data.on_bad_file=skip``) some cases were skipped, listed in ``inference_summary.json``.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ __all__ = ["command_overrides", "main", "parse_args", "parser", "run_workflow"]
 RUN_IDS = {"train": "training", "infer": "inference"}
 
 
-def run_workflow(workflow: str, config_files: Sequence[str], overrides: dict[str, Any]) -> ConfigWorkflow:
-    """Validate ``overrides`` against ``config_files`` and run the bundle workflow (``train`` or ``infer``)."""
+def run_workflow(workflow: str, config_files: Sequence[str], overrides: dict[str, Any]) -> list[Any]:
+    """Validate ``overrides`` against ``config_files`` and run the bundle workflow (``train`` or ``infer``); returns
+    what its run expressions returned (for ``infer``: the skipped cases)."""
     validate_overrides(config_files, overrides)
     runner = ConfigWorkflow(
         config_file=list(config_files),
@@ -41,9 +45,9 @@ def run_workflow(workflow: str, config_files: Sequence[str], overrides: dict[str
         **overrides,
     )
     runner.initialize()
-    runner.run()
+    result = runner.run()
     runner.finalize()
-    return runner
+    return result
 
 
 def parser() -> argparse.ArgumentParser:
@@ -113,7 +117,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        run_workflow(args.command, config_files_for(args.command, args.config), command_overrides(args))
+        result = run_workflow(args.command, config_files_for(args.command, args.config), command_overrides(args))
     except Exception as err:
         cause = user_error(err)
         if cause is None:
@@ -121,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("hyper_dm").error("%s", cause)
         print(f"hyper-dm {args.command}: error: {cause}", file=sys.stderr)
         return 2
+    if args.command == "infer" and any(result):
+        print(f"hyper-dm infer: {len(result[0])} case(s) skipped (see the log and inference_summary.json)",
+              file=sys.stderr)
+        return 3
     return 0
 
 

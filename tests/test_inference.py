@@ -4,6 +4,7 @@ Geometry is checked with nibabel and SimpleITK against the source file; outputs 
 The bundle run is a subprocess exactly as users type it.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from hyper_dm.data.synthetic import write_challenge_like, write_fastmri_knee_like, write_luna16_like
@@ -209,11 +211,15 @@ def test_writer_writes_whole_cases_or_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(writer_module, "_save_nifti", failing)
     with pytest.raises(OSError, match="No space"):
         writer.write("a", volumes, {"case_id": "a", "psnr_db": 20.0})
-    assert os.listdir(tmp_path) == []  # no partial case, no staging folder left
+    assert os.listdir(tmp_path) == [".hyper_dm.lock"]  # no partial case, no staging folder left
     monkeypatch.setattr(writer_module, "_save_nifti", real)
     folder = writer.write("a", volumes, {"case_id": "a", "psnr_db": 20.0})
-    assert sorted(p.name for p in folder.iterdir()) == ["a_au.nii.gz", "a_eu.nii.gz", "a_mean.nii.gz",
-                                                         "a_metrics.json", "a_total.nii.gz"]
+    assert sorted(p.name for p in folder.iterdir()) == ["a_au.nii.gz", "a_eu.nii.gz", "a_manifest.json",
+                                                         "a_mean.nii.gz", "a_metrics.json", "a_total.nii.gz"]
+    manifest = json.loads((folder / "a_manifest.json").read_text())
+    assert sorted(manifest["files"]) == sorted(p.name for p in folder.iterdir() if p.name != "a_manifest.json")
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == hashlib.sha256((folder / name).read_bytes()).hexdigest()
     np.testing.assert_allclose(nib.load(folder / "a_mean.nii.gz").affine, np.diag([-2.0, -2.0, 3.0, 1.0]))
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == "case_id,psnr_db"
     with pytest.raises(FileExistsError, match="skip_existing"):
@@ -227,6 +233,51 @@ def test_writer_writes_whole_cases_or_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "b").exists()
     with pytest.raises(ValueError, match="cannot be used as an output file name"):
         writer.write("../escape", volumes)
+
+
+LOCK_HOLDER = """
+import sys, time
+from hyper_dm.engines import CaseWriter
+CaseWriter(sys.argv[1]).pending([])
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_run_at_a_time_per_output_folder_and_a_killed_run_frees_it(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FileExistsError, match=f"another inference run \\(process {holder.pid}\\)"):
+            CaseWriter(tmp_path).pending(["a"])
+    finally:
+        holder.kill()  # SIGKILL: no clean-up code runs
+        holder.wait()
+    assert CaseWriter(tmp_path).pending(["a"]) == ["a"]
+
+
+def test_skip_mode_covers_faults_found_while_sampling(checkpoint):
+    from monai.data import MetaTensor
+
+    from hyper_dm.inference import VolumeEvaluator
+
+    model = HyperDM.from_bundle(checkpoint, device="cpu", **SMALL_MODEL)
+    cond = torch.zeros(1, 32, 32, 2)
+
+    def case(name: str, value: float) -> list[dict]:
+        return [{"case_id": name, "image": f"/data/{name}.nii.gz", "volume": MetaTensor(torch.zeros(1, 40, 36, 2)),
+                 "cond": cond + value, "gain": torch.full((2,), 1000.0), "offset": torch.zeros(2)}]
+
+    cases = [case("good", 0.0), case("bad", float("nan")), case("fine", 100.0)]
+    with pytest.raises(BadInputError, match="the reconstructed mean holds"):
+        VolumeEvaluator("cpu", cases, model.reconstructor(M=2, N=2, steps=2)).run()
+    evaluator = VolumeEvaluator("cpu", cases, model.reconstructor(M=2, N=2, steps=2), on_error="skip")
+    written = []
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: written.append(e.state.output))
+    evaluator.run()
+    assert [o["case_id"] for o in written if "volumes" in o] == ["good", "fine"]
+    assert evaluator.state.skipped[0][0] == "bad" and "/data/bad.nii.gz" in evaluator.state.skipped[0][1]
 
 
 def bundle_inference(*args: str, run_id: str = "inference") -> subprocess.CompletedProcess:
@@ -273,6 +324,8 @@ def test_bundle_benchmark_mode_scores_the_test_split_and_skips_bad_cases(tmp_pat
     assert 0 <= metrics["coverage_50"] <= metrics["coverage_90"] <= metrics["coverage_95"] <= 1
     assert metrics["n_slices"] == sitk.ReadImage(str(series[0])).GetSize()[2]
     assert (out / "metrics.csv").read_text().count("\n") == 2
+    summary = json.loads((out / "inference_summary.json").read_text())
+    assert summary["reconstructed"] == [series[0].stem] and summary["skipped"][0]["case_id"] == "gone"
 
 
 def test_split_conformal_scale_reaches_nominal_coverage_on_fresh_pixels():
@@ -324,6 +377,20 @@ def test_script_names_a_missing_input_in_one_line(tmp_path, checkpoint):
         f"hyper-dm infer: error: {tmp_path / 'nope.nii.gz'}: inference input does not exist; give a volume file, "
         "a folder of volumes, a DICOM series folder or a datalist JSON (inference_cfg#input)")
     assert "Traceback" not in run.stderr
+
+
+def test_script_exits_3_when_cases_were_skipped(tmp_path, luna, checkpoint):
+    series = sorted(luna.rglob("*.mhd"))
+    (tmp_path / "list.json").write_text(json.dumps({"testing": [{"image": str(series[0])},
+                                                                {"image": str(tmp_path / "gone.mhd")}]}))
+    run = subprocess.run([sys.executable, "scripts/infer.py", "--ckpt", str(checkpoint), "--input",
+                          str(tmp_path / "list.json"), "--outdir", str(tmp_path / "out"), "--M", "2", "--N", "2",
+                          "diffusion.ddim_steps=2", "data.img_size=32", "data.on_bad_file=skip",
+                          *[f"{k.replace('#', '.')}={json.dumps(v)}" for k, v in SMALL_MODEL.items()]],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 3, run.stderr[-2000:]
+    assert "1 case(s) skipped" in run.stderr.splitlines()[-1]
+    assert (tmp_path / "out" / series[0].stem / f"{series[0].stem}_mean.nii.gz").is_file()
 
 
 def test_script_overrides_may_come_before_and_after_the_flags():

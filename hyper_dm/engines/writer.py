@@ -10,22 +10,30 @@ Layout (MONAI's ``SaveImage`` convention, one folder per case; ``{stem}`` checke
     {output_dir}/{stem}/{stem}_total_std_calibrated.nii.gz  calibrated total std (when a calibration is given)
     {output_dir}/{stem}/{stem}_preview.png    middle slice: cond | mean | EU | AU | |error| | label
     {output_dir}/{stem}/{stem}_metrics.json   quality and calibration metrics (cases with a reference)
+    {output_dir}/{stem}/{stem}_manifest.json  every file of the case with its size and SHA-256, and the settings that
+                                              made it (checkpoint and its SHA-256, M, N, steps, seed, ...)
     {output_dir}/metrics.csv                  one row per case of the folder, rebuilt after each case
+    {output_dir}/inference_summary.json       the last run: cases written, cases skipped and why
 
 A case is written into a hidden staging folder and renamed into place in one step, so a crash, a full disk or a
 kill leaves either the whole case or nothing (a stale ``.{stem}.partial-*`` folder, removed by the next run), and
-two runs writing the same case cannot mix their files: the second rename fails and says so.
+two runs writing the same case cannot mix their files: the second rename fails and says so. A run also holds an
+exclusive lock on the folder (``.hyper_dm.lock``, released by the operating system when the process ends, even
+killed), so a second run into the same folder is refused at once, naming the first one's process id.
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
+import hashlib
 import json
 import logging
 import math
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -35,6 +43,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor, NibabelWriter
 
+from .. import __version__
 from ..io import OVERWRITE_HINT, atomic_write, output_path, safe_stem
 from .previews import write_preview
 
@@ -63,12 +72,36 @@ class CaseWriter:
         overwrite: replace an existing case folder; otherwise an existing case is an error (see :meth:`pending`).
         write_std: also write the standard-deviation maps.
         previews: write the PNG preview of each case's middle slice.
+        provenance: settings recorded in each case's manifest (a ``ckpt`` path also gets its SHA-256).
     """
 
     def __init__(self, output_dir: str | os.PathLike, overwrite: bool = False, write_std: bool = False,
-                 previews: bool = True) -> None:
+                 previews: bool = True, provenance: Mapping | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.overwrite, self.write_std, self.previews = bool(overwrite), bool(write_std), bool(previews)
+        self.provenance = dict(provenance or {})
+        ckpt = self.provenance.get("ckpt")
+        if ckpt and Path(ckpt).is_file():
+            self.provenance["ckpt_sha256"] = _sha256(Path(ckpt))
+        self._lock_fd: int | None = None
+
+    def lock(self) -> None:
+        """Take the folder's exclusive lock for this process (once); another run holding it is an error."""
+        if self._lock_fd is not None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / ".hyper_dm.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise FileExistsError(f"another inference run (process {holder}) is writing into {self.output_dir}; "
+                                  "wait for it to finish or choose another output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
 
     def case_dir(self, case_id: str) -> Path:
         """The folder of ``case_id`` (inside ``output_dir``, whatever the id holds)."""
@@ -81,7 +114,7 @@ class CaseWriter:
         interrupted run), and otherwise an error listing the cases. Staging folders of writers that are no longer
         running (a killed run) are removed.
         """
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.lock()
         for stage in self.output_dir.glob(".*.partial-*"):
             if not _writer_alive(stage):
                 shutil.rmtree(stage, ignore_errors=True)
@@ -123,6 +156,10 @@ class CaseWriter:
                 (stage / f"{stem}_metrics.json").write_text(json.dumps(_finite(metrics), indent=2) + "\n")
             if self.previews:
                 self._preview(stage / f"{stem}_preview.png", case_id, volumes, preview or {})
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(stage.iterdir())}
+            manifest = {"case_id": case_id, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "hyper_dm": __version__, "settings": self.provenance, "files": files}
+            (stage / f"{stem}_manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
             self._commit(stage, final, case_id)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
@@ -162,6 +199,14 @@ class CaseWriter:
         if isinstance(out, Mapping) and out.get("volumes") is not None:
             self.write(out["case_id"], out["volumes"], out.get("metrics"), out.get("preview"))
 
+    def write_summary(self, summary: Mapping) -> Path:
+        """``summary`` as ``inference_summary.json`` in ``output_dir`` (atomic); returns its path."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = output_path(self.output_dir, "inference_summary", ".json")
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        return path
+
     def update_table(self) -> Path:
         """Rebuild ``metrics.csv`` from every case's metrics JSON in ``output_dir`` (atomic); return its path."""
         rows = []
@@ -200,6 +245,14 @@ def _save_nifti(path: Path, volume: MetaTensor, description: str) -> None:
     writer.set_data_array(volume, channel_dim=0)
     writer.set_metadata(volume.meta, resample=False)
     writer.write(str(path), verbose=False, header=header)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _finite(metrics: Mapping) -> dict:

@@ -123,6 +123,8 @@ class VolumeEvaluator(Evaluator):
         calibration: a fitted :class:`~hyper_dm.calibration.Calibration`: adds the ``total_std_calibrated`` volume
             and calibrated coverage metrics (the raw maps stay as they are).
         val_handlers: Ignite handlers, e.g. the checkpoint loader and the :class:`CaseWriter`.
+        on_error: ``"raise"``, or ``"skip"``: a case that fails at any stage (reading, sampling, a reconstruction
+            that is not finite) is logged, counted in ``state.skipped`` and the run goes on.
 
     With a reference, ``engine.state.output["residuals"]`` holds the case's standardised residuals (see
     :class:`CalibrationFitter`).
@@ -130,21 +132,40 @@ class VolumeEvaluator(Evaluator):
 
     def __init__(self, device: torch.device | str, val_data_loader: Iterable, reconstructor: VolumeReconstructor,
                  data_range: float | None = None, calibration: Calibration | None = None,
-                 val_handlers: Sequence | None = None) -> None:
+                 val_handlers: Sequence | None = None, on_error: str = "raise") -> None:
         super().__init__(device=torch.device(device), val_data_loader=val_data_loader, val_handlers=val_handlers,
                          decollate=False)
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.reconstructor, self.data_range, self.calibration = reconstructor, data_range, calibration
+        self.on_error = on_error
         self.add_event_handler(Events.STARTED, lambda engine: setattr(engine.state, "skipped", []))
 
     def _iteration(self, engine: VolumeEvaluator, batchdata: list[dict] | dict) -> dict:
         case = batchdata[0] if isinstance(batchdata, list) else batchdata
         if "error" in case:
-            engine.state.skipped.append((case["case_id"], case["error"]))
-            engine.state.output = {"case_id": case["case_id"], "error": case["error"]}
-            return engine.state.output
+            return self._skip(engine, case["case_id"], case["error"])
+        try:
+            return self._reconstruct(engine, case)
+        except Exception as err:
+            if self.on_error == "raise":
+                raise
+            return self._skip(engine, case["case_id"], f"{case.get('image', '')}: {type(err).__name__}: {err}")
+
+    @staticmethod
+    def _skip(engine: VolumeEvaluator, case_id: str, error: str) -> dict:
+        engine.state.skipped.append((case_id, error))
+        engine.state.output = {"case_id": case_id, "error": error}
+        return engine.state.output
+
+    def _reconstruct(self, engine: VolumeEvaluator, case: dict) -> dict:
         start = time.perf_counter()
         volume = case["volume"]
         raw = self.reconstructor(case["cond"], case["gain"], case["offset"], out_size=tuple(volume.shape[1:3]))
+        for name, image in raw.items():
+            if not torch.isfinite(image).all():
+                raise BadInputError(case.get("image", case["case_id"]), f"the reconstructed {name} holds "
+                                    f"{int((~torch.isfinite(image)).sum())} NaN/infinite values (input out of range?)")
         label = case.get("label")
         metrics = residuals = None
         if self.calibration is not None:
@@ -169,18 +190,26 @@ class VolumeEvaluator(Evaluator):
         return engine.state.output
 
 
-def run_inference(evaluator: VolumeEvaluator) -> list[tuple[str, str]]:
-    """Run ``evaluator`` over its cases (nothing to do is logged, not an error) and log what was skipped; returns
-    the skipped ``(case_id, error)`` pairs."""
+def run_inference(evaluator: VolumeEvaluator, writer: CaseWriter | None = None) -> list[tuple[str, str]]:
+    """Run ``evaluator`` over its cases (nothing to do is logged, not an error), log what was skipped and, with a
+    ``writer``, record the run in ``<output_dir>/inference_summary.json`` (cases written, cases skipped with the
+    reason, seconds); returns the skipped ``(case_id, error)`` pairs."""
     n_cases = len(evaluator.data_loader)
+    start = time.perf_counter()
+    skipped: list[tuple[str, str]] = []
     if n_cases == 0:
         logger.warning("nothing to reconstruct: no cases left (all already written?)")
-        return []
-    evaluator.run()
-    skipped = evaluator.state.skipped
+    else:
+        evaluator.run()
+        skipped = evaluator.state.skipped
     logger.info("inference finished: %d case(s) reconstructed, %d skipped", n_cases - len(skipped), len(skipped))
     for case_id, error in skipped:
         logger.warning("skipped case %s: %s", case_id, error)
+    if writer is not None:
+        names = {case_id for case_id, _ in skipped}
+        done = [e["case_id"] for e in getattr(evaluator.data_loader.dataset, "data", []) if e["case_id"] not in names]
+        writer.write_summary({"reconstructed": done, "skipped": [{"case_id": c, "error": e} for c, e in skipped],
+                              "seconds": round(time.perf_counter() - start, 1)})
     return skipped
 
 

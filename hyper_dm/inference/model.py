@@ -76,13 +76,15 @@ class HyperDM:
         return model
 
     def reconstructor(self, M: int, N: int, steps: int | None = None, seed: int = 0) -> VolumeReconstructor:
-        """A :class:`VolumeReconstructor` with this bundle's sampler settings (``steps`` overrides ``ddim_steps``)."""
-        self.parser.update({"inference_cfg#M": int(M), "inference_cfg#N": int(N), "inference_cfg#seed": int(seed),
-                            "reconstructor#sampler#steps": "@diffusion#ddim_steps" if steps is None else int(steps)})
+        """A :class:`VolumeReconstructor` over this model's network with the bundle's sampler settings (``steps``
+        overrides ``ddim_steps``); only the sampler is built anew."""
+        self.parser["reconstructor#sampler#steps"] = "@diffusion#ddim_steps" if steps is None else int(steps)
         self.parser.parse(reset=True)
-        reconstructor = self.parser.get_parsed_content("reconstructor", instantiate=True)
-        reconstructor.network = self.network
-        return reconstructor
+        sampler = self.parser.get_parsed_content("reconstructor#sampler", instantiate=True)
+        settings = self.parser.get_parsed_content("inference_cfg")
+        return VolumeReconstructor(self.network, sampler, img_size=int(self.data["img_size"]), m_weights=int(M),
+                                   n_draws=int(N), slice_batch=int(settings["slice_batch"]), seed=int(seed),
+                                   amp=bool(settings["amp"]))
 
     def reconstruct(self, volume: str | Path | MetaTensor, M: int = 4, N: int = 4, steps: int | None = None,
                     mode: str = "measured", seed: int = 0) -> dict[str, MetaTensor]:

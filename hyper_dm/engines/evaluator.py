@@ -16,7 +16,6 @@ from ..uncertainty import crps
 __all__ = ["HyperDiffusionEvaluator"]
 
 
-
 class HyperDiffusionEvaluator(Evaluator):
     """MONAI ``Evaluator`` running a :class:`HyperDiffusionInferer` on ``batch["cond"]``.
 
@@ -24,6 +23,9 @@ class HyperDiffusionEvaluator(Evaluator):
     and ``total`` (variances), all ``[C, H, W]`` in the model's normalised range, the ``cond`` input, and,
     when the batch has a ``target``, ``label`` and the per-slice mean ``crps`` (when the inferer keeps its
     samples). Metric handlers read them with ``monai.handlers.from_engine``.
+
+    The inferer gets the batch's 1-based index in this run (``state.iteration``, reset by every ``run``): a batch
+    starts from fresh diffusion noise, and each validation run draws the same.
     """
 
     def __init__(
@@ -58,7 +60,7 @@ class HyperDiffusionEvaluator(Evaluator):
         channels = None if label is None else label.shape[1]
         engine.network.eval()
         with torch.autocast("cuda", enabled=engine.amp):
-            result = engine.inferer(cond, engine.network, channels=channels)
+            result = engine.inferer(cond, engine.network, channels=channels, batch_index=engine.state.iteration)
         stats = result.stats
         output = {"pred": stats.mean, "eu": stats.eu, "au": stats.au, "total": stats.total, "cond": cond}
         if label is not None:

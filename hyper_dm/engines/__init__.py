@@ -1,6 +1,6 @@
-"""Ignite engines and handlers: training, validation/inference, TensorBoard panels, case writing."""
+"""Ignite engines and handlers: training, validation/inference, checkpoints, TensorBoard panels, case writing."""
 
-from .checkpoint import AtomicCheckpointSaver
+from .checkpoint import AtomicCheckpointSaver, CheckpointLoader, check_config, read_checkpoint
 from .evaluator import HyperDiffusionEvaluator
 from .metrics import CalibrationScore, SliceMean
 from .panels import UncertaintyPanelHandler, panel_image
@@ -12,10 +12,13 @@ __all__ = [
     "AtomicCheckpointSaver",
     "CalibrationScore",
     "CaseWriter",
+    "CheckpointLoader",
     "HyperDiffusionEvaluator",
     "HyperDiffusionTrainer",
     "UncertaintyPanelHandler",
     "SliceMean",
+    "check_config",
     "panel_image",
+    "read_checkpoint",
     "write_preview",
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from ignite.metrics import Metric
@@ -26,6 +27,10 @@ class HyperDiffusionEvaluator(Evaluator):
 
     The inferer gets the batch's 1-based index in this run (``state.iteration``, reset by every ``run``): a batch
     starts from fresh diffusion noise, and each validation run draws the same.
+
+    ``state_dict()``/``load_state_dict()`` hold what outlives one ``run``: the best key metric ``best_metric`` and
+    its epoch ``best_metric_epoch`` (MONAI's ``state`` fields); put the evaluator in the training checkpoint and a
+    resumed run compares its validations with the best of the whole run. (Its counters are set by each ``run``.)
     """
 
     def __init__(
@@ -51,6 +56,13 @@ class HyperDiffusionEvaluator(Evaluator):
             amp=bool(amp) and device.type == "cuda",
         )
         self.network, self.inferer = network, inferer
+
+    def state_dict(self) -> OrderedDict:
+        return OrderedDict(best_metric=self.state.best_metric, best_metric_epoch=self.state.best_metric_epoch)
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        self.state.best_metric = state_dict["best_metric"]
+        self.state.best_metric_epoch = state_dict["best_metric_epoch"]
 
     def _iteration(self, engine: HyperDiffusionEvaluator, batchdata: dict) -> list[dict] | dict:
         if "cond" not in batchdata:

@@ -5,6 +5,7 @@ from .evaluator import HyperDiffusionEvaluator
 from .metrics import CalibrationScore, SliceMean
 from .panels import UncertaintyPanelHandler, panel_image
 from .previews import write_preview
+from .random_state import RNGState
 from .trainer import HyperDiffusionTrainer
 from .writer import CaseWriter
 
@@ -15,6 +16,7 @@ __all__ = [
     "CheckpointLoader",
     "HyperDiffusionEvaluator",
     "HyperDiffusionTrainer",
+    "RNGState",
     "UncertaintyPanelHandler",
     "SliceMean",
     "check_config",

@@ -220,8 +220,9 @@ def test_resume_prunes_the_checkpoints_of_the_first_run(resumed):
     assert resumed.checkpoints == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"]
     kept = sorted(p.name for p in (resumed.parts / "checkpoints").glob("checkpoint_epoch=*.pt"))
     assert kept == ["checkpoint_epoch=2.pt", "checkpoint_epoch=3.pt"]  # n_saved 2 across both processes
-    last = torch.load(resumed.parts / "checkpoints" / kept[-1], weights_only=True)
-    assert [name for _, name in last["checkpointer"]["_saved"]] == kept  # the record the next resume continues
+    for name in (kept[-1], "checkpoint_final.pt"):  # the record a further resume continues
+        record = torch.load(resumed.parts / "checkpoints" / name, weights_only=True)["checkpointer"]
+        assert [file for _, file in record["_saved"]] == kept, name
 
 
 def test_resume_into_another_model_config_names_the_file_the_key_and_both_values(resumed, synthetic_dir):

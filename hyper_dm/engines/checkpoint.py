@@ -67,7 +67,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
     Args:
         config: a config record stored as ``"config"`` in every file (plain values only).
         interval_save_state: store the record of the interval checkpoints kept so far (itself included) as
-            ``"checkpointer"`` in each of them (Ignite's ``include_self``), for :meth:`load_state_dict` on resume.
+            ``"checkpointer"`` in each of them (Ignite's ``include_self``) and in the final one, for
+            :meth:`load_state_dict` on resume.
         kwargs: ``monai.handlers.CheckpointSaver`` arguments.
 
     ``state_dict()``/``load_state_dict()`` hold the Ignite ``Checkpoint`` record ``{"_saved": [(priority, filename),
@@ -87,7 +88,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
         if interval_save_state and self._interval_checkpoint is None:
             raise ValueError("interval_save_state needs save_interval > 0")
         if interval_save_state:
-            self._interval_checkpoint.include_self = True
+            self._interval_checkpoint.include_self = True  # the record as updated by this save
+            if self._final_checkpoint is not None:  # the final file carries it too, so a run can go on from there
+                self._final_checkpoint.to_save = {**self._final_checkpoint.to_save, "checkpointer": self}
         self._record = self._interval_checkpoint if interval_save_state else self._key_metric_checkpoint
 
     def state_dict(self) -> dict:

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 COMMON = str(CONFIGS / "common.yaml")
 SHARED_SECTIONS = ("imports", "bundle_root", "output_dir", "device", "dataset_dir", "data", "model", "diffusion",
-                   "backbone", "network_def", "network")
+                   "checkpoint_config", "backbone", "network_def", "network")
 LOCAL_SCHEMA = Path(__file__).parent / "data" / "meta_schema.json"  # offline stand-in, see its $comment
 
 

@@ -1,8 +1,10 @@
 import pytest
 import torch
+from ignite.engine import Events
 
-from hyper_dm.diffusion import HyperDDIMSampler, make_ddim
+from hyper_dm.diffusion import HyperDDIMSampler, HyperDiffusionInferer, make_ddim
 from hyper_dm.diffusion.gaussian import spread_ratio
+from hyper_dm.engines import HyperDiffusionEvaluator
 from hyper_dm.networks import ConditionalUNet, HyperNetwork
 from hyper_dm.uncertainty import decompose
 
@@ -23,7 +25,7 @@ def test_stochastic_ddim_is_also_unbiased():
     assert spread_ratio(20, "quadratic", eta=1.0, mu=MU, s=S)[0] == pytest.approx(MU, abs=0.005)
 
 
-def small_model():
+def small_hypernet() -> HyperNetwork:
     backbone = ConditionalUNet(
         channels=(8, 16), attention_levels=(False, False), norm_num_groups=8, num_head_channels=8
     )
@@ -31,8 +33,14 @@ def small_model():
     with torch.no_grad():
         for p in hyper.base:  # non-trivial outputs despite MONAI's zero-initialised output convolution
             p.add_(0.05 * torch.randn_like(p))
+    return hyper
+
+
+def small_model():
+    hyper = small_hypernet()
+    with torch.no_grad():
         weights = hyper(hyper.sample_z(3, torch.Generator().manual_seed(0)))
-    return backbone, weights
+    return hyper.target, weights
 
 
 def test_sampler_shapes_reproducibility_and_streaming():
@@ -80,3 +88,20 @@ def test_vmap_sampler_matches_loop():
 def test_bad_sampler_settings_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HyperDDIMSampler(make_ddim(), **kwargs)
+
+
+def test_validation_batches_start_from_fresh_noise_and_each_run_repeats():
+    """Two identical batches in one evaluator run get different diffusion noise (the same M weight sets); a second
+    run draws what the first drew."""
+    hyper = small_hypernet()
+    batch = {"cond": torch.randn(2, 1, 16, 16)}
+    inferer = HyperDiffusionInferer(HyperDDIMSampler(make_ddim(), steps=2), m_weights=2, n_draws=2, seed=3)
+    evaluator = HyperDiffusionEvaluator("cpu", [batch, batch], hyper, inferer)
+    means = []  # [B, C, H, W] per batch, both runs
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED,
+                                lambda e: means.append(torch.stack([out["pred"] for out in e.state.output])))
+    evaluator.run()
+    evaluator.run()
+    assert len(means) == 4
+    assert (means[0] - means[1]).abs().max() > 1e-3  # eta = 0: only the starting noise differs
+    assert torch.equal(means[2], means[0]) and torch.equal(means[3], means[1])

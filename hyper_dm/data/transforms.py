@@ -12,7 +12,8 @@ Per-slice item (see :func:`hyper_dm.data.datasets.slice_entries`): ``image`` (pa
 Resizing (area averaging) comes before the linear intensity scaling, so the scaling runs on S x S images.
 
 Training uses the ``Rand*`` physics (new noise / new mask each time, drawn from the transform's ``R``, which
-``monai.data.DataLoader`` reseeds per worker and epoch); validation/test use the deterministic ones, seeded by the
+``monai.data.DataLoader`` seeds when it is built, and per worker and pass when it has workers; a training checkpoint
+keeps it, see :class:`hyper_dm.engines.RNGState`); validation/test use the deterministic ones, seeded by the
 item's ``seed`` (CT: per slice; MRI: per file, so one mask per file). MONAI's cached datasets cache everything
 before the first random transform: the sinogram (CT) or the k-space slice (MRI) for training, the whole sample
 for validation/test.

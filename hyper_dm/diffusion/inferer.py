@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from monai.inferers import Inferer
 
+from ..data.transforms import stable_seed
 from ..networks.hypernet import HyperNetwork
 from .sampler import HyperDDIMSampler, SampleResult
 
@@ -14,8 +15,9 @@ __all__ = ["HyperDiffusionInferer"]
 class HyperDiffusionInferer(Inferer):
     """Draws ``m_weights`` weight sets from the HyperNetwork and ``n_draws`` DDIM samples per set.
 
-    Every call re-seeds its generator with ``seed``, so each batch sees the same M weight sets (one fixed
-    ensemble for a whole volume) and results do not depend on what ran before.
+    The M weight sets come from ``seed`` alone, so every batch sees the same ensemble; the diffusion noise comes from
+    ``seed`` and the call's ``batch_index``, so batches start from fresh noise. Results depend on these two only,
+    never on what ran before (the evaluator passes the batch's index in its run).
 
     Args:
         sampler: the DDIM sampler (steps, eta, spacing, clipping, chunking).
@@ -36,10 +38,12 @@ class HyperDiffusionInferer(Inferer):
         self.seed, self.keep_samples = seed, keep_samples
 
     @torch.no_grad()
-    def __call__(self, inputs: torch.Tensor, network: HyperNetwork, channels: int | None = None) -> SampleResult:
-        """``inputs``: conditions ``[B, C_cond, H, W]``; ``network``: the HyperNetwork (its ``target`` runs)."""
-        generator = torch.Generator().manual_seed(self.seed)
-        weights = network(network.sample_z(self.m_weights, generator))
+    def __call__(self, inputs: torch.Tensor, network: HyperNetwork, channels: int | None = None,
+                 batch_index: int = 0) -> SampleResult:
+        """``inputs``: conditions ``[B, C_cond, H, W]``; ``network``: the HyperNetwork (its ``target`` runs);
+        ``batch_index``: selects the diffusion noise."""
+        weights = network(network.sample_z(self.m_weights, torch.Generator().manual_seed(self.seed)))
+        noise = torch.Generator().manual_seed(stable_seed(self.seed, "noise", int(batch_index)))
         return self.sampler.sample(
-            network.target, weights, inputs, self.n_draws, generator, keep_samples=self.keep_samples, channels=channels
+            network.target, weights, inputs, self.n_draws, noise, keep_samples=self.keep_samples, channels=channels
         )

@@ -1,19 +1,40 @@
-"""MONAI ``CheckpointSaver`` whose files are written atomically (a kill never leaves a truncated checkpoint).
+"""Checkpoint files: atomic saving, the records a resumed run continues, and checked loading.
 
-MONAI 1.6.1 saves with Ignite's ``DiskSaver(atomic=False)`` (to keep group/other read permission), so a run
-killed while saving leaves a partial ``.pt`` that a resume cannot load. Here every file is written to a
-temporary name in the same folder and renamed into place (Ignite's ``atomic=True`` path, which also adds
-group/other read permission).
+- :class:`AtomicCheckpointSaver`: MONAI's ``CheckpointSaver`` with atomic writes. MONAI 1.6.1 saves with Ignite's
+  ``DiskSaver(atomic=False)`` (to keep group/other read permission), so a run killed while saving leaves a partial
+  ``.pt`` that a resume cannot load; here every file is written to a temporary name in the same folder and renamed
+  into place (Ignite's ``atomic=True`` path, which also adds group/other read permission). Its ``state_dict`` is the
+  Ignite record of the files it keeps (``_saved``: ``(priority, filename)`` pairs), so ``n_saved`` pruning and the
+  best key metric carry on across a resume; ``config`` is stored in every file it writes.
+- :func:`read_checkpoint`: ``torch.load(weights_only=True)`` whose every failure names the file, and which compares
+  the stored config with the current one (:func:`check_config`).
+- :class:`CheckpointLoader`: MONAI's loader reading through :func:`read_checkpoint`.
+
+A config record is the plain dict of the values the weights depend on (``checkpoint_config`` in ``common.yaml``:
+task, image size, the model section, the diffusion process); keys are compared flattened to bundle ids
+(``model#z_dim``). Checkpoints without a record (written before it existed, or by other code) load with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
-from ignite.handlers import DiskSaver
+import torch
+from ignite.engine import Engine
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import CheckpointLoader as MonaiCheckpointLoader
 from monai.handlers import CheckpointSaver
 
-__all__ = ["AtomicCheckpointSaver"]
+from ..data.validation import BadInputError
+
+__all__ = ["AtomicCheckpointSaver", "CheckpointLoader", "check_config", "read_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_KEY = "config"  # the checkpoint entry holding the config record
 
 
 class _AtomicDiskSaver(DiskSaver):
@@ -30,11 +51,135 @@ class _AtomicDiskSaver(DiskSaver):
         super().remove(self.filename or filename)
 
 
-class AtomicCheckpointSaver(CheckpointSaver):
-    """``monai.handlers.CheckpointSaver`` (same arguments) with atomic writes of every checkpoint it saves."""
+class _Record:
+    """A plain dict in a ``save_dict`` (Ignite saves ``state_dict()`` of every entry)."""
 
-    def __init__(self, save_dir: str, save_dict: dict, **kwargs) -> None:
+    def __init__(self, values: Mapping) -> None:
+        self.values = dict(values)
+
+    def state_dict(self) -> dict:
+        return self.values
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """``monai.handlers.CheckpointSaver`` (same arguments) with atomic writes of every checkpoint it saves.
+
+    Args:
+        config: a config record stored as ``"config"`` in every file (plain values only).
+        interval_save_state: store the record of the interval checkpoints kept so far (itself included) as
+            ``"checkpointer"`` in each of them (Ignite's ``include_self``) and in the final one, for
+            :meth:`load_state_dict` on resume.
+        kwargs: ``monai.handlers.CheckpointSaver`` arguments.
+
+    ``state_dict()``/``load_state_dict()`` hold the Ignite ``Checkpoint`` record ``{"_saved": [(priority, filename),
+    ...]}`` of the interval checkpoints when ``interval_save_state``, else of the key-metric ones (the record MONAI's
+    own ``load_state_dict`` restores): put a key-metric saver in the training ``save_dict`` and a resumed run replaces
+    its file only with a better model.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, config: Mapping | None = None,
+                 interval_save_state: bool = False, **kwargs) -> None:
+        if config is not None:
+            save_dict = {**save_dict, CONFIG_KEY: _Record(config)}
         super().__init__(save_dir, save_dict, **kwargs)
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
                 checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, checkpoint.save_handler.filename)
+        if interval_save_state and self._interval_checkpoint is None:
+            raise ValueError("interval_save_state needs save_interval > 0")
+        if interval_save_state:
+            self._interval_checkpoint.include_self = True  # the record as updated by this save
+            if self._final_checkpoint is not None:  # the final file carries it too, so a run can go on from there
+                self._final_checkpoint.to_save = {**self._final_checkpoint.to_save, "checkpointer": self}
+        self._record = self._interval_checkpoint if interval_save_state else self._key_metric_checkpoint
+
+    def state_dict(self) -> dict:
+        """The record of the files this saver keeps (see the class docstring)."""
+        if self._record is None:
+            raise ValueError("this saver keeps no record: set save_key_metric or interval_save_state")
+        return dict(self._record.state_dict())
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        """Continue from a record of :meth:`state_dict` (or of Ignite's ``include_self``)."""
+        if self._record is None:
+            raise ValueError("this saver keeps no record: set save_key_metric or interval_save_state")
+        self._record.load_state_dict(state_dict)
+
+
+def _flat(record: Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"z_dim": 8}}`` -> ``{"model#z_dim": 8}``; sequences compare as lists."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{name}#"))
+        else:
+            out[name] = list(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def check_config(saved: Mapping, config: Mapping, path: str | Path) -> None:
+    """Raise :class:`BadInputError` naming ``path``, and each key with both values, where the checkpoint's config
+    record ``saved`` and the current ``config`` differ (keys in only one of them are not compared)."""
+    saved_flat, current = _flat(saved), _flat(config)
+    differences = [f"{key} is {saved_flat[key]!r} in the checkpoint but {current[key]!r} in this config"
+                   for key in current if key in saved_flat and saved_flat[key] != current[key]]
+    if differences:
+        raise BadInputError(path, "was written for another configuration: " + "; ".join(differences)
+                            + " (use the config it was trained with, e.g. override those keys)")
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", config: Mapping | None = None) -> Any:
+    """``torch.load(path, weights_only=True)``; a missing, truncated or foreign file is an error naming ``path``, and
+    with ``config`` a checkpoint recorded for another config is too (:func:`check_config`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; train first or give an existing checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated or foreign files raise several types
+        raise BadInputError(path, f"is not a readable Hyper-DM checkpoint, truncated or not a torch.save file "
+                                  f"({type(e).__name__}: {e})") from e
+    if config is not None:
+        saved = checkpoint.get(CONFIG_KEY) if isinstance(checkpoint, Mapping) else None
+        if isinstance(saved, Mapping):
+            check_config(saved, config, path)
+        else:
+            logger.warning("%s carries no config record; its fit to this config is not checked", path)
+    return checkpoint
+
+
+class CheckpointLoader(MonaiCheckpointLoader):
+    """``monai.handlers.CheckpointLoader`` (strict) that reads with :func:`read_checkpoint`: every failure names the
+    file, and with ``config`` a checkpoint written for another config is refused before anything is loaded.
+
+    Args:
+        load_path: the checkpoint.
+        load_dict: objects to restore, e.g. ``{"hypernet": network, "optimizer": optimizer}``.
+        config: the current config record (``checkpoint_config``), or ``None`` to skip the check.
+        name, map_location: as ``monai.handlers.CheckpointLoader``.
+    """
+
+    def __init__(self, load_path: str, load_dict: dict, config: Mapping | None = None, name: str | None = None,
+                 map_location: Any = None) -> None:
+        super().__init__(load_path, load_dict, name=name, map_location=map_location)
+        self.config = config
+
+    def __call__(self, engine: Engine) -> None:
+        checkpoint = read_checkpoint(self.load_path, self.map_location, self.config)
+        several = isinstance(checkpoint, Mapping) and len(self.load_dict) > 1
+        missing = [key for key in self.load_dict if key not in checkpoint] if several else []
+        if missing:
+            raise BadInputError(self.load_path, f"has no {', '.join(map(repr, missing))} entries (it holds "
+                                                f"{', '.join(map(repr, checkpoint))}): not a checkpoint of this "
+                                                "workflow and version; resume from an epoch checkpoint it wrote")
+        prior_max_epochs = engine.state.max_epochs  # the configured length wins over the checkpoint's (as MONAI)
+        try:
+            Checkpoint.load_objects(to_load=self.load_dict, checkpoint=checkpoint, strict=True)
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise BadInputError(self.load_path, f"does not fit this run ({type(e).__name__}: {e})") from e
+        if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
+            raise BadInputError(self.load_path, f"is at epoch {engine.state.epoch}, beyond the {prior_max_epochs} "
+                                                "epochs of this run; raise training_cfg#epochs to train on")
+        engine.state.max_epochs = prior_max_epochs
+        self.logger.info(f"Restored all variables from {self.load_path}")

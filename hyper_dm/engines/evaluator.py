@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from ignite.metrics import Metric
@@ -16,7 +17,6 @@ from ..uncertainty import crps
 __all__ = ["HyperDiffusionEvaluator"]
 
 
-
 class HyperDiffusionEvaluator(Evaluator):
     """MONAI ``Evaluator`` running a :class:`HyperDiffusionInferer` on ``batch["cond"]``.
 
@@ -24,6 +24,13 @@ class HyperDiffusionEvaluator(Evaluator):
     and ``total`` (variances), all ``[C, H, W]`` in the model's normalised range, the ``cond`` input, and,
     when the batch has a ``target``, ``label`` and the per-slice mean ``crps`` (when the inferer keeps its
     samples). Metric handlers read them with ``monai.handlers.from_engine``.
+
+    The inferer gets the batch's 1-based index in this run (``state.iteration``, reset by every ``run``): a batch
+    starts from fresh diffusion noise, and each validation run draws the same.
+
+    ``state_dict()``/``load_state_dict()`` hold what outlives one ``run``: the best key metric ``best_metric`` and
+    its epoch ``best_metric_epoch`` (MONAI's ``state`` fields); put the evaluator in the training checkpoint and a
+    resumed run compares its validations with the best of the whole run. (Its counters are set by each ``run``.)
     """
 
     def __init__(
@@ -50,6 +57,13 @@ class HyperDiffusionEvaluator(Evaluator):
         )
         self.network, self.inferer = network, inferer
 
+    def state_dict(self) -> OrderedDict:
+        return OrderedDict(best_metric=self.state.best_metric, best_metric_epoch=self.state.best_metric_epoch)
+
+    def load_state_dict(self, state_dict: Mapping) -> None:
+        self.state.best_metric = state_dict["best_metric"]
+        self.state.best_metric_epoch = state_dict["best_metric_epoch"]
+
     def _iteration(self, engine: HyperDiffusionEvaluator, batchdata: dict) -> list[dict] | dict:
         if "cond" not in batchdata:
             raise KeyError(f"evaluation batch has no 'cond' entry (keys: {sorted(batchdata)})")
@@ -58,7 +72,7 @@ class HyperDiffusionEvaluator(Evaluator):
         channels = None if label is None else label.shape[1]
         engine.network.eval()
         with torch.autocast("cuda", enabled=engine.amp):
-            result = engine.inferer(cond, engine.network, channels=channels)
+            result = engine.inferer(cond, engine.network, channels=channels, batch_index=engine.state.iteration)
         stats = result.stats
         output = {"pred": stats.mean, "eu": stats.eu, "au": stats.au, "total": stats.total, "cond": cond}
         if label is not None:

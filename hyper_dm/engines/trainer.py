@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+from ignite.engine import Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from monai.inferers import DiffusionInferer
@@ -23,6 +24,12 @@ class HyperDiffusionTrainer(Trainer):
     :func:`hyper_dm.diffusion.training_loss`. ``engine.state.output`` holds the loss terms as floats
     (``loss``, ``mse``, in mode ``eu`` also ``diversity``) and the learning rate ``lr``, for the stats and
     TensorBoard handlers.
+
+    Every epoch starts a fresh pass over ``train_data_loader`` (a new shuffle; with ``epoch_length`` shorter than
+    the loader, the first ``epoch_length`` batches of it), so an epoch depends only on the random state at its
+    start: a run resumed from an epoch checkpoint that holds that state (:class:`~hyper_dm.engines.RNGState`)
+    repeats the uninterrupted run. (Ignite would otherwise continue the previous epoch's pass, which a new
+    process cannot.)
 
     Args:
         device: where the HyperNetwork and batches live.
@@ -64,6 +71,13 @@ class HyperDiffusionTrainer(Trainer):
         self.optimizer = optimizer
         self.inferer = inferer
         self.loss_config = loss if isinstance(loss, LossConfig) else LossConfig(**loss)
+        self.add_event_handler(Events.EPOCH_STARTED, self._new_pass)
+
+    @staticmethod
+    def _new_pass(engine: HyperDiffusionTrainer) -> None:
+        """Start the epoch on a fresh iterator of the data loader (not mid-epoch, after an iteration checkpoint)."""
+        if engine.state.epoch_length and engine.state.iteration % engine.state.epoch_length == 0:
+            engine.set_data(engine.data_loader)
 
     def _iteration(self, engine: HyperDiffusionTrainer, batchdata: dict) -> dict[str, float]:
         for key in ("target", "cond"):

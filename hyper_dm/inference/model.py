@@ -25,6 +25,7 @@ from ..config import config_files_for
 from ..data.config import resolve_data_config
 from ..data.intensity import physical_map
 from ..data.validation import BadInputError
+from ..engines.checkpoint import read_checkpoint
 from ..io import safe_stem
 from .inputs import case_id_of
 from .loading import InputMode, load_case, to_source_layout
@@ -33,16 +34,14 @@ from .reconstructor import OUTPUTS, VolumeReconstructor
 __all__ = ["HyperDM", "load_hypernet_state"]
 
 
-def load_hypernet_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """HyperNetwork weights from ``model.pt`` or a training checkpoint (``weights_only=True``), naming the file on
-    failure."""
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path} does not exist; train first or set inference_cfg#ckpt") from None
-    except Exception as e:  # truncated or foreign files raise several types
-        raise BadInputError(path, f"is not a readable Hyper-DM checkpoint ({type(e).__name__}: {e})") from e
+def load_hypernet_state(path: str | Path, map_location: str | torch.device = "cpu",
+                        config: Mapping | None = None) -> dict[str, torch.Tensor]:
+    """HyperNetwork weights from ``model.pt`` or a training checkpoint (``weights_only=True``).
+
+    Every failure names the file; with ``config`` (the bundle's ``checkpoint_config``) a checkpoint written for
+    another config is an error naming the key and both values (:func:`~hyper_dm.engines.read_checkpoint`).
+    """
+    state = read_checkpoint(path, map_location, config)
     if isinstance(state, Mapping) and "hypernet" in state:
         state = state["hypernet"]
     if not isinstance(state, Mapping):
@@ -65,14 +64,16 @@ class HyperDM:
     def from_bundle(cls, ckpt: str | Path, config: str | None = None, device: str | torch.device | None = None,
                     **overrides: Any) -> HyperDM:
         """Load ``ckpt`` into the network the bundle configs define (``common.yaml`` + ``inference.yaml`` + the
-        overlay ``config``; ``overrides`` as bundle ids, e.g. ``{"diffusion#ddim_steps": 10}``)."""
+        overlay ``config``; ``overrides`` as bundle ids, e.g. ``{"diffusion#ddim_steps": 10}``). A checkpoint
+        whose config record differs from these configs' ``checkpoint_config`` is an error naming the key."""
         parser = ConfigParser()
         parser.read_config(config_files_for("infer", config))
         parser.update(overrides)
         if device is not None:
             parser["device"] = f"$torch.device('{torch.device(device)}')"
         model = cls(parser)
-        model.network.load_state_dict(load_hypernet_state(ckpt, next(model.network.parameters()).device))
+        record = parser.get_parsed_content("checkpoint_config")
+        model.network.load_state_dict(load_hypernet_state(ckpt, next(model.network.parameters()).device, record))
         return model
 
     def reconstructor(self, M: int, N: int, steps: int | None = None, seed: int = 0) -> VolumeReconstructor:

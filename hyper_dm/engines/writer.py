@@ -12,6 +12,8 @@ Layout (MONAI's ``SaveImage`` convention, one folder per case; ``{stem}`` checke
     {output_dir}/{stem}/{stem}_metrics.json   quality and calibration metrics (cases with a reference)
     {output_dir}/metrics.csv                  one row per case of the folder, rebuilt after each case
 
+``suffixes`` renames the volume files (the export writes the mean as ``{stem}.nii.gz``, see :mod:`hyper_dm.export`).
+
 A case is written into a hidden staging folder and renamed into place in one step, so a crash, a full disk or a
 kill leaves either the whole case or nothing (a stale ``.{stem}.partial-*`` folder, removed by the next run), and
 two runs writing the same case cannot mix their files: the second rename fails and says so.
@@ -24,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterable, Mapping
@@ -43,6 +46,7 @@ __all__ = ["CaseWriter"]
 logger = logging.getLogger("hyper_dm.writer")
 
 _VARIANCES = ("eu", "au", "total")
+_SUFFIX = re.compile(r"[A-Za-z0-9._+-]*")
 _DESCRIPTIONS = {
     "mean": "hyper_dm posterior mean",
     "eu": "hyper_dm epistemic variance (units^2)",
@@ -63,12 +67,27 @@ class CaseWriter:
         overwrite: replace an existing case folder; otherwise an existing case is an error (see :meth:`pending`).
         write_std: also write the standard-deviation maps.
         previews: write the PNG preview of each case's middle slice.
+        suffixes: file-name suffix of a volume (before ``.nii.gz``) where it is not ``_{name}``, e.g.
+            ``{"mean": ""}`` writes the mean as ``{stem}.nii.gz``; characters ``[A-Za-z0-9._+-]`` only.
     """
 
     def __init__(self, output_dir: str | os.PathLike, overwrite: bool = False, write_std: bool = False,
-                 previews: bool = True) -> None:
+                 previews: bool = True, suffixes: Mapping[str, str] | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.overwrite, self.write_std, self.previews = bool(overwrite), bool(write_std), bool(previews)
+        self.suffixes = {name: f"_{name}" for name in _DESCRIPTIONS}
+        for name, suffix in (suffixes or {}).items():
+            if name not in _DESCRIPTIONS or not isinstance(suffix, str) or not _SUFFIX.fullmatch(suffix):
+                raise ValueError(f"CaseWriter suffixes: {name!r}: {suffix!r} is not a volume name of "
+                                 f"{sorted(_DESCRIPTIONS)} with a suffix of characters [A-Za-z0-9._+-]")
+            self.suffixes[name] = suffix
+        if len(set(self.suffixes.values())) != len(self.suffixes):
+            raise ValueError(f"CaseWriter suffixes give two volumes the same file name: {self.suffixes}")
+
+    def volume_path(self, case_id: str, name: str) -> Path:
+        """Where the volume ``name`` (``mean``, ``eu``, ...) of ``case_id`` is (or will be) written."""
+        stem = safe_stem(case_id)
+        return self.case_dir(case_id) / f"{stem}{self.suffixes[name]}.nii.gz"
 
     def case_dir(self, case_id: str) -> Path:
         """The folder of ``case_id`` (inside ``output_dir``, whatever the id holds)."""
@@ -118,7 +137,7 @@ class CaseWriter:
                 maps.update({f"{v}_std": volumes[v].clamp_min(0).sqrt() for v in _VARIANCES})
             for name, volume in maps.items():
                 if name in _DESCRIPTIONS:
-                    _save_nifti(stage / f"{stem}_{name}.nii.gz", volume, _DESCRIPTIONS[name])
+                    _save_nifti(stage / f"{stem}{self.suffixes[name]}.nii.gz", volume, _DESCRIPTIONS[name])
             if metrics is not None:
                 (stage / f"{stem}_metrics.json").write_text(json.dumps(_finite(metrics), indent=2) + "\n")
             if self.previews:

@@ -117,10 +117,12 @@ class DetectionLayout:
     def __call__(self, output: Mapping) -> Mapping:
         if not isinstance(output, Mapping) or output.get("volumes") is None:
             return output
-        volumes = {name: self.resample(image) for name, image in output["volumes"].items()}
-        if {"eu", "au", "total"} <= volumes.keys():
+        given = output["volumes"]
+        exact_total = {"eu", "au", "total"} <= given.keys()
+        volumes = {name: self.resample(image) for name, image in given.items() if name != "total" or not exact_total}
+        if exact_total:  # the law of total variance stays exact on the new grid
             volumes["total"] = MetaTensor(volumes["eu"].as_tensor() + volumes["au"].as_tensor(),
-                                          meta=dict(volumes["total"].meta))
+                                          meta=dict(volumes["eu"].meta))
         return {**output, "volumes": volumes}
 
 

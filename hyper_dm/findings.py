@@ -20,8 +20,8 @@ the EU threshold. The threshold is a given value (``eu_threshold``, HU^2) or the
 voxels of the ``validation`` split of a reference export (default: the export itself), a fixed stride of at most
 2^21 voxels per volume; the rule is stated in both outputs. A region's mean is compared with a voxel quantile:
 voxel EU is heavy-tailed (edges, bone), so region means lie well below the high voxel quantiles (measured on one
-synthetic case with the 60-epoch CPU model: the mean EU over an inserted object, 24 x that of the same region
-without it, lay below the 0.99 voxel quantile and above the 0.95 one; hence the bundle's default 0.95).
+synthetic case with the 60-epoch CPU x0 model of docs/report.md: the mean EU over an inserted object, 24 x that of
+the same region without it, lay below the 0.99 voxel quantile and above the 0.95 one; hence the default 0.95).
 
 Written: ``findings.json`` (settings + one record per finding) and ``findings.csv`` (one row per finding), after
 every input has been checked (nothing half-way).

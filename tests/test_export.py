@@ -330,7 +330,9 @@ def test_findings_refuse_bad_input_before_writing_anything(tmp_path, exported, l
     (tmp_path / "det.json").write_text(json.dumps([{"image": image, "box": [], "label_scores": []}]))
     with pytest.raises(BadInputError, match="train_only.json: has no 'validation' split"):
         run_findings(exported, detections=tmp_path / "det.json", reference=tmp_path / "train_only.json",
-                     output_dir=out)
+                     eu_quantile=0.95, output_dir=out)
+    with pytest.raises(ConfigError, match="eu_threshold .* or findings_cfg#eu_quantile"):
+        run_findings(exported, detections=tmp_path / "det.json", output_dir=out)
     # a label volume on another grid than the exported image
     nib.save(nib.Nifti1Image(np.ones((10, 10, 3), np.uint8), np.eye(4)), tmp_path / "mask.nii.gz")
     with pytest.raises(BadInputError, match="mask.nii.gz: its grid .* is not that of the exported image"):
@@ -357,3 +359,5 @@ def test_cli_flags_become_bundle_overrides():
                        "0.95", "--min-score", "0.5"])
     assert command_overrides(args) == {"findings_cfg#export": "data/recon_ct", "findings_cfg#detections": "result.json",
                                        "findings_cfg#eu_quantile": 0.95, "findings_cfg#min_score": 0.5}
+    with pytest.raises(ConfigError, match="findings.detections='@network'"):
+        command_overrides(parse_args(["findings", "--detections", "@network"]))  # flags are literals too

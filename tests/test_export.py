@@ -346,6 +346,19 @@ def test_findings_refuse_bad_input_before_writing_anything(tmp_path, exported, l
         findings([{"image": items[0]["image"], "box": [centre], "label_scores": [0.5]}])
 
 
+def test_monai_property_checks_pass_for_the_export(tmp_path, luna):
+    from monai.bundle import ConfigWorkflow
+
+    from hyper_dm.config import config_files_for
+
+    workflow = ConfigWorkflow(config_file=config_files_for("export", None), workflow_type="infer", logging_file=False,
+                              run_id="export", **{"bundle_root": str(REPO / "bundle"), "output_dir": str(tmp_path),
+                                                  "inference_cfg#input": str(luna), "data#img_size": 32})
+    workflow.initialize()
+    assert workflow.check_properties() in (None, [])
+    assert isinstance(workflow.parser.get_parsed_content("evaluator#postprocessing"), DetectionLayout)
+
+
 def test_cli_flags_become_bundle_overrides():
     from hyper_dm.cli import command_overrides, parse_args
 

@@ -1,13 +1,18 @@
-"""Seed-style command line: ``hyper-dm train|infer`` (also ``scripts/train.py``, ``scripts/infer.py``).
+"""Seed-style command line: ``hyper-dm train|infer|export|findings`` (also ``scripts/train.py``, ``scripts/infer.py``,
+``scripts/export.py``, ``scripts/findings.py``).
 
     hyper-dm train --config bundle/configs/ct_luna16.yaml training.mode=eu training.lr=1e-4 model.z_dim=16
     hyper-dm infer --config bundle/configs/ct_luna16.yaml --ckpt bundle/models/model.pt --M 10 --N 10 \\
         --outdir results/ct/
     hyper-dm infer --config bundle/configs/ct_luna16.yaml --input my_fbp.nii.gz --mode measured
+    hyper-dm export --config bundle/configs/ct_luna16.yaml --ckpt bundle/models/model.pt --input LUNA16/subset9/ \\
+        --outdir data/recon_ct/ --annotations LUNA16/annotations.csv export.absent_series=ignore
+    hyper-dm findings --export data/recon_ct/ --detections eval/result_luna16_fold0.json --eu-quantile 0.95
 
 Each ``a.b=v`` becomes a bundle override (``training.*`` -> ``training_cfg#*``, ``inference.*`` ->
-``inference_cfg#*``) and the same MONAI bundle workflow runs as with ``python -m monai.bundle run``, on
-``common.yaml`` + ``train.yaml``/``inference.yaml`` + ``--config``. Outputs go where the bundle's ``bundle_root``
+``inference_cfg#*``, ``export.*`` -> ``export_cfg#*``, ``findings.*`` -> ``findings_cfg#*``) and the same MONAI
+bundle workflow runs as with ``python -m monai.bundle run``, on ``common.yaml`` + ``train.yaml``/``inference.yaml``
+(+ ``export.yaml`` for export and findings) + ``--config``. Outputs go where the bundle's ``bundle_root``
 says: ``bundle/models`` from the repository root, ``./models`` anywhere else.
 
 Exit status: 0 done; 2 a fault of the input, the configuration or the output folder (one line on stderr);
@@ -29,19 +34,21 @@ from .data.validation import BadInputError
 
 __all__ = ["command_overrides", "main", "parse_args", "parser", "run_workflow"]
 
-RUN_IDS = {"train": "training", "infer": "inference"}
+RUN_IDS = {"train": "training", "infer": "inference", "export": "export", "findings": "findings"}
+WORKFLOW_TYPES = {"train": "train", "infer": "infer", "export": "infer", "findings": None}
+"""MONAI's workflow type of each command (its required-property check); findings runs no network."""
 
 
 def run_workflow(workflow: str, config_files: Sequence[str], overrides: dict[str, Any]) -> list[Any]:
-    """Validate ``overrides`` against ``config_files`` and run the bundle workflow (``train`` or ``infer``); returns
-    what its run expressions returned (for ``infer``: the skipped cases)."""
+    """Validate ``overrides`` against ``config_files`` and run the bundle workflow (``train``, ``infer``, ``export``
+    or ``findings``); returns what its run expressions returned (for ``infer``: the skipped cases)."""
     validate_overrides(config_files, overrides)
     runner = ConfigWorkflow(
         config_file=list(config_files),
         meta_file=str(BUNDLE_CONFIGS / "metadata.json"),
         logging_file=str(BUNDLE_CONFIGS / "logging.conf"),
         run_id=RUN_IDS[workflow],
-        workflow_type=workflow,
+        workflow_type=WORKFLOW_TYPES[workflow],
         **overrides,
     )
     runner.initialize()
@@ -56,13 +63,30 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("train", "train a HyperNetwork (bundle run id 'training')"),
-                       ("infer", "reconstruct with EU/AU maps (bundle run id 'inference')")):
+                       ("infer", "reconstruct with EU/AU maps (bundle run id 'inference')"),
+                       ("export", "reconstruct CT series for MONAI's lung nodule detection bundle: HU + EU/AU/total "
+                                  "volumes on its grid and a datalist (bundle run id 'export')"),
+                       ("findings", "EU/AU/total per detected box or labelled region of an export (bundle run id "
+                                    "'findings')")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--config", help="a bundle config or task overlay (e.g. bundle/configs/knee_singlecoil.yaml)")
         cmd.add_argument("overrides", nargs="*", help="key.subkey=value, e.g. training.lr=1e-4")
         cmd.add_argument("--allow-expressions", action="store_true",
                          help="let values starting with $ (Python), @ or %% (references) be evaluated by MONAI")
-        if name == "infer":
+        if name == "findings":
+            cmd.add_argument("--export", help="the export folder or its datalist.json (findings.export)")
+            cmd.add_argument("--detections", help="the detection bundle's result JSON (findings.detections)")
+            cmd.add_argument("--labels", help="a label volume on the exported grid, or a JSON of image/label pairs "
+                                              "(findings.labels)")
+            cmd.add_argument("--image", help="the exported image a single label volume belongs to (findings.image)")
+            cmd.add_argument("--eu-threshold", type=float, help="EU threshold in HU^2 (findings.eu_threshold)")
+            cmd.add_argument("--eu-quantile", type=float,
+                             help="else this quantile of EU over the validation split (findings.eu_quantile)")
+            cmd.add_argument("--reference", help="export whose validation split sets the quantile (findings.reference)")
+            cmd.add_argument("--min-score", type=float, help="leave out detections scoring below (findings.min_score)")
+            cmd.add_argument("--outdir", help="where findings.json/.csv go (findings.output_dir; default the export)")
+            cmd.add_argument("--overwrite", action="store_true", help="replace earlier findings (findings.overwrite)")
+        if name in ("infer", "export"):
             cmd.add_argument("--input", help="a volume file, DICOM folder, folder of volumes or datalist JSON "
                                              "(inference.input; default: the test split of data.dataset_dir)")
             cmd.add_argument("--mode", choices=["simulate", "measured"],
@@ -73,20 +97,34 @@ def parser() -> argparse.ArgumentParser:
             cmd.add_argument("--N", type=int, help="DDIM draws per weight set (inference.N)")
             cmd.add_argument("--outdir", help="output folder (inference.outdir)")
             cmd.add_argument("--overwrite", action="store_true", help="replace earlier results (inference.overwrite)")
+        if name == "export":
+            cmd.add_argument("--annotations", help="LUNA16 annotations.csv: boxes and labels in the datalist "
+                                                   "(export.annotations)")
     return parser
 
 
 def command_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Bundle overrides from ``key.subkey=value`` arguments and, for ``infer``, the ``--ckpt/--M/...`` flags."""
+    """Bundle overrides from ``key.subkey=value`` arguments and the command's flags (``--ckpt/--M/...``), each a
+    literal unless ``--allow-expressions``."""
     overrides = parse_overrides(args.overrides, args.allow_expressions)
-    if args.command == "infer":
-        flags = {"input": args.input, "input_mode": args.mode, "ckpt": args.ckpt, "M": args.M, "N": args.N,
-                 "outdir": args.outdir, "overwrite": True if args.overwrite else None}
-        for key, value in flags.items():
-            if value is not None:
-                if not args.allow_expressions:
-                    check_literal(f"inference_cfg#{key}", value)
-                overrides[f"inference_cfg#{key}"] = value
+    flags: dict[str, Any] = {}
+    if args.command in ("infer", "export"):
+        flags.update({f"inference_cfg#{k}": v for k, v in {
+            "input": args.input, "input_mode": args.mode, "ckpt": args.ckpt, "M": args.M, "N": args.N,
+            "outdir": args.outdir, "overwrite": True if args.overwrite else None}.items()})
+    if args.command == "export":
+        flags["export_cfg#annotations"] = args.annotations
+    if args.command == "findings":
+        flags.update({f"findings_cfg#{k}": v for k, v in {
+            "export": args.export, "detections": args.detections, "labels": args.labels, "image": args.image,
+            "eu_threshold": args.eu_threshold, "eu_quantile": args.eu_quantile, "reference": args.reference,
+            "min_score": args.min_score, "output_dir": args.outdir,
+            "overwrite": True if args.overwrite else None}.items()})
+    for key, value in flags.items():
+        if value is not None:
+            if not args.allow_expressions:
+                check_literal(key, value)
+            overrides[key] = value
     return overrides
 
 

@@ -6,7 +6,8 @@ and a task overlay goes last (:func:`config_files_for`). Python code reads defau
 to the repository's ``bundle/`` and is copied into wheels), so :data:`BUNDLE_CONFIGS` works from any install.
 
 The bundle's hyperparameter sections are ``data``, ``model``, ``diffusion``, ``training_cfg`` and
-``inference_cfg`` (``training``/``inference`` are the run ids MONAI executes). The seed-style scripts keep
+``inference_cfg``, and ``export_cfg`` / ``findings_cfg`` in ``export.yaml`` (``training``/``inference``/``export``/
+``findings`` are the run ids MONAI executes). The seed-style scripts keep
 the seed's names, so ``training.lr=1e-4`` becomes the bundle override ``training_cfg#lr`` = ``1e-4``.
 Overrides are checked against the merged configs: an unknown key is an error listing the close matches
 (except a new argument of a component, a dict with ``_target_``), a value of the wrong type an error naming
@@ -42,8 +43,10 @@ __all__ = [
 
 BUNDLE_CONFIGS = (Path(__file__).resolve().parent / "bundle" / "configs").resolve()
 COMMON_CONFIG = "common.yaml"
-SECTION_ALIASES = {"training": "training_cfg", "inference": "inference_cfg"}
-WORKFLOW_CONFIGS = {"train": "train.yaml", "infer": "inference.yaml"}
+SECTION_ALIASES = {"training": "training_cfg", "inference": "inference_cfg", "export": "export_cfg",
+                   "findings": "findings_cfg"}
+WORKFLOW_CONFIGS = {"train": ("train.yaml",), "infer": ("inference.yaml",),
+                    "export": ("inference.yaml", "export.yaml"), "findings": ("inference.yaml", "export.yaml")}
 
 
 class ConfigError(ValueError):
@@ -103,8 +106,9 @@ def _number_or_text(value: Any) -> Any:
 
 
 def config_files_for(workflow: str, config: str | None) -> list[str]:
-    """``common.yaml``, the config of ``workflow`` (train/infer), then ``config`` unless it is one of those two."""
-    files = [BUNDLE_CONFIGS / COMMON_CONFIG, BUNDLE_CONFIGS / WORKFLOW_CONFIGS[workflow]]
+    """``common.yaml``, the configs of ``workflow`` (train: ``train.yaml``; infer: ``inference.yaml``; export and
+    findings: ``inference.yaml`` + ``export.yaml``), then ``config`` unless it is one of those."""
+    files = [BUNDLE_CONFIGS / COMMON_CONFIG, *(BUNDLE_CONFIGS / name for name in WORKFLOW_CONFIGS[workflow])]
     if config is not None:
         path = Path(config)
         if not path.is_file():

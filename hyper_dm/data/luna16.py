@@ -126,11 +126,14 @@ def read_axial_slice(path: str | Path, index: int) -> np.ndarray:
 
 
 def read_annotations(root: str | Path) -> dict[str, list[dict]]:
-    """``annotations.csv`` under ``root`` -> ``{seriesuid: [{"coord_mm": [x, y, z], "diameter_mm": d}, ...]}``.
+    """``annotations.csv`` under ``root`` (or the CSV file ``root`` itself) ->
+    ``{seriesuid: [{"coord_mm": [x, y, z], "diameter_mm": d}, ...]}``.
 
-    Missing file: no annotations (``{}``). Coordinates are world LPS mm, as in LUNA16.
+    Missing file under a folder: no annotations (``{}``). Coordinates are world LPS mm, as in LUNA16. A value that
+    is not a finite number (or a diameter <= 0) is a :class:`BadInputError` naming the line.
     """
-    path = Path(root) / "annotations.csv"
+    path = Path(root)
+    path = path if path.is_file() else path / "annotations.csv"
     if not path.is_file():
         return {}
     out: dict[str, list[dict]] = {}
@@ -139,10 +142,16 @@ def read_annotations(root: str | Path) -> dict[str, list[dict]]:
         missing = {"seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"} - set(reader.fieldnames or [])
         if missing:
             raise BadInputError(path, f"missing columns {sorted(missing)}")
-        for row in reader:
-            out.setdefault(row["seriesuid"], []).append(
-                {"coord_mm": [float(row[k]) for k in ("coordX", "coordY", "coordZ")],
-                 "diameter_mm": float(row["diameter_mm"])})
+        for line, row in enumerate(reader, start=2):
+            try:
+                coord = [float(row[k]) for k in ("coordX", "coordY", "coordZ")]
+                diameter = float(row["diameter_mm"])
+            except (TypeError, ValueError):
+                raise BadInputError(path, f"line {line}: coordX/coordY/coordZ/diameter_mm must be numbers, got "
+                                          f"{row}") from None
+            if not np.isfinite([*coord, diameter]).all() or diameter <= 0:
+                raise BadInputError(path, f"line {line}: coordinates must be finite and diameter_mm > 0, got {row}")
+            out.setdefault(row["seriesuid"], []).append({"coord_mm": coord, "diameter_mm": diameter})
     return out
 
 

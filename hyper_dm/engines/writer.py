@@ -15,6 +15,8 @@ Layout (MONAI's ``SaveImage`` convention, one folder per case; ``{stem}`` checke
     {output_dir}/metrics.csv                  one row per case of the folder, rebuilt after each case
     {output_dir}/inference_summary.json       the last run: cases written, cases skipped and why
 
+``suffixes`` renames the volume files (the export writes the mean as ``{stem}.nii.gz``, see :mod:`hyper_dm.export`).
+
 A case is written into a hidden staging folder and renamed into place in one step, so a crash, a full disk or a
 kill leaves either the whole case or nothing (a stale ``.{stem}.partial-*`` folder, removed by the next run), and
 two runs writing the same case cannot mix their files: the second rename fails and says so. A run also holds an
@@ -31,6 +33,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import time
@@ -52,6 +55,7 @@ __all__ = ["CaseWriter"]
 logger = logging.getLogger("hyper_dm.writer")
 
 _VARIANCES = ("eu", "au", "total")
+_SUFFIX = re.compile(r"[A-Za-z0-9._+-]*")
 _DESCRIPTIONS = {
     "mean": "hyper_dm posterior mean",
     "eu": "hyper_dm epistemic variance (units^2)",
@@ -73,10 +77,13 @@ class CaseWriter:
         write_std: also write the standard-deviation maps.
         previews: write the PNG preview of each case's middle slice.
         provenance: settings recorded in each case's manifest (a ``ckpt`` path also gets its SHA-256).
+        suffixes: file-name suffix of a volume (before ``.nii.gz``) where it is not ``_{name}``, e.g.
+            ``{"mean": ""}`` writes the mean as ``{stem}.nii.gz``; characters ``[A-Za-z0-9._+-]`` only.
     """
 
     def __init__(self, output_dir: str | os.PathLike, overwrite: bool = False, write_std: bool = False,
-                 previews: bool = True, provenance: Mapping | None = None) -> None:
+                 previews: bool = True, provenance: Mapping | None = None,
+                 suffixes: Mapping[str, str] | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.overwrite, self.write_std, self.previews = bool(overwrite), bool(write_std), bool(previews)
         self.provenance = dict(provenance or {})
@@ -84,7 +91,19 @@ class CaseWriter:
         if ckpt and Path(ckpt).is_file():
             self.provenance["ckpt_sha256"] = _sha256(Path(ckpt))
         self._lock_fd: int | None = None
+        self.suffixes = {name: f"_{name}" for name in _DESCRIPTIONS}
+        for name, suffix in (suffixes or {}).items():
+            if name not in _DESCRIPTIONS or not isinstance(suffix, str) or not _SUFFIX.fullmatch(suffix):
+                raise ValueError(f"CaseWriter suffixes: {name!r}: {suffix!r} is not a volume name of "
+                                 f"{sorted(_DESCRIPTIONS)} with a suffix of characters [A-Za-z0-9._+-]")
+            self.suffixes[name] = suffix
+        if len(set(self.suffixes.values())) != len(self.suffixes):
+            raise ValueError(f"CaseWriter suffixes give two volumes the same file name: {self.suffixes}")
 
+    def volume_path(self, case_id: str, name: str) -> Path:
+        """Where the volume ``name`` (``mean``, ``eu``, ...) of ``case_id`` is (or will be) written."""
+        stem = safe_stem(case_id)
+        return self.case_dir(case_id) / f"{stem}{self.suffixes[name]}.nii.gz"
     def lock(self) -> None:
         """Take the folder's exclusive lock for this process (once); another run holding it is an error."""
         if self._lock_fd is not None:
@@ -151,7 +170,7 @@ class CaseWriter:
                 maps.update({f"{v}_std": volumes[v].clamp_min(0).sqrt() for v in _VARIANCES})
             for name, volume in maps.items():
                 if name in _DESCRIPTIONS:
-                    _save_nifti(stage / f"{stem}_{name}.nii.gz", volume, _DESCRIPTIONS[name])
+                    _save_nifti(stage / f"{stem}{self.suffixes[name]}.nii.gz", volume, _DESCRIPTIONS[name])
             if metrics is not None:
                 (stage / f"{stem}_metrics.json").write_text(json.dumps(_finite(metrics), indent=2) + "\n")
             if self.previews:

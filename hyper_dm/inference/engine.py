@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from ignite.engine import Events
 from monai.data import Dataset
 from monai.engines import Evaluator
+from monai.engines.utils import IterationEvents
 
 from ..calibration import LEVELS, Calibration, checkpoint_digest, fit_calibration, standardised_residuals
 from ..data.config import resolve_data_config
@@ -31,22 +32,27 @@ from .inputs import case_id_of, find_cases
 from .loading import InputMode, load_case, to_source_layout
 from .reconstructor import VolumeReconstructor
 
-__all__ = ["CalibrationFitter", "CaseDataset", "VolumeEvaluator", "case_entries", "case_metrics", "load_calibration",
-           "run_inference"]
+__all__ = ["CalibrationFitter", "CaseDataset", "VolumeEvaluator", "case_entries", "case_metrics", "input_entries",
+           "load_calibration", "run_inference"]
 
 logger = logging.getLogger("hyper_dm.inference")
 
 _METRIC_PIXELS = 1 << 21  # AUSE / UCE on at most this many pixels (a fixed stride), the rest on all
 
 
-def case_entries(data: Mapping, source: str | None, writer: CaseWriter, skip_existing: bool = False) -> list[dict]:
-    """Cases to reconstruct: ``source`` (file, folder, datalist JSON) or, when ``None``, the ``test`` split of
-    ``data#dataset_dir``; cases already in ``writer``'s folder are refused or skipped (see ``CaseWriter.pending``)."""
+def input_entries(data: Mapping, source: str | None) -> list[dict]:
+    """Every case of ``source`` (file, folder, datalist JSON) or, when ``None``, of the ``test`` split of
+    ``data#dataset_dir``."""
     data = resolve_data_config(data)
     if source is None:
-        entries = [{"image": c["image"], "case_id": c["case_id"]} for c in build_datalist(data)["test"]]
-    else:
-        entries = find_cases(source, data["task"])
+        return [{"image": c["image"], "case_id": c["case_id"]} for c in build_datalist(data)["test"]]
+    return find_cases(source, data["task"])
+
+
+def case_entries(data: Mapping, source: str | None, writer: CaseWriter, skip_existing: bool = False) -> list[dict]:
+    """Cases to reconstruct: :func:`input_entries`, less those already in ``writer``'s folder, which are refused or
+    skipped (see ``CaseWriter.pending``)."""
+    entries = input_entries(data, source)
     todo = set(writer.pending([e["case_id"] for e in entries], skip_existing))
     return [e for e in entries if e["case_id"] in todo]
 
@@ -125,6 +131,8 @@ class VolumeEvaluator(Evaluator):
         val_handlers: Ignite handlers, e.g. the checkpoint loader and the :class:`CaseWriter`.
         on_error: ``"raise"``, or ``"skip"``: a case that fails at any stage (reading, sampling, a reconstruction
             that is not finite) is logged, counted in ``state.skipped`` and the run goes on.
+        postprocessing: applied to ``engine.state.output`` of each reconstructed case before the handlers see it
+            (MONAI's ``IterationEvents.MODEL_COMPLETED``), e.g. :class:`hyper_dm.export.DetectionLayout`.
 
     With a reference, ``engine.state.output["residuals"]`` holds the case's standardised residuals (see
     :class:`CalibrationFitter`).
@@ -132,9 +140,10 @@ class VolumeEvaluator(Evaluator):
 
     def __init__(self, device: torch.device | str, val_data_loader: Iterable, reconstructor: VolumeReconstructor,
                  data_range: float | None = None, calibration: Calibration | None = None,
-                 val_handlers: Sequence | None = None, on_error: str = "raise") -> None:
+                 val_handlers: Sequence | None = None, on_error: str = "raise",
+                 postprocessing: Callable | None = None) -> None:
         super().__init__(device=torch.device(device), val_data_loader=val_data_loader, val_handlers=val_handlers,
-                         decollate=False)
+                         decollate=False, postprocessing=postprocessing)
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.reconstructor, self.data_range, self.calibration = reconstructor, data_range, calibration
@@ -187,6 +196,7 @@ class VolumeEvaluator(Evaluator):
         engine.state.output = {"case_id": case["case_id"], "metrics": metrics, "preview": preview, "seconds": seconds,
                                "residuals": residuals,
                                "volumes": {name: to_source_layout(image, volume) for name, image in raw.items()}}
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # runs `postprocessing` on engine.state.output
         return engine.state.output
 
 

@@ -1,0 +1,8 @@
+"""Seed-style entry point: `python scripts/findings.py --config CONFIG [key.subkey=value ...]` (see `--help`)."""
+
+import sys
+
+from hyper_dm.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["findings", *sys.argv[1:]]))

@@ -120,3 +120,18 @@ def test_kspace_that_would_overflow_the_fft(tmp_path):
             read()
         assert info.value.path == paths[0]
     fastmri_knee.read_slice(paths[0], 1)  # the other slice is fine
+
+
+def test_local_data_checked_against_its_header_before_any_read(tmp_path):
+    data, paths = ct_set(tmp_path)
+    image = sitk.ReadImage(str(paths[0]))
+    nx, ny, nz = image.GetSize()
+    header = paths[0].read_text().replace(f"ElementDataFile = {paths[0].with_suffix('.raw').name}",
+                                          "ElementDataFile = LOCAL")
+    payload = paths[0].with_suffix(".raw").read_bytes()
+    paths[0].with_suffix(".raw").unlink()
+    paths[0].write_bytes(header.encode() + payload)
+    build_datalist(data)  # a well-formed LOCAL series is fine
+    huge = header.replace(f"DimSize = {nx} {ny} {nz}", f"DimSize = {nx} {ny} {nz * 100000}")
+    paths[0].write_bytes(huge.encode() + payload)
+    assert_bad(data, paths[0], "truncated")

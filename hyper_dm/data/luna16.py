@@ -63,6 +63,15 @@ def _mhd_fields(path: Path) -> dict[str, str]:
     return fields
 
 
+def _local_data_bytes(path: Path) -> int:
+    """Bytes after the header of a MetaImage whose data is in the same file (``ElementDataFile = LOCAL``)."""
+    with path.open("rb") as f:
+        for line in f:
+            if line.split(b"=")[0].strip() == b"ElementDataFile":
+                return path.stat().st_size - f.tell()
+    return 0
+
+
 def read_series_header(path: str | Path) -> Luna16Series:
     """Read and check one ``.mhd`` header and its ``.raw`` size; :class:`BadInputError` names what is wrong.
 
@@ -85,11 +94,13 @@ def read_series_header(path: str | Path) -> Luna16Series:
     fields = _mhd_fields(path)
     raw = path.parent / fields.get("ElementDataFile", "")
     element = fields.get("ElementType", "")
-    if fields.get("ElementDataFile", "LOCAL") != "LOCAL" and fields.get("CompressedData", "False") == "False":
-        if not raw.is_file():
+    if fields.get("CompressedData", "False") == "False":
+        local = fields.get("ElementDataFile", "LOCAL") == "LOCAL"
+        if not local and not raw.is_file():
             raise BadInputError(path, f"data file {raw.name} named by ElementDataFile is missing")
         expected = int(np.prod(size)) * _BYTES_PER_ELEMENT.get(element, 0)
-        actual = raw.stat().st_size
+        actual = _local_data_bytes(path) if local else raw.stat().st_size
+        raw = path if local else raw
         if expected and actual < expected:
             raise BadInputError(raw, f"has {actual} bytes but the header {path.name} needs {expected} "
                                      f"({size} x {element}); the file is truncated, copy it again")

@@ -83,3 +83,12 @@ def test_state_dict_round_trips_with_weights_only(tmp_path):
     for k, v in hyper(z).items():
         assert torch.equal(v, other(z)[k])
     assert isinstance(other.target, nn.Module)
+
+
+def test_unet_names_the_image_sizes_that_fit():
+    unet = ConditionalUNet(channels=(8, 16, 16, 16), attention_levels=(False,) * 4, norm_num_groups=8,
+                           num_head_channels=8)
+    t = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"\(36, 36\) does not divide by 8.*data#img_size.*e\.g\. 32 or 40"):
+        unet(torch.zeros(1, 1, 36, 36), t, torch.zeros(1, 1, 36, 36))
+    assert unet(torch.zeros(1, 1, 40, 40), t, torch.zeros(1, 1, 40, 40)).shape == (1, 1, 40, 40)

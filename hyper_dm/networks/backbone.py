@@ -54,8 +54,16 @@ class ConditionalUNet(nn.Module):
             num_head_channels=num_head_channels,
             use_flash_attention=use_flash_attention,
         )
+        self.factor = 2 ** (len(channels) - 1)  # the U-Net halves the image once per level after the first
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if any(size % self.factor for size in x_t.shape[2:]):
+            size = x_t.shape[-1]
+            fits = sorted({max(self.factor, size // self.factor * self.factor), -(-size // self.factor) * self.factor})
+            raise ValueError(f"image size {tuple(x_t.shape[2:])} does not divide by {self.factor}: a U-Net with "
+                             f"{len(self.unet.block_out_channels)} levels (model#channels) halves it "
+                             f"{self.factor.bit_length() - 1} times; set data#img_size to a multiple of "
+                             f"{self.factor}, e.g. {' or '.join(map(str, fits))}")
         return self.unet(torch.cat([x_t, cond], dim=1), t)
 
 

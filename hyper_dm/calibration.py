@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ import torch
 
 from .io import atomic_write
 
-__all__ = ["LEVELS", "Calibration", "checkpoint_digest", "fit_calibration", "standardised_residuals"]
+__all__ = ["LEVELS", "Calibration", "fit_calibration", "standardised_residuals"]
 
 LEVELS = (0.5, 0.9, 0.95)
 _VARIANCE_FLOOR = 1e-12  # model units^2: keeps r finite where the model predicts no spread at all
@@ -46,15 +45,6 @@ def standardised_residuals(mean: torch.Tensor, total: torch.Tensor, label: torch
 
 def _z(level: float) -> float:
     return math.sqrt(2) * torch.erfinv(torch.tensor(level, dtype=torch.float64)).item()
-
-
-def checkpoint_digest(path: str | Path) -> str:
-    """SHA-256 of a checkpoint file (ties a calibration to the weights it was fitted for)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

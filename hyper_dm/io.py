@@ -19,7 +19,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["OVERWRITE_HINT", "atomic_write", "check_no_overwrite", "file_stem", "output_path", "safe_stem"]
+__all__ = [
+    "OVERWRITE_HINT", "atomic_write", "check_no_overwrite", "file_stem", "output_path", "safe_stem", "sha256_file",
+]
 
 OVERWRITE_HINT = "pass overwrite=True (bundle: inference_cfg.overwrite=true) or choose another output directory"
 
@@ -114,6 +116,15 @@ def file_stem(name: str) -> str:
     if len(stem) > _MAX_STEM:
         stem = f"{stem[:_MAX_STEM - 9]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
     return safe_stem(stem)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def output_path(out_dir: str | os.PathLike, stem: str, suffix: str) -> Path:

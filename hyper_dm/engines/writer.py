@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import fcntl
-import hashlib
 import json
 import logging
 import math
@@ -47,7 +46,7 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor, NibabelWriter
 
 from .. import __version__
-from ..io import OVERWRITE_HINT, atomic_write, output_path, safe_stem
+from ..io import OVERWRITE_HINT, atomic_write, output_path, safe_stem, sha256_file
 from .previews import write_preview
 
 __all__ = ["CaseWriter"]
@@ -89,7 +88,7 @@ class CaseWriter:
         self.provenance = dict(provenance or {})
         ckpt = self.provenance.get("ckpt")
         if ckpt and Path(ckpt).is_file():
-            self.provenance["ckpt_sha256"] = _sha256(Path(ckpt))
+            self.provenance["ckpt_sha256"] = sha256_file(Path(ckpt))
         self._lock_fd: int | None = None
         self.suffixes = {name: f"_{name}" for name in _DESCRIPTIONS}
         for name, suffix in (suffixes or {}).items():
@@ -175,7 +174,7 @@ class CaseWriter:
                 (stage / f"{stem}_metrics.json").write_text(json.dumps(_finite(metrics), indent=2) + "\n")
             if self.previews:
                 self._preview(stage / f"{stem}_preview.png", case_id, volumes, preview or {})
-            files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(stage.iterdir())}
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(stage.iterdir())}
             manifest = {"case_id": case_id, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         "hyper_dm": __version__, "settings": self.provenance, "files": files}
             (stage / f"{stem}_manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
@@ -264,14 +263,6 @@ def _save_nifti(path: Path, volume: MetaTensor, description: str) -> None:
     writer.set_data_array(volume, channel_dim=0)
     writer.set_metadata(volume.meta, resample=False)
     writer.write(str(path), verbose=False, header=header)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _finite(metrics: Mapping) -> dict:

@@ -21,12 +21,12 @@ from monai.data import Dataset
 from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
 
-from ..calibration import LEVELS, Calibration, checkpoint_digest, fit_calibration, standardised_residuals
+from ..calibration import LEVELS, Calibration, fit_calibration, standardised_residuals
 from ..data.config import resolve_data_config
 from ..data.datasets import build_datalist
 from ..data.validation import BadFileLog, BadInputError
 from ..engines.writer import CaseWriter
-from ..io import safe_stem
+from ..io import safe_stem, sha256_file
 from ..uncertainty import ause, gaussian_coverage, gaussian_crps, psnr, ssim, uce
 from .inputs import case_id_of, find_cases
 from .loading import InputMode, load_case, to_source_layout
@@ -232,7 +232,7 @@ def load_calibration(path: str | None, checkpoint: str | None = None) -> Calibra
         return None
     calibration = Calibration.load(path)
     if checkpoint and Path(checkpoint).is_file() and calibration.checkpoint_sha256 \
-            and calibration.checkpoint_sha256 != checkpoint_digest(checkpoint):
+            and calibration.checkpoint_sha256 != sha256_file(checkpoint):
         logger.warning("%s was fitted for another checkpoint than %s; refit it with the 'calibrate' run id", path,
                        checkpoint)
     logger.info("calibrated std = %.3f x raw std (90%% intervals), from %s", calibration.scale, path)
@@ -257,7 +257,7 @@ class CalibrationFitter:
             self.residuals.append(residuals)
 
     def fit(self, engine: Evaluator | None = None) -> Calibration:
-        digest = checkpoint_digest(self.checkpoint) if self.checkpoint and Path(self.checkpoint).is_file() else ""
+        digest = sha256_file(self.checkpoint) if self.checkpoint and Path(self.checkpoint).is_file() else ""
         calibration = fit_calibration(self.residuals, checkpoint_sha256=digest)
         calibration.save(self.path)
         logger.info("calibration from %d cases (%d pixels): std scales %s, raw coverage %s -> %s", calibration.n_cases,

@@ -47,6 +47,7 @@ import numpy as np
 from scipy import ndimage
 
 from .config import ConfigError
+from .data.datalist import datalist_split
 from .data.validation import BadInputError
 from .export import DATALIST_KEYS, DATALIST_NAME, UNCERTAINTY_KEYS
 from .io import atomic_write, check_no_overwrite, output_path
@@ -196,16 +197,9 @@ def read_label_findings(labels: str | Path, root: Path, images: Mapping[str, Exp
     if not labels.exists():
         raise BadInputError(labels, "label file does not exist")
     if labels.suffix.lower() == ".json":
-        try:
-            content = json.loads(labels.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadInputError(labels, f"is not a readable JSON ({e})") from e
-        key = next((k for k in DATALIST_KEYS if isinstance(content, dict) and k in content), None)
-        if key is None:
-            raise BadInputError(labels, f"needs one of the keys {list(DATALIST_KEYS)} holding "
-                                        '[{"image": <exported image>, "label": <label volume>}, ...]')
+        key, items = datalist_split(labels, DATALIST_KEYS, '{"image": <exported image>, "label": <label volume>}')
         pairs = []
-        for i, item in enumerate(content[key]):
+        for i, item in enumerate(items):
             if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("image", "label")):
                 raise BadInputError(labels, f'entry {i} of "{key}" needs "image" and "label" paths, got {item!r}')
             label = Path(item["label"])

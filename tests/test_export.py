@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import SMALL_MODEL
 from monai.apps.detection.transforms.dictionary import AffineBoxToImageCoordinated, ConvertBoxToStandardModed
-from monai.bundle import ConfigParser
 from monai.data import load_decathlon_datalist
 from monai.transforms import (
     Compose,
@@ -44,8 +44,6 @@ from hyper_dm.inference.inputs import case_id_of
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 EXPORT = f"['{CONFIGS / 'common.yaml'}','{CONFIGS / 'inference.yaml'}','{CONFIGS / 'export.yaml'}']"
-SMALL_MODEL = {"model#channels": [16, 16, 16], "model#attention_levels": [False, False, False],
-               "model#norm_num_groups": 8, "model#num_head_channels": 8}
 PIXDIM = [0.703125, 0.703125, 1.25]  # the detection bundle's resampled LUNA16 grid
 CT = {"task": "ct", "img_size": 32, "hu_window": [-1000.0, 1000.0], "dataset_dir": None}
 
@@ -76,18 +74,6 @@ def luna(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("luna16")
     write_luna16_like(root, n_series=2, seed=5, size_xy=96, n_slices=(4, 5), spacing_xy_mm=(3.4, 3.6))
     return root
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """An untrained small HyperNetwork saved as training saves ``model.pt``."""
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / "inference.yaml")])
-    parser.update({**SMALL_MODEL, "device": "$torch.device('cpu')"})
-    torch.manual_seed(0)  # module fixtures run before the autouse seeding
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save({"hypernet": parser.get_parsed_content("network").state_dict()}, path)
-    return path
 
 
 def bundle_export(*args: str) -> subprocess.CompletedProcess:

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import SMALL_MODEL
 from ignite.engine import Events
-from monai.bundle import ConfigParser
 
 from hyper_dm.data.synthetic import write_challenge_like, write_fastmri_knee_like, write_luna16_like
 from hyper_dm.data.validation import BadInputError
@@ -27,8 +27,6 @@ from hyper_dm.inference import HyperDM, InputMode, VolumeReconstructor, find_cas
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
-SMALL_MODEL = {"model#channels": [16, 16, 16], "model#attention_levels": [False, False, False],
-               "model#norm_num_groups": 8, "model#num_head_channels": 8}
 DATA = {"task": "ct", "img_size": 32}
 
 
@@ -56,17 +54,6 @@ def luna(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("luna16")
     write_luna16_like(root, n_series=3, seed=5, size_xy=96, n_slices=(3, 4), spacing_xy_mm=(3.4, 3.6))
     return root
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """An untrained small HyperNetwork saved as training saves ``model.pt``."""
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / "inference.yaml")])
-    parser.update({**SMALL_MODEL, "device": "$torch.device('cpu')"})
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save({"hypernet": parser.get_parsed_content("network").state_dict()}, path)
-    return path
 
 
 def oblique_nifti(source_mhd: Path, path: Path) -> nib.Nifti1Image:

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..io import atomic_write
 from .validation import BadInputError
 
-__all__ = ["DATALIST_NAME", "SPLITS", "read_datalist", "split_of", "write_datalist"]
+__all__ = ["DATALIST_NAME", "SPLITS", "datalist_split", "read_datalist", "split_of", "write_datalist"]
 
 SPLITS = ("training", "validation", "test")
 DATALIST_NAME = "datalist.json"
@@ -69,3 +69,17 @@ def read_datalist(path: str | os.PathLike) -> dict[str, list[Path]]:
             paths.append(image if image.is_absolute() else (path.parent / image).resolve())
         out[split] = paths
     return out
+
+
+def datalist_split(path: Path, keys: Sequence[str], entry: str) -> tuple[str, list]:
+    """The first of ``keys`` a Decathlon-style JSON datalist holds, and its list; an unreadable file or none of the
+    keys is a :class:`BadInputError` naming ``path`` and the expected ``entry`` form (e.g. ``{"image": <path>}``)."""
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInputError(path, f"is not a readable JSON datalist ({e})") from e
+    key = next((k for k in keys if isinstance(content, dict) and k in content), None)
+    if key is None or not isinstance(content[key], list):
+        raise BadInputError(path, f"a datalist needs one of the keys {list(keys)} holding a list of {entry} entries "
+                                  "(Decathlon style)")
+    return key, content[key]

@@ -17,11 +17,11 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
 
+from ..data.datalist import datalist_split
 from ..data.validation import BadInputError
 from ..io import file_stem, safe_stem
 
@@ -63,16 +63,9 @@ def _volume_files(folder: Path, task: str) -> list[Path]:
 
 
 def _datalist_entries(path: Path) -> list[dict]:
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInputError(path, f"is not a readable JSON datalist ({e})") from e
-    key = next((k for k in DATALIST_KEYS if isinstance(content, dict) and k in content), None)
-    if key is None:
-        raise BadInputError(path, f"a datalist needs one of the keys {list(DATALIST_KEYS)} holding a list of "
-                                  '{"image": <path>} entries (Decathlon style)')
+    key, items = datalist_split(path, DATALIST_KEYS, '{"image": <path>}')
     entries = []
-    for i, item in enumerate(content[key]):
+    for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("image"), str):
             raise BadInputError(path, f'entry {i} of "{key}" needs an "image" path, got {item!r}')
         image = Path(item["image"])

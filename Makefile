@@ -32,7 +32,7 @@ $(LABEL_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(LABEL_VENV)
 	$(LABEL_PY) -m pip install --upgrade pip
 	$(LABEL_PY) -m pip install $(TORCH_PINS)
-	$(LABEL_PY) -m pip install -e ".[label]" "pytest>=8"
+	$(LABEL_PY) -m pip install -e ".[mri,label]" "pytest>=8"  # mri: the synthetic writers the test uses
 	touch $@
 
 # a real `monailabel start_server` on 127.0.0.1; HYPER_DM_REQUIRE_LABEL=1: a missing MONAI Label fails, not skips

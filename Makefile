@@ -6,7 +6,12 @@ PY     := $(VENV)/bin/python
 # torch/torchvision pinned to the releases fastmri resolves to here (CPU use; no newer torch).
 TORCH_PINS := "torch==2.14.1" "torchvision==0.29.1"
 
-.PHONY: venv test demo lint clean
+# The MONAI Label app's server test runs in its own environment: the 'label' extra pins numpy<2 and jsonschema<4
+# (through pydicom-seg), which the 'dev' extra (jsonschema>=4) excludes.
+LABEL_VENV ?= .venv-label
+LABEL_PY   := $(LABEL_VENV)/bin/python
+
+.PHONY: venv test test-label demo lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +28,19 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q tests
 
+$(LABEL_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(LABEL_VENV)
+	$(LABEL_PY) -m pip install --upgrade pip
+	$(LABEL_PY) -m pip install $(TORCH_PINS)
+	$(LABEL_PY) -m pip install -e ".[mri,label]" "pytest>=8"  # mri: the synthetic writers the test uses
+	touch $@
+
+# a real `monailabel start_server` on 127.0.0.1; HYPER_DM_REQUIRE_LABEL=1: a missing MONAI Label fails, not skips
+test-label: $(LABEL_VENV)/.installed
+	HYPER_DM_REQUIRE_LABEL=1 $(LABEL_PY) -m pytest -q tests/test_monailabel.py
+
 lint: venv
 	$(VENV)/bin/ruff check hyper_dm scripts tests
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LABEL_VENV) *.egg-info .pytest_cache

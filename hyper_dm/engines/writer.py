@@ -49,7 +49,7 @@ from .. import __version__
 from ..io import OVERWRITE_HINT, atomic_write, output_path, safe_stem, sha256_file
 from .previews import write_preview
 
-__all__ = ["CaseWriter"]
+__all__ = ["CaseWriter", "save_map"]
 
 logger = logging.getLogger("hyper_dm.writer")
 
@@ -252,6 +252,12 @@ def _writer_alive(stage: Path) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
+
+
+def save_map(path: str | os.PathLike, volume: MetaTensor, name: str) -> None:
+    """Write one output map ``name`` (``mean``, ``eu``, ``au``, ``total``, ...; ``[1, X, Y, Z]`` MetaTensor) as a
+    float32 NIfTI with its geometry and description, on its own (not atomic: for files such as a server's reply)."""
+    _save_nifti(Path(path), volume, _DESCRIPTIONS[name])
 
 
 def _save_nifti(path: Path, volume: MetaTensor, description: str) -> None:

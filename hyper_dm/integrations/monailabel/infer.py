@@ -1,0 +1,85 @@
+"""MONAI Label infer tasks: one per output map, ``hyperdm_mean``, ``hyperdm_eu``, ``hyperdm_au``, ``hyperdm_total``.
+
+MONAI Label answers an infer request with one image file and a JSON ``params``; each map is therefore its own
+model name. All four come from the same M x N reconstruction, which the service keeps, so asking for the mean,
+then the EU and AU maps of the same study with the same parameters costs one reconstruction.
+
+Request: ``POST /infer/hyperdm_eu?image=<study id>`` (or an uploaded ``file``), form field
+``params={"M": 4, "N": 4, "steps": 10}`` (any left out take the server's defaults, shown by ``GET /info/``).
+Reply: a float32 NIfTI on the study's own grid and geometry (``mean``: HU for CT, magnitude for MRI; ``eu``,
+``au``, ``total``: variances in those units squared) and ``params``::
+
+    {"map": "eu", "units": "HU^2", "M": 4, "N": 4, "steps": 10, "cached": false, "seconds": 3.1,
+     "summary": {"mean_eu_body": ..., "mean_au_body": ..., "max_eu": ..., "body_fraction": ...},
+     "maps": {"mean": "hyperdm_mean", "eu": "hyperdm_eu", ...}}
+
+Refusals are HTTP errors whose ``detail`` says what to change (422 bad parameters or file, 429 busy).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from typing import Any
+
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from ...engines.writer import save_map
+from ...inference import OUTPUTS
+from .conf import RequestError
+from .service import ReconstructionService
+from .summary import uncertainty_summary
+
+__all__ = ["MODEL_NAMES", "HyperDMInferTask", "http_error"]
+
+logger = logging.getLogger("hyper_dm.monailabel")
+
+MODEL_NAMES = {name: f"hyperdm_{name}" for name in OUTPUTS}
+"""MONAI Label model name of each output map."""
+_MEANING = {"mean": "posterior mean reconstruction", "eu": "epistemic variance (weight sets disagree)",
+            "au": "aleatoric variance (the measurement does not determine it)", "total": "total variance eu + au"}
+
+
+def http_error(error: RequestError) -> HTTPException:
+    """The HTTP reply of a refused request."""
+    return HTTPException(status_code=error.status, detail=error.detail, headers=error.headers or None)
+
+
+class HyperDMInferTask(InferTask):
+    """Returns the ``output`` map (one of ``mean``, ``eu``, ``au``, ``total``) of a study, reconstructed by
+    ``service`` with the request's M, N and steps."""
+
+    def __init__(self, service: ReconstructionService, output: str) -> None:
+        conf = service.conf
+        units = "HU" if service.task == "ct" else "magnitude"
+        super().__init__(
+            type=InferType.OTHERS,
+            labels=None,
+            dimension=3,
+            description=f"Hyper-DM {_MEANING[output]} ({units}{'' if output == 'mean' else '^2'}); "
+                        f"M <= {conf.max_M}, N <= {conf.max_N}, steps <= {conf.max_steps}",
+            config={"M": conf.M, "N": conf.N, "steps": conf.steps or service.default_steps},
+        )
+        self.service, self.output = service, output
+        self.units = units if output == "mean" else f"{units}^2"
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        start = time.perf_counter()
+        try:
+            sampling = self.service.conf.sampling(request, self.service.default_steps)
+            out, cached = self.service.reconstruct(request["image"], sampling, name=request.get("image_id"))
+        except RequestError as e:
+            raise http_error(e) from None
+        path = tempfile.NamedTemporaryFile(prefix=f"hyperdm_{self.output}_", suffix=".nii.gz", delete=False).name
+        save_map(path, out[self.output], self.output)  # MONAI Label sends it, then removes it
+        params = {"map": self.output, "units": self.units, "M": sampling.M, "N": sampling.N,
+                  "steps": sampling.steps, "cached": cached, "seconds": round(time.perf_counter() - start, 3),
+                  "summary": uncertainty_summary(out, self.service.task), "maps": MODEL_NAMES}
+        logger.info("%s of %s: M=%d N=%d steps=%d in %.1f s%s", MODEL_NAMES[self.output], request.get("image_id"),
+                    sampling.M, sampling.N, sampling.steps, params["seconds"], " (kept result)" if cached else "")
+        return path, params

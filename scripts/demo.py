@@ -50,7 +50,7 @@ def main() -> int:
     print("\nHyper-DM demo finished "
           f"(training {trained - start:.0f} s, inference {done - trained:.0f} s).")
     print(f"  reconstructions + EU/AU/total maps (NIfTI): {results}")
-    for path in sorted(p for p in results.rglob("*") if p.is_file()):
+    for path in sorted(p for p in results.rglob("*") if p.is_file() and not p.name.startswith(".")):
         print(f"    {path.relative_to(results)}")
     print(f"  checkpoints: {out / 'checkpoints'}")
     print(f"  TensorBoard: tensorboard --logdir {out / 'logs'}")

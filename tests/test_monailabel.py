@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import yaml
+from conftest import SMALL_MODEL
 from monai.bundle import ConfigParser
 
 if os.environ.get("HYPER_DM_REQUIRE_LABEL") != "1":
@@ -41,14 +43,7 @@ from hyper_dm.integrations.monailabel.summary import body_mask  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 APP = REPO / "hyper_dm" / "integrations" / "monailabel" / "app_folder"
-OVERLAY = """\
-model#channels: [16, 16, 16]
-model#attention_levels: [false, false, false]
-model#norm_num_groups: 8
-model#num_head_channels: 8
-data#img_size: 32
-diffusion#ddim_steps: 2
-"""
+OVERLAY = yaml.safe_dump({**SMALL_MODEL, "data#img_size": 32, "diffusion#ddim_steps": 2})  # a small, fast model
 MAPS = ("mean", "eu", "au", "total")
 START_TIMEOUT_S = 180
 

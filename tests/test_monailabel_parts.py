@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import yaml
+from conftest import SMALL_MODEL
 from filelock import FileLock
 from monai.bundle import ConfigParser
 
@@ -23,14 +25,7 @@ from hyper_dm.integrations.monailabel.summary import body_mask, uncertainty_summ
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
-OVERLAY = """\
-model#channels: [16, 16, 16]
-model#attention_levels: [false, false, false]
-model#norm_num_groups: 8
-model#num_head_channels: 8
-data#img_size: 32
-diffusion#ddim_steps: 2
-"""
+OVERLAY = yaml.safe_dump({**SMALL_MODEL, "data#img_size": 32, "diffusion#ddim_steps": 2})  # a small, fast model
 
 
 def test_settings_parse_conf_strings_and_name_the_key_at_fault():

@@ -21,7 +21,7 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from ...calibration import checkpoint_digest
+from ...io import sha256_file
 from .conf import RequestError, Sampling
 from .service import ReconstructionService
 from .summary import uncertainty_summary
@@ -42,7 +42,7 @@ class EpistemicScoring(ScoringMethod):
     def __init__(self, service: ReconstructionService) -> None:
         super().__init__("Hyper-DM: mean epistemic variance over the body of each unlabelled study")
         self.service = service
-        self.ckpt_sha256 = checkpoint_digest(service.conf.ckpt)
+        self.ckpt_sha256 = sha256_file(service.conf.ckpt)
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         start = time.perf_counter()

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator, Sequence
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from monai.bundle import ConfigParser
@@ -36,6 +37,7 @@ __all__ = [
     "bundle_section",
     "check_literal",
     "config_files_for",
+    "parse_choice",
     "parse_overrides",
     "translate_key",
     "validate_overrides",
@@ -51,6 +53,18 @@ WORKFLOW_CONFIGS = {"train": ("train.yaml",), "infer": ("inference.yaml",),
 
 class ConfigError(ValueError):
     """A config file, key or value that cannot be used; the message says which and what was expected."""
+
+
+Choice = TypeVar("Choice", bound=Enum)
+
+
+def parse_choice(choices: type[Choice], value: Any, key: str) -> Choice:
+    """The member of the enum ``choices`` whose value is ``value``; anything else is a :class:`ConfigError` naming
+    the config ``key`` and the valid values."""
+    try:
+        return choices(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be one of {[m.value for m in choices]}, got {value!r}") from None
 
 
 def translate_key(dotted: str) -> str:

@@ -51,7 +51,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation, Spacing
 
-from .config import ConfigError
+from .config import ConfigError, parse_choice
 from .data.config import resolve_data_config
 from .data.luna16 import read_annotations
 from .data.validation import BadInputError
@@ -79,11 +79,7 @@ class AbsentSeries(str, Enum):
 
     @classmethod
     def parse(cls, value: str) -> AbsentSeries:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ConfigError(f"export_cfg#absent_series must be one of {[m.value for m in cls]}, got "
-                             f"{value!r}") from None
+        return parse_choice(cls, value, "export_cfg#absent_series")
 
 
 class DetectionLayout:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from monai.data import ITKReader, MetaTensor, NibabelReader
 from monai.transforms import LoadImage, Orientation
 
+from ..config import parse_choice
 from ..data import fastmri_knee
 from ..data.intensity import physical_map
 from ..data.transforms import stable_seed
@@ -64,11 +65,7 @@ class InputMode(str, Enum):
 
     @classmethod
     def parse(cls, value: str) -> InputMode:
-        try:
-            return cls(value)
-        except ValueError:
-            choices = [m.value for m in cls]
-            raise ValueError(f"inference_cfg#input_mode must be one of {choices}, got {value!r}") from None
+        return parse_choice(cls, value, "inference_cfg#input_mode")
 
 
 def _read_ct(path: Path) -> MetaTensor:

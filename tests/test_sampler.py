@@ -63,7 +63,7 @@ def test_sampler_shapes_reproducibility_and_streaming():
 def test_chunked_sampling_streams_the_same_statistics():
     backbone, weights = small_model()
     cond = torch.randn(1, 1, 16, 16)
-    chunked = HyperDDIMSampler(make_ddim(), steps=3, chunk=2).sample(
+    chunked = HyperDDIMSampler(make_ddim(), steps=3, call_batch=2).sample(
         backbone, weights, cond, 5, torch.Generator().manual_seed(0), keep_samples=True
     )
     assert chunked.samples.shape[1] == 5
@@ -84,7 +84,7 @@ def test_vmap_sampler_matches_loop():
 
 
 @pytest.mark.parametrize("kwargs, match", [({"eta": -1.0}, "eta"), ({"spacing": "cubic"}, "spacing"),
-                                           ({"steps": 0}, "ddim_steps"), ({"chunk": 0}, "chunk")])
+                                           ({"steps": 0}, "ddim_steps"), ({"call_batch": 0}, "call_batch"), ({"precision": "half"}, "inference_cfg#precision")])
 def test_bad_sampler_settings_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HyperDDIMSampler(make_ddim(), **kwargs)
@@ -105,3 +105,18 @@ def test_validation_batches_start_from_fresh_noise_and_each_run_repeats():
     assert len(means) == 4
     assert (means[0] - means[1]).abs().max() > 1e-3  # eta = 0: only the starting noise differs
     assert torch.equal(means[2], means[0]) and torch.equal(means[3], means[1])
+
+
+def test_bfloat16_maps_match_float32():
+    """CPU bfloat16 autocast of the network calls (the DDIM update stays float32) keeps the mean / EU / AU maps of
+    the same draws within 2% (relative L2) of float32 with the bundle's v prediction (measured: 0.3%, 0.5%, 0.2%).
+    Where the draws nearly collapse (x0 prediction, AU ~ 1e-3) the rounding shows more: 6% on EU and 8% on AU."""
+    backbone, weights = small_model()
+    cond = torch.randn(2, 1, 32, 32)
+    run = lambda precision: HyperDDIMSampler(  # noqa: E731
+        make_ddim(prediction_type="v_prediction"), steps=10, precision=precision
+    ).sample(backbone, weights, cond, 4, torch.Generator().manual_seed(0)).stats
+    reference, low = run("float32"), run("bfloat16")
+    for key in ("mean", "eu", "au"):
+        ref, got = getattr(reference, key), getattr(low, key)
+        assert (got - ref).norm() <= 0.02 * ref.norm(), key

@@ -70,10 +70,10 @@ def ddim_timesteps(num_train_timesteps: int, steps: int, spacing: Literal["linea
 
 
 def to_x0(
-    output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str
+    output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor | float, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Network ``output`` at noise level ``alpha_bar`` (broadcastable) -> ``(x0_hat, eps_hat)``."""
-    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    """Network ``output`` at noise level ``alpha_bar`` (a float or a broadcastable tensor) -> ``(x0_hat, eps_hat)``."""
+    a, s = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
     if prediction_type == "sample":
         x0 = output
     elif prediction_type == "epsilon":

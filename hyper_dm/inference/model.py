@@ -84,8 +84,7 @@ class HyperDM:
         sampler = self.parser.get_parsed_content("reconstructor#sampler", instantiate=True)
         settings = self.parser.get_parsed_content("inference_cfg")
         return VolumeReconstructor(self.network, sampler, img_size=int(self.data["img_size"]), m_weights=int(M),
-                                   n_draws=int(N), slice_batch=int(settings["slice_batch"]), seed=int(seed),
-                                   amp=bool(settings["amp"]))
+                                   n_draws=int(N), slice_batch=int(settings["slice_batch"]), seed=int(seed))
 
     def reconstruct(self, volume: str | Path | MetaTensor, M: int = 4, N: int = 4, steps: int | None = None,
                     mode: str = "measured", seed: int = 0) -> dict[str, MetaTensor]:

@@ -1,7 +1,8 @@
 """The front door: a volume in, its reconstruction with EU/AU/total variance out, at the volume's own grid.
 
 The 2-D model runs slice by slice on its ``img_size`` grid with one fixed set of M weight sets for the whole
-volume (drawn once per call), N DDIM draws per weight set; slices are batched, draws chunked by the sampler.
+volume (drawn once per call), N DDIM draws per weight set; ``slice_batch`` slices go to the sampler at once, which
+groups their draws into network calls (``call_batch``) and runs them at its ``precision``.
 Conditions are resized to the model grid (area averaging) when their in-plane size differs, and the outputs are
 resized back (bilinear, which keeps variances non-negative) to the requested output size.
 
@@ -45,12 +46,11 @@ class VolumeReconstructor:
 
     Args:
         network: the trained HyperNetwork (its ``target`` is the backbone); moved to nothing, runs where it is.
-        sampler: the DDIM sampler (steps, eta, spacing, clipping, chunk of draws per call).
+        sampler: the DDIM sampler (steps, eta, spacing, clipping, images per network call, precision).
         img_size: the model grid S (slices are resized to S x S); ``None`` runs at the volume's own size.
         m_weights: M, weight sets per volume. ``n_draws``: N, draws per weight set.
-        slice_batch: slices per sampler call (memory grows with ``slice_batch * N`` or ``* chunk``).
+        slice_batch: slices per sampler call (the statistics of ``slice_batch`` slices are held at once).
         seed: seed of the weight sets and of the diffusion noise; the same call gives the same result.
-        amp: bfloat16/float16 autocast on CUDA.
     """
 
     def __init__(
@@ -62,7 +62,6 @@ class VolumeReconstructor:
         n_draws: int = 4,
         slice_batch: int = 8,
         seed: int = 0,
-        amp: bool = False,
     ) -> None:
         if m_weights < 1 or n_draws < 1 or slice_batch < 1:
             raise ValueError(f"M, N and slice_batch must be >= 1, got M={m_weights}, N={n_draws}, "
@@ -74,9 +73,9 @@ class VolumeReconstructor:
                            "EU holds the whole spread")
         self.network, self.sampler = network, sampler
         self.img_size, self.m_weights, self.n_draws = img_size, m_weights, n_draws
-        self.slice_batch, self.seed, self.amp = slice_batch, seed, amp
+        self.slice_batch, self.seed = slice_batch, seed
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(
         self,
         cond: torch.Tensor,
@@ -101,7 +100,7 @@ class VolumeReconstructor:
         device = next(self.network.parameters()).device
         generator = torch.Generator().manual_seed(self.seed)
         self.network.eval()
-        weights = self.network(self.network.sample_z(self.m_weights, generator))
+        weights = self.network(self.network.sample_z(self.m_weights, generator))  # once per volume
         outputs = {name: torch.empty(1, *out_size, z) for name in OUTPUTS}
         for start in range(0, z, self.slice_batch):
             index = slice(start, min(start + self.slice_batch, z))
@@ -109,8 +108,7 @@ class VolumeReconstructor:
             o = offset[index].view(-1, 1, 1, 1).float()
             x = (cond[0, ..., index].permute(2, 0, 1)[:, None].float() - o) / g  # [b, 1, x, y] model range
             x = _resize(x, grid).to(device)
-            with torch.autocast(device.type, enabled=self.amp and device.type == "cuda"):
-                stats = self.sampler.sample(self.network.target, weights, x, self.n_draws, generator).stats
+            stats = self.sampler.sample(self.network.target, weights, x, self.n_draws, generator).stats
             physical = {"mean": stats.mean.float().cpu() * g + o, "eu": stats.eu.float().cpu() * g**2,
                         "au": stats.au.float().cpu() * g**2}
             for name, image in physical.items():

@@ -78,8 +78,8 @@ class HyperDDIMSampler:
     """DDIM sampler over M weight sets x N draws for a batch of B conditions.
 
     With ``method="loop"`` each network call runs one weight set on ``call_batch`` images: ``n`` draws of ``b``
-    conditions (all N draws of ``b = call_batch // N`` conditions when ``call_batch >= N``, else ``call_batch``
-    draws of one condition). A run costs ``steps * M * ceil(N / n) * ceil(B / b)`` calls. ``method="vmap"`` runs
+    conditions (all N draws of ``b = call_batch // N`` conditions when ``call_batch >= N``, else at most
+    ``call_batch`` draws of one condition, in chunks of equal size). A run costs ``steps * M * ceil(N / n) * ceil(B / b)`` calls. ``method="vmap"`` runs
     all M weight sets in one ``torch.func.vmap`` call instead (slower on CPU, see ``scripts/benchmark.py``).
     Statistics are streamed (Welford), so memory follows ``call_batch``, not ``N``.
 
@@ -187,7 +187,8 @@ class HyperDDIMSampler:
         call_batch = self.call_batch or max(1, CALL_PIXELS.get(device.type, CALL_PIXELS["cuda"]) // pixels)
         if call_batch >= n_draws:
             return n_draws, min(b, call_batch // n_draws)
-        return call_batch, 1
+        chunks = -(-n_draws // call_batch)
+        return -(-n_draws // chunks), 1  # chunks of equal size: 10 draws at call_batch 8 run as 5 + 5
 
     def _networks(self, backbone: nn.Module, weights: dict[str, torch.Tensor], m: int) -> list[tuple[Network, int]]:
         """The network calls that together cover the M weight sets, each with how many sets it runs."""

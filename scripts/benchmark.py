@@ -169,7 +169,7 @@ def size_figures(args: argparse.Namespace, size: int, device: torch.device) -> d
             f"matmul_{precision.value}_gflops": round(rate, 1), "fraction_of_matmul_fp32":
             round(gflop * evaluations / per_slice_low / fp32_rate, 3), "time_vs_float32":
             round(per_slice_low / per_slice, 3)}
-    if args.compile:
+    if size in args.compile:
         per_slice_compiled = time_sampler(hyper, size, m_run, args.n, steps_run, device, compile=True)[0] * scale
         row["float32_compiled"] = {"s_per_slice": round(per_slice_compiled, 3),
                                    "time_vs_float32": round(per_slice_compiled / per_slice, 3)}
@@ -264,7 +264,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="only the images-per-call x layout x precision sweep")
     parser.add_argument("--sweep-batches", type=int, nargs="+", default=[1, 2, 5, 10, 20, 40])
     parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument("--compile", action="store_true", help="also time the float32 sampler under torch.compile")
+    parser.add_argument("--compile", type=int, nargs="*", default=[], metavar="SIZE",
+                        help="also time the float32 sampler under torch.compile at these sizes")
     parser.add_argument("--ckpt", help="a trained model.pt of the default model (accuracy figures on real maps)")
     parser.add_argument("--memory-probe", type=int, help=argparse.SUPPRESS)  # child: peak memory for this N
     args = parser.parse_args()

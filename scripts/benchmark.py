@@ -106,10 +106,12 @@ def unet_gflop(hyper: HyperNetwork, size: int, device: torch.device) -> float:
 
 
 def time_sampler(hyper: HyperNetwork, size: int, m: int, n: int, steps: int, device: torch.device,
-                 **sampler_args) -> tuple[float, object]:
-    """Seconds for one ``size x size`` slice with ``m`` weight sets x ``n`` draws, and the statistics."""
+                 slices: int = 1, **sampler_args) -> tuple[float, object]:
+    """Seconds per ``size x size`` slice with ``m`` weight sets x ``n`` draws when ``slices`` slices are sampled
+    in one call (as the reconstructor hands them over), and the statistics."""
     sampler = HyperDDIMSampler(scheduler(), steps=steps, **sampler_args)
-    cond = (torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
+    cond = torch.rand(slices, 1, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    cond = cond.to(device)
     with torch.inference_mode():
         weights = hyper(hyper.sample_z(m, torch.Generator().manual_seed(0)))
     warm = HyperDDIMSampler(scheduler(), steps=1, **sampler_args)  # kernels, allocator, compilation
@@ -118,7 +120,7 @@ def time_sampler(hyper: HyperNetwork, size: int, m: int, n: int, steps: int, dev
     start = time.perf_counter()
     stats = sampler.sample(hyper.target, weights, cond, n, torch.Generator().manual_seed(0)).stats
     sync(device)
-    return time.perf_counter() - start, stats
+    return (time.perf_counter() - start) / slices, stats
 
 
 def low_precisions(device: torch.device) -> list[Precision]:
@@ -148,29 +150,33 @@ def size_figures(args: argparse.Namespace, size: int, device: torch.device) -> d
     """All sampler figures for one in-plane size (see the module docstring)."""
     hyper = build(size, device, args.ckpt)
     gflop = unet_gflop(hyper, size, device)
-    quick = args.quick or (device.type == "cpu" and size >= 256 and not args.full)
+    quick = args.quick or (device.type == "cpu" and size >= 128 and not args.full)
     m_run, steps_run = (1, 2) if quick else (args.m, args.steps)
     scale = args.m * args.steps / (m_run * steps_run)
     evaluations = args.m * args.n * args.steps
+    # slices per sampler call: as many as fill one network call, at most the bundle's slice_batch
+    draws, slices = HyperDDIMSampler(scheduler()).call_shape(args.n, args.slice_batch, size * size, device)
     fp32_rate = matmul_gflops(device)
-    seconds = time_sampler(hyper, size, m_run, args.n, steps_run, device)[0]
+    seconds = time_sampler(hyper, size, m_run, args.n, steps_run, device, slices)[0]
     fp32_rate = max(fp32_rate, matmul_gflops(device))
     per_slice = seconds * scale
     row = {"size": size, "unet_gflop_per_image": round(gflop, 3), "m_run": m_run, "steps_run": steps_run,
-           "projection_factor": scale, "call_batch": HyperDDIMSampler(scheduler()).call_shape(
-               args.n, 1, size * size, device)[0], "matmul_fp32_gflops": round(fp32_rate, 1),
+           "projection_factor": scale, "images_per_call": draws * slices, "slices_per_call": slices,
+           "matmul_fp32_gflops": round(fp32_rate, 1),
            "float32": {"s_per_slice": round(per_slice, 3), "gflops": round(gflop * evaluations / per_slice, 1)}}
     row["float32"]["fraction_of_matmul_fp32"] = round(row["float32"]["gflops"] / fp32_rate, 3)
     for precision in low_precisions(device):
         rate = matmul_gflops(device, precision.dtype)
-        per_slice_low = time_sampler(hyper, size, m_run, args.n, steps_run, device, precision=precision)[0] * scale
+        per_slice_low = time_sampler(hyper, size, m_run, args.n, steps_run, device, slices,
+                                     precision=precision)[0] * scale
         row[precision.value] = {
             "s_per_slice": round(per_slice_low, 3), "gflops": round(gflop * evaluations / per_slice_low, 1),
             f"matmul_{precision.value}_gflops": round(rate, 1), "fraction_of_matmul_fp32":
             round(gflop * evaluations / per_slice_low / fp32_rate, 3), "time_vs_float32":
             round(per_slice_low / per_slice, 3)}
     if size in args.compile:
-        per_slice_compiled = time_sampler(hyper, size, m_run, args.n, steps_run, device, compile=True)[0] * scale
+        per_slice_compiled = time_sampler(hyper, size, m_run, args.n, steps_run, device, slices,
+                                          compile=True)[0] * scale
         row["float32_compiled"] = {"s_per_slice": round(per_slice_compiled, 3),
                                    "time_vs_float32": round(per_slice_compiled / per_slice, 3)}
     ref_m, ref_steps = (1, 1) if quick or device.type == "cuda" else (m_run, steps_run)
@@ -182,9 +188,9 @@ def size_figures(args: argparse.Namespace, size: int, device: torch.device) -> d
 
 
 def peak_memory_mib(args: argparse.Namespace, device: torch.device, n: int) -> dict:
-    """Peak memory of a fresh process sampling a 256 x 256 slice with M weight sets x ``n`` draws (CPU ``--quick``:
-    M = 2; M changes only the statistics, 2 x M x 256^2 float64 = 10 MiB at M = 10)."""
-    m = 2 if args.quick and device.type == "cpu" else args.m
+    """Peak memory of a fresh process sampling a 256 x 256 slice with M weight sets x ``n`` draws (CPU: M = 2, for
+    time; M changes only the statistics held, 2 x M x 256^2 float64 = 10 MiB at M = 10)."""
+    m = 2 if device.type == "cpu" else args.m
     cmd = [sys.executable, __file__, "--device", device.type, "--m", str(m), "--memory-probe", str(n)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -258,9 +264,11 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=10)
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--slice-batch", type=int, default=bundle_section("inference_cfg", "infer")["slice_batch"],
+                        help="most slices per sampler call (default: the bundle's inference_cfg#slice_batch)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="1 weight set x 2 steps per size, projected")
-    parser.add_argument("--full", action="store_true", help="CPU: run 256 in full too (else projected)")
+    parser.add_argument("--full", action="store_true", help="CPU: run 128 and 256 in full too (else projected)")
     parser.add_argument("--sweep", action="store_true", help="only the images-per-call x layout x precision sweep")
     parser.add_argument("--sweep-batches", type=int, nargs="+", default=[1, 2, 5, 10, 20, 40])
     parser.add_argument("--json", help="also write the figures to this file")

@@ -39,10 +39,12 @@ __all__ = ["CALL_PIXELS", "HyperDDIMSampler", "Precision", "SampleResult"]
 
 logger = logging.getLogger(__name__)
 
-CALL_PIXELS = {"cpu": 64 * 64 * 8, "cuda": 256 * 256 * 64}
+CALL_PIXELS = {"cpu": 64 * 64 * 16, "cuda": 256 * 256 * 32}
 """Default images per network call, as pixels per call (``call_batch = max(1, CALL_PIXELS // pixels per image)``)
-by device type: on the CPU the measured optimum (batches larger than this run slower per FLOP, the activations
-leave the cache; ``scripts/benchmark.py --sweep``), on CUDA a size that fills the GPU within a few GiB."""
+by device type. CPU: the measured optimum of the default U-Net (``scripts/benchmark.py --sweep``, 2 threads of an
+AMX Xeon: float32 best at 8-16 images of 64^2, 2 of 128^2, 1 of 256^2, bfloat16 at 8-32, 4, 1-2; larger batches
+run slower per FLOP, their activations leave the cache). CUDA: enough images to keep an H100 busy at 256^2 and
+up (float32 activations ~0.3 GiB per 256^2 image: ~9 GiB per call)."""
 
 
 class Precision(str, Enum):

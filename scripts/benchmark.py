@@ -4,8 +4,8 @@
     python scripts/benchmark.py --device cuda --json bench_cuda.json
     python scripts/benchmark.py --sizes 64 --sweep                 # images per network call x layout x precision
 
-Model: the bundle's default U-Net (``model`` section of common.yaml; at 512 its attention through SDPA, as
-native.yaml does) under an untrained HyperNetwork whose mean weights are perturbed so that the maps are not zero
+Model: the bundle's default U-Net (``model`` section of common.yaml; from 256 its attention through SDPA, see
+:data:`ATTENTION_SDPA_FROM`) under an untrained HyperNetwork whose mean weights are perturbed so that the maps are not zero
 (the cost does not depend on the weights). Per in-plane size, for M x N draws and ``steps`` DDIM steps:
 
 - seconds per slice of the product's sampler (:class:`HyperDDIMSampler` with its defaults), float32 and each
@@ -45,19 +45,22 @@ from hyper_dm.diffusion.losses import MODE_KEYS
 from hyper_dm.diffusion.sampler import Precision
 from hyper_dm.networks import ConditionalUNet, HyperNetwork
 
-ATTENTION_SDPA_FROM = 512
-"""In-plane size from which the U-Net's attention runs through SDPA (the full token matrix does not fit)."""
+ATTENTION_SDPA_FROM = 256
+"""In-plane size from which the U-Net's attention runs through SDPA (``model#use_flash_attention``; same weights):
+on 2 CPU threads 0.4x the time per 256^2 image (the plain path holds 4096^2 attention matrices), 1.2x at 128^2;
+needed at 512^2, where the plain matrices do not fit."""
 
 
-def build(size: int, device: torch.device, ckpt: str | None = None) -> HyperNetwork:
+def build(size: int, device: torch.device, ckpt: str | None = None, sdpa: bool | None = None) -> HyperNetwork:
     """The bundle's default U-Net under a HyperNetwork on ``device``: trained from ``ckpt`` (a model.pt of the
-    default model), else untrained with perturbed mean weights."""
+    default model), else untrained with perturbed mean weights; attention through SDPA from
+    :data:`ATTENTION_SDPA_FROM` unless ``sdpa`` says otherwise."""
     torch.manual_seed(0)
     model = bundle_section("model", "infer")
     backbone = ConditionalUNet(channels=model["channels"], attention_levels=model["attention_levels"],
                                num_res_blocks=model["num_res_blocks"], norm_num_groups=model["norm_num_groups"],
                                num_head_channels=model["num_head_channels"],
-                               use_flash_attention=size >= ATTENTION_SDPA_FROM)
+                               use_flash_attention=size >= ATTENTION_SDPA_FROM if sdpa is None else sdpa)
     hyper = HyperNetwork(backbone, z_dim=model["z_dim"], hidden=model["hidden"], rank=model["rank"],
                          offset_scale=model["offset_scale"])
     if ckpt:  # read directly: hyper_dm.inference needs the I/O stack (SimpleITK, Ignite) a GPU box may not have
@@ -98,11 +101,13 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32) -> f
     return 2 * n**3 * reps / best / 1e9
 
 
-def unet_gflop(hyper: HyperNetwork, size: int, device: torch.device) -> float:
-    """GFLOP of one U-Net evaluation on one ``size x size`` image (PyTorch's FLOP counter)."""
+def unet_gflop(size: int, device: torch.device) -> float:
+    """GFLOP of one U-Net evaluation on one ``size x size`` image (PyTorch's FLOP counter), counted with plain
+    attention: the counter does not see the CPU's SDPA kernel, which does the same products."""
+    backbone = build(size, device, sdpa=False).target
     x = torch.zeros(1, 1, size, size, device=device)
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        hyper.target(x, torch.zeros(1, dtype=torch.long, device=device), x)
+        backbone(x, torch.zeros(1, dtype=torch.long, device=device), x)
     return counter.get_total_flops() / 1e9
 
 
@@ -153,7 +158,7 @@ def accuracy(args: argparse.Namespace, device: torch.device) -> dict:
 def size_figures(args: argparse.Namespace, size: int, device: torch.device) -> dict:
     """All sampler figures for one in-plane size (see the module docstring)."""
     hyper = build(size, device, args.ckpt)
-    gflop = unet_gflop(hyper, size, device)
+    gflop = unet_gflop(size, device)
     quick = args.quick or (device.type == "cpu" and not args.full)
     m_run, steps_run, repeats = (1, 2, 3) if quick else (args.m, args.steps, 1)
     scale = args.m * args.steps / (m_run * steps_run)
@@ -173,8 +178,10 @@ def size_figures(args: argparse.Namespace, size: int, device: torch.device) -> d
         rate = matmul_gflops(device, precision.dtype)
         per_slice_low = time_sampler(hyper, size, m_run, args.n, steps_run, device, slices, repeats,
                                      precision=precision)[0] * scale
+        low_draws, low_slices = HyperDDIMSampler(scheduler(), precision=precision).call_shape(
+            args.n, slices, size * size, device)
         row[precision.value] = {
-            "s_per_slice": round(per_slice_low, 3), "gflops": round(gflop * evaluations / per_slice_low, 1),
+            "images_per_call": low_draws * low_slices, "s_per_slice": round(per_slice_low, 3), "gflops": round(gflop * evaluations / per_slice_low, 1),
             f"matmul_{precision.value}_gflops": round(rate, 1), "fraction_of_matmul_fp32":
             round(gflop * evaluations / per_slice_low / fp32_rate, 3), "time_vs_float32":
             round(per_slice_low / per_slice, 3)}
@@ -247,7 +254,7 @@ def sweep(args: argparse.Namespace, device: torch.device) -> list[dict]:
     precisions = [Precision.FLOAT32, Precision.BFLOAT16 if device.type == "cpu" else Precision.FLOAT16]
     for size in args.sizes:
         hyper = build(size, device)
-        gflop = unet_gflop(hyper, size, device)
+        gflop = unet_gflop(size, device)
         for call_batch in args.sweep_batches:
             for precision in precisions:
                 for channels_last in (False, True):

@@ -39,12 +39,13 @@ __all__ = ["CALL_PIXELS", "HyperDDIMSampler", "Precision", "SampleResult"]
 
 logger = logging.getLogger(__name__)
 
-CALL_PIXELS = {"cpu": 64 * 64 * 16, "cuda": 256 * 256 * 32}
-"""Default images per network call, as pixels per call (``call_batch = max(1, CALL_PIXELS // pixels per image)``)
-by device type. CPU: the measured optimum of the default U-Net (``scripts/benchmark.py --sweep``, 2 threads of an
-AMX Xeon: float32 best at 8-16 images of 64^2, 2 of 128^2, 1 of 256^2, bfloat16 at 8-32, 4, 1-2; larger batches
-run slower per FLOP, their activations leave the cache). CUDA: enough images to keep an H100 busy at 256^2 and
-up (float32 activations ~0.3 GiB per 256^2 image: ~9 GiB per call)."""
+CALL_PIXELS = {"cpu": {"float32": 64 * 64 * 10, "bfloat16": 64 * 64 * 16, "float16": 64 * 64 * 16},
+               "cuda": {"float32": 256 * 256 * 32, "bfloat16": 256 * 256 * 32, "float16": 256 * 256 * 32}}
+"""Default pixels per network call by device type and precision (``call_batch = max(1, pixels // image pixels)``).
+CPU: the measured optimum of the default U-Net (``scripts/benchmark.py --sweep``, 2 threads of an AMX Xeon:
+float32 fastest at 8-16 images of 64^2, 1-2 of 128^2, 1 of 256^2; bfloat16 at 8-32, 4, 1-2; larger batches run
+slower per FLOP, their activations leave the cache). CUDA: enough images to keep an H100 busy at 256^2 and up
+(float32 activations ~0.3 GiB per 256^2 image: ~9 GiB per call). Other device types use the CUDA figures."""
 
 
 class Precision(str, Enum):
@@ -115,7 +116,7 @@ class HyperDDIMSampler:
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if call_batch is not None and call_batch < 1:
-            raise ValueError(f"call_batch must be >= 1 or None, got {call_batch}")
+            raise ValueError(f"call_batch (inference_cfg#call_batch) must be >= 1 or null, got {call_batch}")
         if method not in ("loop", "vmap"):
             raise ValueError(f"unknown evaluation method {method!r}; expected 'loop' or 'vmap'")
         self.prediction_type = scheduler.prediction_type
@@ -128,7 +129,7 @@ class HyperDDIMSampler:
         self.coefficients = [(t, *(float(v) for v in c)) for t, *c in zip(
             self.timesteps, a, a_prev.sqrt(), (1 - a_prev - sigma**2).clamp_min(0).sqrt(), sigma, strict=True)]
         self.eta, self.clip, self.method, self.call_batch = eta, clip, method, call_batch
-        self.precision, self.channels_last, self.compile = Precision.parse(precision), channels_last, compile
+        self.precision, self.channels_last = Precision.parse(precision), channels_last
         self._forward = torch.compile(functional_call, dynamic=False) if compile else functional_call
         self._warned = False
 
@@ -186,7 +187,8 @@ class HyperDDIMSampler:
 
     def call_shape(self, n_draws: int, b: int, pixels: int, device: torch.device) -> tuple[int, int]:
         """``(draws, conditions)`` per network call for ``b`` conditions of ``pixels`` values per image."""
-        call_batch = self.call_batch or max(1, CALL_PIXELS.get(device.type, CALL_PIXELS["cuda"]) // pixels)
+        budget = CALL_PIXELS.get(device.type, CALL_PIXELS["cuda"])[self.precision.value]
+        call_batch = self.call_batch or max(1, budget // pixels)
         if call_batch >= n_draws:
             return n_draws, min(b, call_batch // n_draws)
         chunks = -(-n_draws // call_batch)

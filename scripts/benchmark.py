@@ -5,7 +5,7 @@
     python scripts/benchmark.py --sizes 64 --sweep                 # images per network call x layout x precision
 
 Model: the bundle's default U-Net (``model`` section of common.yaml; from 256 its attention through SDPA, see
-:data:`ATTENTION_SDPA_FROM`) under an untrained HyperNetwork whose mean weights are perturbed so that the maps are not zero
+:data:`ATTENTION_SDPA_FROM`) under a HyperNetwork, trained (``--ckpt``) or untrained with perturbed mean weights
 (the cost does not depend on the weights). Per in-plane size, for M x N draws and ``steps`` DDIM steps:
 
 - seconds per slice of the product's sampler (:class:`HyperDDIMSampler` with its defaults), float32 and each
@@ -181,7 +181,8 @@ def size_figures(args: argparse.Namespace, size: int, device: torch.device) -> d
         low_draws, low_slices = HyperDDIMSampler(scheduler(), precision=precision).call_shape(
             args.n, slices, size * size, device)
         row[precision.value] = {
-            "images_per_call": low_draws * low_slices, "s_per_slice": round(per_slice_low, 3), "gflops": round(gflop * evaluations / per_slice_low, 1),
+            "images_per_call": low_draws * low_slices, "s_per_slice": round(per_slice_low, 3),
+            "gflops": round(gflop * evaluations / per_slice_low, 1),
             f"matmul_{precision.value}_gflops": round(rate, 1), "fraction_of_matmul_fp32":
             round(gflop * evaluations / per_slice_low / fp32_rate, 3), "time_vs_float32":
             round(per_slice_low / per_slice, 3)}

@@ -84,7 +84,8 @@ def test_vmap_sampler_matches_loop():
 
 
 @pytest.mark.parametrize("kwargs, match", [({"eta": -1.0}, "eta"), ({"spacing": "cubic"}, "spacing"),
-                                           ({"steps": 0}, "ddim_steps"), ({"call_batch": 0}, "call_batch"), ({"precision": "half"}, "inference_cfg#precision")])
+                                           ({"steps": 0}, "ddim_steps"), ({"call_batch": 0}, "call_batch"),
+                                           ({"precision": "half"}, "inference_cfg#precision")])
 def test_bad_sampler_settings_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HyperDDIMSampler(make_ddim(), **kwargs)

@@ -82,9 +82,10 @@ class HyperDDIMSampler:
 
     With ``method="loop"`` each network call runs one weight set on ``call_batch`` images: ``n`` draws of ``b``
     conditions (all N draws of ``b = call_batch // N`` conditions when ``call_batch >= N``, else at most
-    ``call_batch`` draws of one condition, in chunks of equal size). A run costs ``steps * M * ceil(N / n) * ceil(B / b)`` calls. ``method="vmap"`` runs
-    all M weight sets in one ``torch.func.vmap`` call instead (slower on CPU, see ``scripts/benchmark.py``).
-    Statistics are streamed (Welford), so memory follows ``call_batch``, not ``N``.
+    ``call_batch`` draws of one condition, in chunks of equal size). A run costs
+    ``steps * M * ceil(N / n) * ceil(B / b)`` calls. ``method="vmap"`` runs all M weight sets in one
+    ``torch.func.vmap`` call instead (slower on CPU, see ``scripts/benchmark.py``). Statistics are streamed
+    (Welford), so memory follows ``call_batch``, not ``N``.
 
     Args:
         scheduler: MONAI ``DDIMScheduler`` whose ``alphas_cumprod`` and ``prediction_type`` are used.

@@ -40,7 +40,7 @@ from hyper_dm.data import build_datalist
 from hyper_dm.inference import HyperDM, case_metrics, load_calibration, load_case
 from hyper_dm.uncertainty import ause, psnr, sparsification_curves, ssim
 
-PHOTON_COUNTS = (1e5, 2e4, 5e3)
+PHOTON_COUNTS = (1e5, 1e4, 1e3)
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 

@@ -431,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
         if name == "report":
             p.add_argument("--out", default="study/recipes.md")
     args = parser.parse_args(argv)
-    {"prepare": prepare, "train": train, "evaluate": evaluate, "report": report, "ablation": ablation}[args.command](args)
+    commands = {"prepare": prepare, "train": train, "evaluate": evaluate, "report": report, "ablation": ablation}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

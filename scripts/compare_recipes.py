@@ -56,6 +56,7 @@ RECIPES = {
                     "eu_term": "kl", "prior_std": 0.3, "probe": True},
     "v_au": {**_V, "timestep_sampling": "quadratic", "mode": "au", "n_noisy": 2, "sigma_noise": 0.05},
     "regression": {**_BASE, "regression": True},
+    "knee_v_quadratic": {**_V, "timestep_sampling": "quadratic"},  # with a knee study (prepare --task mri)
     **{f"v_quadratic_s{k}": {**_V, "timestep_sampling": "quadratic", "seed": k} for k in (1, 2, 3)},
 }
 ABLATION = (2, 4, 8, 16)
@@ -64,6 +65,31 @@ ENSEMBLE = ("v_quadratic", "v_quadratic_s1", "v_quadratic_s2", "v_quadratic_s3")
 
 # ----------------------------------------------------------------------------------------------- prepare (CPU)
 def prepare(args: argparse.Namespace) -> None:
+    (prepare_mri if args.task == "mri" else prepare_ct)(args)
+
+
+def prepare_mri(args: argparse.Namespace) -> None:
+    """Knee MRI training slices only (the model is evaluated by ``scripts/evaluate.py``): synthetic fastMRI files
+    ``<out dir>/knee_<series>``, masks drawn at 4x and 8x, k-space noise drawn in ``data#kspace_noise_range``."""
+    from hyper_dm.config import bundle_section
+    from hyper_dm.data import build_dataset
+    from hyper_dm.data.synthetic import write_fastmri_knee_like
+
+    out = Path(args.out)
+    root = out.parent / f"knee_{args.series}"
+    if not (root / "datalist.json").exists():
+        write_fastmri_knee_like(root, n_files=args.series, seed=args.seed, n_slices=(8, 12))
+    data = {**bundle_section("data"), "task": "mri", "dataset_dir": str(root), "cache_dir": None,
+            "accelerations": [4, 8], "center_fractions": [0.08, 0.04]}
+    train = build_dataset(data, "training")
+    targets = torch.stack([item["target"] for item in train])
+    conds = torch.stack([torch.stack([item["cond"] for item in train]) for _ in range(args.realisations)])
+    torch.save({"task": "mri", "train": {"target": targets.half(), "cond": conds.half()},
+                "model": bundle_section("model")}, out)
+    print(f"wrote {out}: {targets.shape[0]} training slices x {args.realisations} conditions ({root})")
+
+
+def prepare_ct(args: argparse.Namespace) -> None:
     from evaluate import PHOTON_COUNTS, insert_object  # scripts/evaluate.py, beside this file
 
     from hyper_dm.config import bundle_section
@@ -119,7 +145,7 @@ def _model_grid(volume: torch.Tensor, size: int) -> torch.Tensor:
 def load_study(path: str) -> dict:
     """The tensors of ``prepare`` (stored in float16 to travel light) as float32."""
     study = torch.load(path, weights_only=True)
-    for split in ("train", "val", "test", "ood"):
+    for split in ("train", "val", "test", "ood") if "test" in study else ("train",):
         study[split] = {k: v.float() if v.is_floating_point() else v for k, v in study[split].items()}
     return study
 
@@ -185,7 +211,7 @@ def train(args: argparse.Namespace) -> None:
         step += 1
         if checkpoints and time.perf_counter() - start >= checkpoints[0]:
             checkpoints.pop(0)
-            if recipe.get("regression"):
+            if recipe.get("regression") or "ood" not in study:
                 continue
             ratio = ood_ratio(evaluate_set([hyper_weights(hyper, args.M, device)], hyper.target, study["ood"],
                                            recipe, args, n_draws=2, limit=args.track_slices))
@@ -201,7 +227,27 @@ def train(args: argparse.Namespace) -> None:
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "mse_per_100_steps": mse,
            "track": track}
     (out / f"{args.recipe}.run.json").write_text(json.dumps(run, indent=1))  # survives a cut evaluation
-    evaluate_run(args.recipe, out, study, args, device)
+    if "test" in study:
+        evaluate_run(args.recipe, out, study, args, device)
+
+
+def export(args: argparse.Namespace) -> None:
+    """A trained recipe as a bundle checkpoint (``{"hypernet", "config"}``, as training writes ``model.pt``)."""
+    from hyper_dm.config import bundle_section
+
+    study = torch.load(args.data, weights_only=True)
+    recipe = RECIPES[args.recipe]
+    model_keys = ("z_dim", "hidden", "rank", "offset_scale", "channels", "attention_levels", "num_res_blocks",
+                  "norm_num_groups", "num_head_channels")
+    diffusion = bundle_section("diffusion")
+    config = {"data": {"task": study.get("task", "ct"), "img_size": int(study["train"]["target"].shape[-1])},
+              "model": {k: study["model"][k] for k in model_keys},
+              "diffusion": {**{k: diffusion[k] for k in ("num_train_timesteps", "beta_start", "beta_end")},
+                            "prediction_type": recipe["prediction_type"]}}
+    state = torch.load(Path(args.runs) / f"{args.recipe}.pt", map_location="cpu", weights_only=True)
+    Path(args.to).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"hypernet": state, "config": config}, args.to)
+    print(f"wrote {args.to}: {config}")
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -410,6 +456,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--series", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--realisations", type=int, default=4)
+    p.add_argument("--task", choices=("ct", "mri"), default="ct")
+    p = sub.add_parser("export")
+    p.add_argument("--data", default="study/data.pt")
+    p.add_argument("--runs", default="study")
+    p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+    p.add_argument("--to", required=True, help="the bundle checkpoint to write, e.g. bundle/models/model.pt")
     for name in ("train", "evaluate", "report", "ablation"):
         p = sub.add_parser(name)
         p.add_argument("--data", default="study/data.pt")
@@ -431,7 +483,8 @@ def main(argv: list[str] | None = None) -> None:
         if name == "report":
             p.add_argument("--out", default="study/recipes.md")
     args = parser.parse_args(argv)
-    commands = {"prepare": prepare, "train": train, "evaluate": evaluate, "report": report, "ablation": ablation}
+    commands = {"prepare": prepare, "train": train, "evaluate": evaluate, "report": report, "ablation": ablation,
+                "export": export}
     commands[args.command](args)
 
 

@@ -9,7 +9,7 @@ Three steps; the last two run on a GPU where one is available (they need torch a
 ``prepare`` writes, on the model grid (model units, HU / 1000; stored in float16): training slices with
 ``--realisations`` noisy FBP conditions each (photon count drawn in ``data#i0_range`` as the bundle trains),
 validation slices (for the conformal scale), test slices at the three photon counts of ``scripts/evaluate.py``,
-and the test slices with an unfamiliar object (the striped dense disc of ``scripts/evaluate.py``) with its mask.
+and the test slices with an unfamiliar object (``hyper_dm.data.synthetic.insert_dense_disc``) with its mask.
 
 ``train`` trains one recipe (:data:`RECIPES`) for a wall-clock budget under a cosine learning-rate schedule over
 that budget, records EU on the unfamiliar object at five points of the run, and writes ``<recipe>.json`` (figures)
@@ -90,11 +90,11 @@ def prepare_mri(args: argparse.Namespace) -> None:
 
 
 def prepare_ct(args: argparse.Namespace) -> None:
-    from evaluate import PHOTON_COUNTS, insert_object  # scripts/evaluate.py, beside this file
+    from evaluate import PHOTON_COUNTS  # scripts/evaluate.py, beside this file
 
     from hyper_dm.config import bundle_section
     from hyper_dm.data import build_datalist, build_dataset
-    from hyper_dm.data.synthetic import write_luna16_like
+    from hyper_dm.data.synthetic import insert_dense_disc, write_luna16_like
     from hyper_dm.inference import load_case
 
     out = Path(args.out)
@@ -122,7 +122,7 @@ def prepare_ct(args: argparse.Namespace) -> None:
     ood = {"target": [], "cond": [], "mask": []}
     with tempfile.TemporaryDirectory() as tmp:
         for entry in build_datalist(data)["test"]:
-            mask = insert_object(Path(entry["image"]), Path(tmp) / "object.nii.gz")
+            mask = insert_dense_disc(entry["image"], Path(tmp) / "object.nii.gz")
             case = load_case({"image": str(Path(tmp) / "object.nii.gz"), "case_id": entry["case_id"]}, data,
                              "simulate", size)
             ood["target"].append(_model_grid(case["label"], size) / HU)

@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -41,6 +40,7 @@ from matplotlib.figure import Figure
 from hyper_dm.calibration import Calibration
 from hyper_dm.config import parse_overrides
 from hyper_dm.data import build_datalist
+from hyper_dm.data.synthetic import insert_bright_lesion, insert_dense_disc
 from hyper_dm.inference import HyperDM, case_metrics, load_calibration, load_case
 from hyper_dm.uncertainty import ause, psnr, sparsification_curves, ssim
 
@@ -49,55 +49,6 @@ KSPACE_NOISE = (0.0, 0.03, 0.1)
 MRI_ACCELERATIONS = {"4x": {"accelerations": [4], "center_fractions": [0.08]},
                      "8x": {"accelerations": [8], "center_fractions": [0.04]}}  # fastMRI's pairs
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-
-
-def insert_object(mhd: Path, out: Path, radius_mm: float = 15.0, hu: float = 900.0) -> np.ndarray:
-    """Write ``mhd`` with a striped dense disc (axial, every slice) in the right lung as NIfTI; return the disc mask
-    ``[X, Y, Z]`` in the file's index order (x, y, z)."""
-    image = sitk.ReadImage(str(mhd))
-    volume = sitk.GetArrayFromImage(image).astype(np.float32)  # [z, y, x]
-    spacing = np.array(image.GetSpacing())
-    nz, ny, nx = volume.shape
-    y, x = np.meshgrid(np.arange(ny) * spacing[1], np.arange(nx) * spacing[0], indexing="ij")
-    cx, cy = 0.32 * nx * spacing[0], 0.45 * ny * spacing[1]  # patient right lung (LUNA16 LPS index order)
-    disc = (x - cx) ** 2 + (y - cy) ** 2 <= radius_mm**2
-    stripes = (np.floor((x - cx) / 3.0) % 2).astype(np.float32)
-    for k in range(nz):
-        volume[k][disc] = hu - 600.0 * stripes[disc]
-    out_image = sitk.GetImageFromArray(volume)
-    out_image.CopyInformation(image)
-    sitk.WriteImage(out_image, str(out))
-    return np.repeat(disc.T[:, :, None], nz, axis=2)
-
-
-def insert_lesion(h5: Path, out: Path, radius_mm: float = 6.0) -> np.ndarray:
-    """Write the fastMRI file ``h5`` with a bright striped disc (every slice, left of centre) added to the image
-    behind its k-space and ``reconstruction_esc``; return the disc mask ``[320, 320, Z]`` on the reconstruction
-    grid (x, y, z as the loaded volume)."""
-    import h5py
-
-    from hyper_dm.physics.mri import fft2c, ifft2c
-
-    with h5py.File(h5, "r") as src:
-        kspace, esc, attrs = src["kspace"][()], src["reconstruction_esc"][()], dict(src.attrs)
-        header = src["ismrmrd_header"][()]
-    pixel_mm = 140.0 / esc.shape[-1]  # fastMRI knee: 140 mm field of view on the 320 crop
-    rows, cols = kspace.shape[-2:]
-    y, x = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    cy, cx = rows / 2, cols / 2 - 0.2 * esc.shape[-1]
-    disc = (x - cx) ** 2 + (y - cy) ** 2 <= (radius_mm / pixel_mm) ** 2
-    lesion = 1.2 * float(np.abs(esc).max()) * (1 - 0.5 * (np.floor((x - cx) * pixel_mm / 2.0) % 2)) * disc
-    image = ifft2c(kspace)
-    image = image + lesion * np.exp(1j * np.angle(image))  # bright, in phase with the tissue around it
-    top, left = (rows - esc.shape[-2]) // 2, (cols - esc.shape[-1]) // 2
-    crop = (slice(None), slice(top, top + esc.shape[-2]), slice(left, left + esc.shape[-1]))
-    with h5py.File(out, "w") as dst:
-        dst.create_dataset("kspace", data=fft2c(image).astype(np.complex64))
-        dst.create_dataset("reconstruction_esc", data=np.abs(image[crop]).astype(np.float32))
-        dst.create_dataset("ismrmrd_header", data=header)
-        dst.attrs.update({**attrs, "max": float(np.abs(image[crop]).max())})
-    mask = np.broadcast_to(disc[None], image.shape)[crop]  # [Z, 320, 320]
-    return np.ascontiguousarray(mask.transpose(1, 2, 0))
 
 
 def input_quality(case: dict, data_range: float) -> dict:
@@ -185,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 # epistemic: an unfamiliar object, as a user's file
                 object_file = Path(tmp) / ("object.nii.gz" if ct else "object.h5")
-                mask = (insert_object if ct else insert_lesion)(Path(entry["image"]), object_file)
+                mask = (insert_dense_disc if ct else insert_bright_lesion)(entry["image"], object_file)
                 ood_case = load_case({"image": str(object_file), "case_id": "object"}, data, "simulate", size)
                 ood_raw = run(ood_case)
                 # the mask lives in the loaded volume's (x, y, z) order (CT: LPS like LUNA16; MRI: the 320 grid)

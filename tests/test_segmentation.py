@@ -82,7 +82,8 @@ def test_sphere_mask_centre_and_volume_in_an_oblique_frame():
 
 
 def test_masks_sit_on_the_annotations_as_monai_loads_them(luna, tmp_path):
-    datalist = json.loads(prepare_segmentation({"dataset_dir": str(luna)}, "reference", None, None, tmp_path).read_text())
+    path = prepare_segmentation({"dataset_dir": str(luna)}, "reference", None, None, tmp_path)
+    datalist = json.loads(path.read_text())
     nodules = read_annotations(luna / "annotations.csv")
     load = LoadImage(image_only=True, ensure_channel_first=True)
     for item in datalist["training"] + datalist["validation"]:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import monai
 import nibabel as nib
 import numpy as np
 import pytest
@@ -164,3 +165,26 @@ def test_bad_input_names_the_item_and_writes_nothing(luna, recon, tmp_path):
     assert not (tmp_path / "e").exists()
     with pytest.raises(Exception, match=r"segmentation_cfg#variant must be one of \['reference', 'fbp'"):
         prepare_segmentation(data, "mean", broken, None, tmp_path / "f")
+
+
+def test_reference_dice_rises_above_the_untrained_network(tmp_path):
+    """Fixed seeds: 120 steps on 4 training series (96 x 96 x 8, 3.5 mm) lift validation Dice from the untrained
+    network's (~0.01) to ~0.25."""
+    write_luna16_like(tmp_path / "luna", n_series=6, seed=3, size_xy=96, n_slices=(8, 8), spacing_xy_mm=(3.4, 3.6),
+                      spacing_z_mm=(2.5,))
+    dice = {}
+    for epochs in (0, 60):
+        parser = ConfigParser()
+        parser.read_config(SEGMENTATION)
+        parser.update({**TINY_SEG, "segmentation_cfg#roi_size": [32, 32, 8], "segmentation_cfg#pixdim": [3.5, 3.5, 2.5],
+                       "data#dataset_dir": str(tmp_path / "luna"), "segmentation_cfg#workdir": str(tmp_path / "seg"),
+                       "segmentation_cfg#epochs": max(epochs, 1), "segmentation_cfg#val_interval": 1000,
+                       "device": "$torch.device('cpu')"})
+        if epochs:
+            parser.get_parsed_content("segmentation_train")
+        else:
+            monai.utils.set_determinism(seed=0)
+        evaluator = parser.get_parsed_content("seg_validate#evaluator")
+        evaluator.run()
+        dice[epochs] = evaluator.state.metrics["val_mean_dice"]
+    assert dice[0] < 0.05 and dice[60] > dice[0] + 0.1, dice

@@ -8,6 +8,8 @@ Layout (MONAI's ``SaveImage`` convention, one folder per case; ``{stem}`` checke
     {output_dir}/{stem}/{stem}_total.nii.gz   eu + au
     {output_dir}/{stem}/{stem}_{eu,au,total}_std.nii.gz   square roots (write_std=True)
     {output_dir}/{stem}/{stem}_total_std_calibrated.nii.gz  calibrated total std (when a calibration is given)
+    {output_dir}/{stem}/{stem}_cond.nii.gz    the network's input (CT: sparse-view FBP, HU), when the evaluator
+                                              is asked for it (``inference_cfg#write_cond``)
     {output_dir}/{stem}/{stem}_preview.png    middle slice: cond | mean | EU | AU | |error| | label
     {output_dir}/{stem}/{stem}_metrics.json   quality and calibration metrics (cases with a reference)
     {output_dir}/{stem}/{stem}_manifest.json  every file of the case with its size and SHA-256, and the settings that
@@ -67,6 +69,7 @@ _DESCRIPTIONS = {
     "au_std": "hyper_dm aleatoric standard deviation",
     "total_std": "hyper_dm total standard deviation",
     "total_std_calibrated": "hyper_dm total std x split-conformal scale",
+    "cond": "hyper_dm input: sparse-view FBP (CT) / zero-filled",
 }
 
 

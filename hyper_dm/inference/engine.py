@@ -31,7 +31,7 @@ from ..io import safe_stem, sha256_file
 from ..uncertainty import ause, gaussian_coverage, gaussian_crps, psnr, ssim, uce
 from .inputs import case_id_of, find_cases
 from .loading import InputMode, load_case, to_source_layout
-from .reconstructor import VolumeReconstructor
+from .reconstructor import VolumeReconstructor, resize_slices
 
 __all__ = ["CalibrationFitter", "CaseDataset", "VolumeEvaluator", "case_entries", "case_metrics", "input_entries",
            "load_calibration", "run_inference"]
@@ -145,6 +145,8 @@ class VolumeEvaluator(Evaluator):
             that is not finite) is logged, counted in ``state.skipped`` and the run goes on.
         postprocessing: applied to ``engine.state.output`` of each reconstructed case before the handlers see it
             (MONAI's ``IterationEvents.MODEL_COMPLETED``), e.g. :class:`hyper_dm.export.DetectionLayout`.
+        write_cond: also put the network's input in ``volumes`` as ``cond`` (CT: the sparse-view FBP, HU; MRI: the
+            zero-filled magnitude), resized to the case's in-plane grid as the mean is (bilinear up, area down).
 
     With a reference, ``engine.state.output["residuals"]`` holds the case's standardised residuals (see
     :class:`CalibrationFitter`).
@@ -153,13 +155,13 @@ class VolumeEvaluator(Evaluator):
     def __init__(self, device: torch.device | str, val_data_loader: Iterable, reconstructor: VolumeReconstructor,
                  data_range: float | None = None, calibration: Calibration | None = None,
                  val_handlers: Sequence | None = None, on_error: str = "raise",
-                 postprocessing: Callable | None = None) -> None:
+                 postprocessing: Callable | None = None, write_cond: bool = False) -> None:
         super().__init__(device=torch.device(device), val_data_loader=val_data_loader, val_handlers=val_handlers,
                          decollate=False, postprocessing=postprocessing)
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.reconstructor, self.data_range, self.calibration = reconstructor, data_range, calibration
-        self.on_error = on_error
+        self.on_error, self.write_cond = on_error, bool(write_cond)
         self.add_event_handler(Events.STARTED, lambda engine: setattr(engine.state, "skipped", []))
 
     def _iteration(self, engine: VolumeEvaluator, batchdata: list[dict] | dict) -> dict:
@@ -189,6 +191,9 @@ class VolumeEvaluator(Evaluator):
                                     f"{int((~torch.isfinite(image)).sum())} NaN/infinite values (input out of range?)")
         label = case.get("label")
         metrics = residuals = None
+        if self.write_cond:  # [1, x, y, Z] -> [1, X, Y, Z]
+            slices = resize_slices(case["cond"][0].permute(2, 0, 1)[:, None].float(), tuple(volume.shape[1:3]))
+            raw["cond"] = slices[:, 0].permute(1, 2, 0)[None].contiguous()
         if self.calibration is not None:
             raw["total_std_calibrated"] = self.calibration.scale * raw["total"].clamp_min(0).sqrt()
         if label is not None:

@@ -234,7 +234,8 @@ def test_scoring_stores_mean_eu_over_the_body_and_next_sample_serves_the_highest
     assert started.status_code == 200, started.text  # MONAI Label runs it in a background process
     deadline = time.perf_counter() + 600
     # the task's own record, not check_if_running: its process is registered a moment after the request returns
-    while (status := requests.get(f"{server['url']}/scoring/", timeout=30).json()["status"]) in ("SUBMITTED", "RUNNING"):
+    scoring = f"{server['url']}/scoring/"
+    while (status := requests.get(scoring, timeout=30).json()["status"]) in ("SUBMITTED", "RUNNING"):
         assert time.perf_counter() < deadline, "scoring did not finish"
         time.sleep(1)
     assert status == "DONE", status

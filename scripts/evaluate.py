@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--N", type=int, default=4)
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: diffusion.ddim_steps)")
     parser.add_argument("--label", default="", help="a line describing the model and its training budget")
+    parser.add_argument("--cases", type=int, default=None, help="evaluate the first K test cases (default: all)")
     parser.add_argument("overrides", nargs="*", help="key.subkey=value, e.g. data.dataset_dir=/data/LUNA16")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                              out_size=tuple(case["volume"].shape[1:3]))
     rows, reliab, sparsity, ood, noise, timings = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for entry in build_datalist(model.data)["test"]:
+        for entry in build_datalist(model.data)["test"][:args.cases]:
             entry = {"image": entry["image"], "case_id": entry["case_id"]}
             for setting, overrides in settings.items():
                 data = {**model.data, **overrides}

@@ -213,7 +213,10 @@ def write_report(out, args, model, rows, reliab, sparsity, ood, noise, timings, 
     text = [f"# Hyper-DM evaluation: {'sparse-view CT' if ct else 'accelerated single-coil knee MRI'}", "",
             args.label, "",
             f"Command: `python scripts/evaluate.py --ckpt {args.ckpt}"
-            + (f" --config {args.config}" if args.config else "") + f" --M {args.M} --N {args.N}` (steps "
+            + (f" --config {args.config}" if args.config else "") + (f" --calibration {args.calibration}"
+                                                                      if args.calibration else "")
+            + f" --M {args.M} --N {args.N}" + (f" --steps {args.steps}" if args.steps else "")
+            + (f" --cases {args.cases}" if args.cases else "") + "".join(f" {o}" for o in args.overrides) + "` (steps "
             f"{args.steps or 'ddim_steps'}; {len({r['case_id'] for r in rows})} test case(s), model grid "
             f"{model.data['img_size']} px, {physics}); {np.mean(timings):.2f} s per slice here.", ""]
     for s in settings:

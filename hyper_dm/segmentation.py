@@ -50,10 +50,9 @@ import numpy as np
 from .config import parse_choice
 from .data.config import dataset_root, resolve_data_config
 from .data.datasets import build_datalist
-from .data.luna16 import read_annotations
 from .data.validation import BadInputError
 from .engines.writer import CaseWriter
-from .export import AbsentSeries, series_world_frame
+from .export import AbsentSeries, annotations_of, series_world_frame
 from .io import atomic_write, output_path
 
 __all__ = ["LPS_TO_RAS", "Variant", "prepare_segmentation", "sphere_mask"]
@@ -154,20 +153,9 @@ def prepare_segmentation(data: Mapping, variant: str, reconstructions: str | Pat
     policy = AbsentSeries.parse(absent_series)
     splits = build_datalist(data)
     cases = {c["case_id"]: c for split in splits.values() for c in split}
-    csv_path = Path(annotations) if annotations not in (None, "") else dataset_root(data) / "annotations.csv"
-    csv_path = csv_path / "annotations.csv" if csv_path.is_dir() else csv_path
-    if not csv_path.is_file():
-        raise BadInputError(csv_path, "annotations file does not exist (segmentation_cfg#annotations: LUNA16's "
-                                      "annotations.csv or its folder)")
-    nodules = read_annotations(csv_path)
-    absent = sorted(uid for uid in nodules if uid not in cases)
-    if absent and policy is AbsentSeries.ERROR:
-        names = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
-        raise BadInputError(csv_path, f"annotates {len(absent)} series that are not in the dataset "
-                                      f"{dataset_root(data)}: {names}; set segmentation_cfg#absent_series=ignore to "
-                                      "leave them out")
-    if absent:
-        logger.info("annotations of %d series not in the dataset left out (absent_series=ignore)", len(absent))
+    csv_path, nodules = annotations_of(
+        annotations if annotations not in (None, "") else dataset_root(data), cases.__contains__, policy,
+        "segmentation_cfg", f"not in the dataset {dataset_root(data)}", "set ")
     if reconstructions in (None, "") and variant.volumes:
         raise BadInputError("segmentation_cfg#reconstructions", f"variant {variant.value!r} reads reconstructions: "
                                                                  "give the inference output folder")

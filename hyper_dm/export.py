@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 
@@ -80,6 +80,30 @@ class AbsentSeries(str, Enum):
     @classmethod
     def parse(cls, value: str) -> AbsentSeries:
         return parse_choice(cls, value, "export_cfg#absent_series")
+
+
+def annotations_of(path: str | Path, present: Callable[[str], bool], policy: AbsentSeries, section: str,
+                   absent_means: str, fix: str) -> tuple[Path, dict[str, list]]:
+    """LUNA16 annotations (``read_annotations``) from ``path`` (``annotations.csv`` or its folder) and the file read.
+
+    Annotations of series for which ``present(seriesuid)`` is false are an error naming the file and the first
+    series (``policy`` error; the message says they are ``absent_means`` and suggests ``fix`` or
+    ``<section>#absent_series=ignore``) or are left out with a log line (``policy`` ignore).
+    """
+    path = Path(path)
+    csv_path = path if path.suffix.lower() == ".csv" else path / "annotations.csv"
+    if not csv_path.is_file():
+        raise BadInputError(csv_path, f"annotations file does not exist ({section}#annotations: LUNA16's "
+                                      "annotations.csv or the folder holding it)")
+    nodules = read_annotations(csv_path)
+    absent = sorted(uid for uid in nodules if not present(uid))
+    if absent and policy is AbsentSeries.ERROR:
+        names = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
+        raise BadInputError(csv_path, f"annotates {len(absent)} series {absent_means}: {names}; {fix}"
+                                      f"{section}#absent_series=ignore to leave their annotations out")
+    if absent:
+        logger.info("annotations of %d series %s left out (absent_series=ignore)", len(absent), absent_means)
+    return csv_path, {uid: found for uid, found in nodules.items() if present(uid)}
 
 
 class DetectionLayout:
@@ -201,26 +225,13 @@ class DetectionDatalist:
     def _check_annotations(self, entries: Sequence[Mapping]) -> dict[str, list[list[float]]]:
         if self.annotations is None:
             return {}
-        csv_path = self.annotations if self.annotations.suffix.lower() == ".csv" else \
-            self.annotations / "annotations.csv"
-        if not csv_path.is_file():
-            raise BadInputError(csv_path, "annotations file does not exist (export_cfg#annotations: LUNA16's "
-                                          "annotations.csv or the folder holding it)")
-        nodules = read_annotations(csv_path)
         by_case = {e["case_id"]: e for e in entries}
-        absent = sorted(uid for uid in nodules if _case_id(uid) not in by_case)
-        if absent and self.absent_series is AbsentSeries.ERROR:
-            names = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
-            raise BadInputError(csv_path, f"annotates {len(absent)} series that are not among the {len(by_case)} "
-                                          f"series to export: {names}; export them too (inference_cfg#input), or set "
-                                          "export_cfg#absent_series=ignore to leave their annotations out")
-        if absent:
-            logger.info("annotations of %d series that are not exported left out (absent_series=ignore)", len(absent))
+        csv_path, nodules = annotations_of(
+            self.annotations, lambda uid: _case_id(uid) in by_case, self.absent_series, "export_cfg",
+            f"not among the {len(by_case)} series to export", "export them too (inference_cfg#input), or set ")
         boxes: dict[str, list[list[float]]] = {}
         for uid, found in nodules.items():
-            entry = by_case.get(_case_id(uid))
-            if entry is None:
-                continue
+            entry = by_case[_case_id(uid)]
             frame, size = series_world_frame(entry["image"])
             for nodule in found:
                 if not _inside(frame, size, nodule["coord_mm"]):

@@ -7,14 +7,17 @@ Three steps; the last two run on a GPU where one is available (they need torch a
     python scripts/compare_recipes.py report --runs study/ --out docs/recipes.md
 
 ``prepare`` writes, on the model grid (model units, HU / 1000; stored in float16): training slices with
-``--realisations`` noisy FBP conditions each, validation slices (for the conformal scale), test slices at three
-photon counts, and the test slices with an unfamiliar object (the striped dense disc of ``scripts/evaluate.py``)
-with its mask.
+``--realisations`` noisy FBP conditions each (photon count drawn in ``data#i0_range`` as the bundle trains),
+validation slices (for the conformal scale), test slices at the three photon counts of ``scripts/evaluate.py``,
+and the test slices with an unfamiliar object (``hyper_dm.data.synthetic.insert_dense_disc``) with its mask.
 
 ``train`` trains one recipe (:data:`RECIPES`) for a wall-clock budget under a cosine learning-rate schedule over
 that budget, records EU on the unfamiliar object at five points of the run, and writes ``<recipe>.json`` (figures)
 and ``<recipe>.pt`` (HyperNetwork state). ``report`` tabulates every run and the deep-ensemble baseline (the
 members ``v_quadratic``, ``v_quadratic_s1``, ... : EU is the spread across members, one weight set each).
+``ablation`` evaluates one trained recipe over M and N in {2, 4, 8, 16}. The recipe ``regression`` is the
+deterministic baseline: the same backbone and HyperNetwork (one weight set) trained by plain MSE from the FBP
+condition alone (``x_t = 0``, ``t = 0``); it has no uncertainty, only quality figures.
 """
 
 from __future__ import annotations
@@ -34,11 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hyper_dm.diffusion import HyperDDIMSampler, LossConfig, make_ddim, make_ddpm, training_loss  # noqa: E402
-from hyper_dm.networks import ConditionalUNet, HyperNetwork  # noqa: E402
+from hyper_dm.networks import ConditionalUNet, HyperNetwork, apply_weight_sets  # noqa: E402
 from hyper_dm.uncertainty import ause, gaussian_coverage, psnr  # noqa: E402
 
 HU = 1000.0  # HU per model unit (hu_window [-1000, 1000])
-PHOTON_COUNTS = (1e5, 2e4, 5e3)
 _BASE = {"prediction_type": "sample", "timestep_sampling": "uniform", "mode": "standard", "seed": 0}
 _V = {**_BASE, "prediction_type": "v_prediction"}
 RECIPES = {
@@ -52,18 +54,47 @@ RECIPES = {
                 "eu_term": "kl", "prior_std": 0.3, "probe": True},
     "v_eu_kl_low": {**_V, "timestep_sampling": "quadratic", "mode": "eu", "m_weights": 4, "lambda_eu": 0.003,
                     "eu_term": "kl", "prior_std": 0.3, "probe": True},
+    "v_au": {**_V, "timestep_sampling": "quadratic", "mode": "au", "n_noisy": 2, "sigma_noise": 0.05},
+    "regression": {**_BASE, "regression": True},
+    "knee_v_quadratic": {**_V, "timestep_sampling": "quadratic"},  # with a knee study (prepare --task mri)
     **{f"v_quadratic_s{k}": {**_V, "timestep_sampling": "quadratic", "seed": k} for k in (1, 2, 3)},
 }
+ABLATION = (2, 4, 8, 16)
 ENSEMBLE = ("v_quadratic", "v_quadratic_s1", "v_quadratic_s2", "v_quadratic_s3")
 
 
 # ----------------------------------------------------------------------------------------------- prepare (CPU)
 def prepare(args: argparse.Namespace) -> None:
-    from evaluate import insert_object  # scripts/evaluate.py, beside this file
+    (prepare_mri if args.task == "mri" else prepare_ct)(args)
+
+
+def prepare_mri(args: argparse.Namespace) -> None:
+    """Knee MRI training slices only (the model is evaluated by ``scripts/evaluate.py``): synthetic fastMRI files
+    ``<out dir>/knee_<series>``, masks drawn at 4x and 8x, k-space noise drawn in ``data#kspace_noise_range``."""
+    from hyper_dm.config import bundle_section
+    from hyper_dm.data import build_dataset
+    from hyper_dm.data.synthetic import write_fastmri_knee_like
+
+    out = Path(args.out)
+    root = out.parent / f"knee_{args.series}"
+    if not (root / "datalist.json").exists():
+        write_fastmri_knee_like(root, n_files=args.series, seed=args.seed, n_slices=(8, 12))
+    data = {**bundle_section("data"), "task": "mri", "dataset_dir": str(root), "cache_dir": None,
+            "accelerations": [4, 8], "center_fractions": [0.08, 0.04]}
+    train = build_dataset(data, "training")
+    targets = torch.stack([item["target"] for item in train])
+    conds = torch.stack([torch.stack([item["cond"] for item in train]) for _ in range(args.realisations)])
+    torch.save({"task": "mri", "train": {"target": targets.half(), "cond": conds.half()},
+                "model": bundle_section("model")}, out)
+    print(f"wrote {out}: {targets.shape[0]} training slices x {args.realisations} conditions ({root})")
+
+
+def prepare_ct(args: argparse.Namespace) -> None:
+    from evaluate import PHOTON_COUNTS  # scripts/evaluate.py, beside this file
 
     from hyper_dm.config import bundle_section
     from hyper_dm.data import build_datalist, build_dataset
-    from hyper_dm.data.synthetic import write_luna16_like
+    from hyper_dm.data.synthetic import insert_dense_disc, write_luna16_like
     from hyper_dm.inference import load_case
 
     out = Path(args.out)
@@ -91,7 +122,7 @@ def prepare(args: argparse.Namespace) -> None:
     ood = {"target": [], "cond": [], "mask": []}
     with tempfile.TemporaryDirectory() as tmp:
         for entry in build_datalist(data)["test"]:
-            mask = insert_object(Path(entry["image"]), Path(tmp) / "object.nii.gz")
+            mask = insert_dense_disc(entry["image"], Path(tmp) / "object.nii.gz")
             case = load_case({"image": str(Path(tmp) / "object.nii.gz"), "case_id": entry["case_id"]}, data,
                              "simulate", size)
             ood["target"].append(_model_grid(case["label"], size) / HU)
@@ -100,7 +131,7 @@ def prepare(args: argparse.Namespace) -> None:
     half = lambda split: {k: v.half() if v.is_floating_point() else v for k, v in split.items()}  # noqa: E731
     torch.save({"train": half({"target": targets, "cond": conds}), "val": half(cases("validation")),
                 "test": half(test), "ood": half({k: torch.cat(v) for k, v in ood.items()}),
-                "model": bundle_section("model")}, out)
+                "model": bundle_section("model"), "photon_counts": list(PHOTON_COUNTS)}, out)
     print(f"wrote {out}: {targets.shape[0]} training slices x {args.realisations} conditions, "
           f"{test['target'].shape[0]} test slices")
 
@@ -114,7 +145,7 @@ def _model_grid(volume: torch.Tensor, size: int) -> torch.Tensor:
 def load_study(path: str) -> dict:
     """The tensors of ``prepare`` (stored in float16 to travel light) as float32."""
     study = torch.load(path, weights_only=True)
-    for split in ("train", "val", "test", "ood"):
+    for split in ("train", "val", "test", "ood") if "test" in study else ("train",):
         study[split] = {k: v.float() if v.is_floating_point() else v for k, v in study[split].items()}
     return study
 
@@ -167,8 +198,12 @@ def train(args: argparse.Namespace) -> None:
         idx = torch.randint(0, targets.shape[0], (args.batch,), generator=generator, device=device)
         real = torch.randint(0, conds.shape[0], (args.batch,), generator=generator, device=device)
         target, cond = targets[idx], conds[real, idx]
-        probe = random_objects(cond, generator) if recipe.get("probe") else None
-        terms = training_loss(hyper, hyper.target, scheduler, target, cond, loss_config, generator, probe)
+        if recipe.get("regression"):
+            terms = {"mse": F.mse_loss(regression(hyper, cond, hyper(hyper.sample_z(1, generator))), target)}
+            terms["loss"] = terms["mse"]
+        else:
+            probe = random_objects(cond, generator) if recipe.get("probe") else None
+            terms = training_loss(hyper, hyper.target, scheduler, target, cond, loss_config, generator, probe)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
@@ -176,6 +211,8 @@ def train(args: argparse.Namespace) -> None:
         step += 1
         if checkpoints and time.perf_counter() - start >= checkpoints[0]:
             checkpoints.pop(0)
+            if recipe.get("regression") or "ood" not in study:
+                continue
             ratio = ood_ratio(evaluate_set([hyper_weights(hyper, args.M, device)], hyper.target, study["ood"],
                                            recipe, args, n_draws=2, limit=args.track_slices))
             track.append({"minutes": round((time.perf_counter() - start) / 60, 2), "step": step,
@@ -190,7 +227,27 @@ def train(args: argparse.Namespace) -> None:
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "mse_per_100_steps": mse,
            "track": track}
     (out / f"{args.recipe}.run.json").write_text(json.dumps(run, indent=1))  # survives a cut evaluation
-    evaluate_run(args.recipe, out, study, args, device)
+    if "test" in study:
+        evaluate_run(args.recipe, out, study, args, device)
+
+
+def export(args: argparse.Namespace) -> None:
+    """A trained recipe as a bundle checkpoint (``{"hypernet", "config"}``, as training writes ``model.pt``)."""
+    from hyper_dm.config import bundle_section
+
+    study = torch.load(args.data, weights_only=True)
+    recipe = RECIPES[args.recipe]
+    model_keys = ("z_dim", "hidden", "rank", "offset_scale", "channels", "attention_levels", "num_res_blocks",
+                  "norm_num_groups", "num_head_channels")
+    diffusion = bundle_section("diffusion")
+    config = {"data": {"task": study.get("task", "ct"), "img_size": int(study["train"]["target"].shape[-1])},
+              "model": {k: study["model"][k] for k in model_keys},
+              "diffusion": {**{k: diffusion[k] for k in ("num_train_timesteps", "beta_start", "beta_end")},
+                            "prediction_type": recipe["prediction_type"]}}
+    state = torch.load(Path(args.runs) / f"{args.recipe}.pt", map_location="cpu", weights_only=True)
+    Path(args.to).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"hypernet": state, "config": config}, args.to)
+    print(f"wrote {args.to}: {config}")
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -204,8 +261,13 @@ def evaluate_run(name: str, runs: Path, study: dict, args: argparse.Namespace, d
     hyper.load_state_dict(torch.load(runs / f"{name}.pt", map_location=device, weights_only=True))
     run_file = runs / f"{name}.run.json"
     run = json.loads(run_file.read_text()) if run_file.exists() else {"recipe": name, "settings": RECIPES[name]}
-    figures = posterior_figures([hyper_weights(hyper, args.M, device)], hyper.target, study, RECIPES[name], args)
-    result = {**run, "evaluation": {"M": args.M, "N": args.N, "ddim_steps": args.steps}, **figures}
+    start = time.perf_counter()
+    if RECIPES[name].get("regression"):
+        figures = regression_figures(hyper, study, args)
+    else:
+        figures = posterior_figures([hyper_weights(hyper, args.M, device)], hyper.target, study, RECIPES[name], args)
+    result = {**run, "evaluation": {"M": args.M, "N": args.N, "ddim_steps": args.steps,
+                                    "seconds": round(time.perf_counter() - start, 1)}, **figures}
     (runs / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "mse_per_100_steps"}, indent=1))
 
@@ -213,6 +275,33 @@ def evaluate_run(name: str, runs: Path, study: dict, args: argparse.Namespace, d
 @torch.no_grad()
 def hyper_weights(hyper: HyperNetwork, m: int, device: torch.device) -> dict[str, torch.Tensor]:
     return hyper(hyper.sample_z(m, torch.Generator(device).manual_seed(1234)))
+
+
+def regression(hyper: HyperNetwork, cond: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The deterministic baseline's image ``[B, 1, H, W]`` from ``cond [B, 1, H, W]``: one weight set, ``x_t = 0``,
+    ``t = 0``."""
+    t = torch.zeros(1, cond.shape[0], dtype=torch.long, device=cond.device)
+    return apply_weight_sets(hyper.target, weights, torch.zeros_like(cond)[None], t, cond[None])[0]
+
+
+@torch.no_grad()
+def regression_figures(hyper: HyperNetwork, study: dict, args: argparse.Namespace) -> dict:
+    """Quality of the deterministic baseline on the test slices (first photon count) and on the object slices."""
+    weights = hyper_weights(hyper, 1, next(hyper.parameters()).device)
+    test, counts = study["test"], study["photon_counts"]
+    figures = {}
+    for key, split, cond_key in (("", test, f"cond_{int(counts[0])}"), ("ood_", study["ood"], "cond")):
+        cond, target = split[cond_key][:args.eval_slices], split["target"][:args.eval_slices]
+        mean = torch.cat([regression(hyper, b.to(weights[next(iter(weights))].device), weights).cpu().clamp(-1, 1)
+                          for b in cond.split(args.eval_batch)])
+        figures[f"{key}psnr"] = float(psnr(mean, target).mean())
+        figures[f"{key}mse_hu2"] = float((mean - target).pow(2).mean()) * HU**2
+        if key:
+            mask = split["mask"][:args.eval_slices]
+            figures["ood_rmse_inside_hu"] = float((mean - target)[mask].pow(2).mean().sqrt()) * HU
+    figures["psnr_fbp"] = float(psnr(test[f"cond_{int(counts[0])}"][:args.eval_slices],
+                                     test["target"][:args.eval_slices]).mean())
+    return figures
 
 
 # --------------------------------------------------------------------------------------------------- evaluate
@@ -256,8 +345,8 @@ def posterior_figures(weight_list: list[dict], backbone: torch.nn.Module, study:
     k = min(residual.numel(), math.ceil((residual.numel() + 1) * 0.9))
     scale = float(residual.sort().values[k - 1] / 1.6448536)  # split-conformal scale of the std at 90%
     figures = {"conformal_scale_90": scale, "noise": []}
-    test = study["test"]
-    for i0 in PHOTON_COUNTS:
+    test, counts = study["test"], study["photon_counts"]
+    for i0 in counts:
         key = f"cond_{int(i0)}"
         res = evaluate_set(weight_list, backbone, test, recipe, args, cond_key=key, limit=args.eval_slices)
         total = res["eu"] + res["au"]
@@ -265,7 +354,7 @@ def posterior_figures(weight_list: list[dict], backbone: torch.nn.Module, study:
         row = {"i0": i0, "mean_eu_hu2": float(res["eu"].mean()) * HU**2, "mean_au_hu2": float(res["au"].mean()) * HU**2,
                "mse_hu2": float(error.pow(2).mean()) * HU**2}
         figures["noise"].append(row)
-        if i0 == PHOTON_COUNTS[0]:
+        if i0 == counts[0]:
             cond = test[key][:args.eval_slices]
             figures.update(
                 psnr=float(psnr(res["mean"], res["target"]).mean()), psnr_fbp=float(psnr(cond, res["target"]).mean()),
@@ -282,15 +371,42 @@ def posterior_figures(weight_list: list[dict], backbone: torch.nn.Module, study:
     figures["au_rises"] = all(a < b for a, b in zip(aus, aus[1:], strict=False))
     figures["au_change"] = aus[-1] / max(aus[0], 1e-20) - 1
     figures["eu_change"] = eus[-1] / max(eus[0], 1e-20) - 1
-    figures["ood_eu_ratio"] = ood_ratio(evaluate_set(weight_list, backbone, study["ood"], recipe, args,
-                                                     limit=args.eval_slices))
+    ood = evaluate_set(weight_list, backbone, study["ood"], recipe, args, limit=args.eval_slices)
+    figures["ood_eu_ratio"] = ood_ratio(ood)
+    figures["ood_rmse_inside_hu"] = float((ood["mean"] - ood["target"])[ood["mask"]].pow(2).mean().sqrt()) * HU
     return figures
+
+
+def ablation(args: argparse.Namespace) -> None:
+    """EU, AU, coverage, AUSE, EU on the object and PSNR of one trained recipe for M in :data:`ABLATION` at
+    N = 8 and N in :data:`ABLATION` at M = 8 (test slices at the first photon count; ``<recipe>.ablation.json``)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    study, runs = load_study(args.data), Path(args.runs)
+    hyper = build(study, device)
+    hyper.load_state_dict(torch.load(runs / f"{args.recipe}.pt", map_location=device, weights_only=True))
+    recipe, cond_key = RECIPES[args.recipe], f"cond_{int(study['photon_counts'][0])}"
+    rows = []
+    for m, n in sorted({(m, 8) for m in ABLATION} | {(8, n) for n in ABLATION}):
+        start = time.perf_counter()
+        weights = [hyper_weights(hyper, m, device)]
+        res = evaluate_set(weights, hyper.target, study["test"], recipe, args, cond_key, n, args.eval_slices)
+        total, error = res["eu"] + res["au"], res["mean"] - res["target"]
+        rows.append({"M": m, "N": n, "psnr": float(psnr(res["mean"], res["target"]).mean()),
+                     "mean_eu_hu2": float(res["eu"].mean()) * HU**2, "mean_au_hu2": float(res["au"].mean()) * HU**2,
+                     "coverage_90_raw": gaussian_coverage(res["mean"], total, res["target"], (0.9,))[0.9],
+                     "ause": ause(total, error.abs()),
+                     "ood_eu_ratio": ood_ratio(evaluate_set(weights, hyper.target, study["ood"], recipe, args,
+                                                            n_draws=n, limit=args.eval_slices)),
+                     "seconds": round(time.perf_counter() - start, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+    (runs / f"{args.recipe}.ablation.json").write_text(json.dumps(rows, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------------- report
 def report(args: argparse.Namespace) -> None:
     runs = Path(args.runs)
-    rows = {p.stem: json.loads(p.read_text()) for p in sorted(runs.glob("*.json")) if ".run" not in p.suffixes}
+    rows = {p.stem: json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))
+            if not {".run", ".ablation"} & set(p.suffixes)}
     if args.data and all(name in rows and (runs / f"{name}.pt").exists() for name in ENSEMBLE):
         study = load_study(args.data)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -304,17 +420,30 @@ def report(args: argparse.Namespace) -> None:
                             "steps": sum(rows[m]["steps"] for m in ENSEMBLE), "minutes": sum(
                                 rows[m]["minutes"] for m in ENSEMBLE), **figures}
         (runs / "ensemble.json").write_text(json.dumps(rows["ensemble"], indent=1))
-    head = ("| recipe | steps | PSNR (FBP) dB | MSE HU^2 | EU HU^2 | AU HU^2 | MSE / total var | cov90 raw | "
-            "cov90 cal | AUSE (random) | EU on object x | AU change i0 1e5 -> 5e3 | EU change |")
+    head = ("| recipe | steps (min) | PSNR (FBP) dB | MSE HU^2 | EU HU^2 | AU HU^2 | MSE / total var | cov90 raw | "
+            "cov90 cal | AUSE (random) | EU on object x | RMSE in object HU | AU change, lowest i0 | EU change | "
+            "eval s |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for name, r in rows.items():
         if name.startswith("v_quadratic_s"):
             continue
-        lines.append(f"| {name} | {r.get('steps', '?')} | {r['psnr']:.2f} ({r['psnr_fbp']:.2f}) | {r['mse_hu2']:.0f} | "
-                     f"{r['mean_eu_hu2']:.2f} | {r['mean_au_hu2']:.2f} | {r['variance_ratio']:.0f} | "
-                     f"{r['coverage_raw']['0.9']:.3f} | {r['coverage_calibrated']['0.9']:.3f} | "
-                     f"{r['ause']:.3f} ({r['ause_random']:.3f}) | {r['ood_eu_ratio']:.2f} | "
-                     f"{r['au_change']:+.2f} | {r['eu_change']:+.2f} |")
+        cost = f"| {name} | {r.get('steps', '?')} ({r.get('minutes', '?')}) | {r['psnr']:.2f} ({r['psnr_fbp']:.2f}) | "
+        if "mean_eu_hu2" not in r:  # the deterministic baseline: quality only
+            lines.append(cost + f"{r['mse_hu2']:.0f} | - | - | - | - | - | - | - | {r['ood_rmse_inside_hu']:.0f} | - | "
+                         f"- | {r.get('evaluation', {}).get('seconds', '-')} |")
+            continue
+        lines.append(cost + f"{r['mse_hu2']:.0f} | {r['mean_eu_hu2']:.1f} | {r['mean_au_hu2']:.1f} | "
+                     f"{r['variance_ratio']:.1f} | {r['coverage_raw']['0.9']:.3f} | "
+                     f"{r['coverage_calibrated']['0.9']:.3f} | {r['ause']:.3f} ({r['ause_random']:.3f}) | "
+                     f"{r['ood_eu_ratio']:.2f} | {r.get('ood_rmse_inside_hu', float('nan')):.0f} | "
+                     f"{r['au_change']:+.2f} | {r['eu_change']:+.2f} | {r.get('evaluation', {}).get('seconds', '-')} |")
+    for path in sorted(runs.glob("*.ablation.json")):
+        lines += ["", f"Ablation of {path.name.split('.')[0]} (test slices, first photon count):", "",
+                  "| M | N | PSNR dB | EU HU^2 | AU HU^2 | cov90 raw | AUSE | EU on object x | s |",
+                  "|" + " --- |" * 9]
+        lines += [f"| {a['M']} | {a['N']} | {a['psnr']:.2f} | {a['mean_eu_hu2']:.1f} | {a['mean_au_hu2']:.1f} | "
+                  f"{a['coverage_90_raw']:.3f} | {a['ause']:.3f} | {a['ood_eu_ratio']:.2f} | {a['seconds']} |"
+                  for a in json.loads(path.read_text())]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -327,7 +456,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--series", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--realisations", type=int, default=4)
-    for name in ("train", "evaluate", "report"):
+    p.add_argument("--task", choices=("ct", "mri"), default="ct")
+    p = sub.add_parser("export")
+    p.add_argument("--data", default="study/data.pt")
+    p.add_argument("--runs", default="study")
+    p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+    p.add_argument("--to", required=True, help="the bundle checkpoint to write, e.g. bundle/models/model.pt")
+    for name in ("train", "evaluate", "report", "ablation"):
         p = sub.add_parser(name)
         p.add_argument("--data", default="study/data.pt")
         p.add_argument("--M", type=int, default=8)
@@ -348,7 +483,9 @@ def main(argv: list[str] | None = None) -> None:
         if name == "report":
             p.add_argument("--out", default="study/recipes.md")
     args = parser.parse_args(argv)
-    {"prepare": prepare, "train": train, "evaluate": evaluate, "report": report}[args.command](args)
+    commands = {"prepare": prepare, "train": train, "evaluate": evaluate, "report": report, "ablation": ablation,
+                "export": export}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,6 +94,7 @@ def test_training_photon_count_drawn_from_i0_range(ct_data):
     Validation keeps the configured ``i0``."""
     def noise_levels(data: dict) -> torch.Tensor:
         train = build_dataset(data, "training")
+        train.transform.set_random_state(seed=0)  # fixed draws: the test cannot flake
         return torch.stack([(train[0]["cond"] - train[0]["target"]).std() for _ in range(24)])
 
     fixed = noise_levels({**ct_data, "noise": "poisson", "i0": 3e3, "i0_range": None})
@@ -129,6 +131,36 @@ def test_mri_samples_and_intensity_map(mri_data):
     torch.testing.assert_close(build_dataset(mri_data, "validation")[0]["cond"], sample["cond"])
     train = build_dataset(mri_data, "training")
     assert not torch.equal(train[0]["cond"], train[0]["cond"])  # a new mask every draw
+
+
+def test_kspace_noise_level_set_for_evaluation_and_drawn_for_training(mri_data):
+    """``kspace_noise`` adds seeded noise of that std (relative to the magnitude scale) in validation and in
+    simulated inference; ``kspace_noise_range`` makes the training noise level vary from draw to draw."""
+    from hyper_dm.inference import load_case
+    from hyper_dm.physics.mri import add_kspace_noise, ifft2c
+
+    noisy = add_kspace_noise(np.zeros((640, 368), np.complex64), 0.25, np.random.default_rng(0))
+    assert abs(float(ifft2c(noisy).imag.std()) - 0.25) < 0.005
+    clean = {**mri_data, "kspace_noise": 0.0, "kspace_noise_range": None}
+    val = [build_dataset({**clean, "kspace_noise": s}, "validation")[0]["cond"] for s in (0.0, 0.05, 0.05)]
+    assert not torch.equal(val[0], val[1]) and torch.equal(val[1], val[2])  # noise added, seeded
+
+    def train(cfg: dict) -> list[torch.Tensor]:
+        dataset = build_dataset(cfg, "training")
+        dataset.transform.set_random_state(seed=0)
+        return [dataset[0]["cond"] for _ in range(6)]
+
+    spread = lambda conds: torch.stack([(c - val[0]).std() for c in conds])  # noqa: E731
+    fixed, ranged = spread(train(clean)), spread(train({**clean, "kspace_noise_range": [0.0, 0.3]}))
+    assert float(ranged.std()) > 3 * float(fixed.std())
+
+    entry = build_datalist(mri_data)["test"][0]
+    cases = [load_case({"image": entry["image"], "case_id": "k"}, resolve_data_config({**clean, "kspace_noise": s}),
+                       "simulate", 32) for s in (0.0, 0.1)]
+    error = [float((c["cond"] - c["label"]).abs().mean()) for c in cases]
+    assert error[1] > 1.2 * error[0]
+    with pytest.raises(ValueError, match="kspace_noise"):
+        resolve_data_config({**clean, "kspace_noise_range": [0.2, 0.1]})
 
 
 def test_mri_mask_fixed_per_file(mri_data):

@@ -34,7 +34,7 @@ from monai.transforms import (
 
 from hyper_dm.config import ConfigError
 from hyper_dm.data.luna16 import read_annotations
-from hyper_dm.data.synthetic import write_luna16_like
+from hyper_dm.data.synthetic import insert_dense_disc, write_luna16_like
 from hyper_dm.data.validation import BadInputError
 from hyper_dm.engines.writer import CaseWriter
 from hyper_dm.export import DetectionDatalist, DetectionLayout, nodule_box
@@ -191,28 +191,13 @@ def test_annotated_nodule_box_lands_on_the_nodule(tmp_path, exported, luna):
     np.testing.assert_allclose([(s.start + s.stop - 1) / 2 for s in region], centre, atol=1.0)
 
 
-def insert_object(mhd: Path, out: Path, centre_lps, radius_mm: float = 15.0) -> tuple[Path, np.ndarray]:
-    """``mhd`` with a dense striped disc (an object no training case had) around ``centre_lps``, as NIfTI; returns
-    the path and the disc mask ``[X, Y, Z]`` in the file's voxel order."""
-    image = sitk.ReadImage(str(mhd))
-    hu = sitk.GetArrayFromImage(image).astype(np.float32)  # [z, y, x]
-    index = np.stack(np.meshgrid(*[np.arange(n) for n in image.GetSize()], indexing="ij"), axis=-1)  # [x, y, z, 3]
-    world = np.asarray(image.GetOrigin()) + index * np.asarray(image.GetSpacing())  # identity direction (LUNA16)
-    disc = np.linalg.norm(world[..., :2] - np.asarray(centre_lps[:2]), axis=-1) <= radius_mm
-    stripes = np.floor(world[..., 0] / 3.0) % 2
-    hu.transpose(2, 1, 0)[disc] = (900.0 - 600.0 * stripes)[disc]
-    objected = sitk.GetImageFromArray(hu)
-    objected.CopyInformation(image)
-    sitk.WriteImage(objected, str(out))
-    return out, disc
-
-
 def test_findings_flag_the_box_over_an_unfamiliar_object_not_a_normal_region(tmp_path, luna):
     mhd = sorted(luna.rglob("*.mhd"))[0]
     lo, hi = series_extent_lps(mhd)
     middle = (lo + hi) / 2
     target, mirror = middle + [-75.0, -5.0, 0.0], middle + [75.0, -5.0, 0.0]  # right and left lung (LPS)
-    source, disc = insert_object(mhd, tmp_path / f"{mhd.stem}.nii.gz", target)
+    source = tmp_path / f"{mhd.stem}.nii.gz"
+    disc = insert_dense_disc(mhd, source, target)
     # EU as a model that has not seen the object gives it: 400 HU^2 inside, 10 (air, lung) or 15 (tissue) elsewhere
     export = tmp_path / "export"
     writer = source_layout_export(source, export, eu=lambda hu: 10.0 + 5.0 * (hu > -500).float()

@@ -20,6 +20,7 @@ import torch
 from conftest import SMALL_MODEL
 from ignite.engine import Events
 
+from hyper_dm.data.config import resolve_data_config
 from hyper_dm.data.synthetic import write_challenge_like, write_fastmri_knee_like, write_luna16_like
 from hyper_dm.data.validation import BadInputError
 from hyper_dm.engines.writer import CaseWriter
@@ -140,8 +141,8 @@ def test_measured_ct_checks_the_stated_acquisition_and_dimensionality(tmp_path):
 def test_measured_knee_kspace_with_its_mask(tmp_path):
     full = write_fastmri_knee_like(tmp_path, n_files=1, seed=3, n_slices=(2, 2))[0]
     challenge = write_challenge_like(full, tmp_path / "test" / "challenge.h5", acceleration=4, seed=1)
-    data = {"task": "mri", "img_size": 32, "hu_window": [-1000.0, 1000.0], "mri_norm": "volume_max",
-            "mask_type": "random", "center_fractions": [0.08], "accelerations": [4], "split_seed": 0}
+    data = resolve_data_config({"task": "mri", "img_size": 32, "mri_norm": "volume_max", "mask_type": "random",
+                                "center_fractions": [0.08], "accelerations": [4], "split_seed": 0})
     measured = load_case({"image": str(challenge), "case_id": "c"}, data, "measured", 32)
     assert measured["label"] is None and measured["cond"].shape == (1, 320, 320, 2)
     with h5py.File(challenge) as hf:

@@ -233,10 +233,12 @@ def test_scoring_stores_mean_eu_over_the_body_and_next_sample_serves_the_highest
     started = requests.post(f"{server['url']}/scoring/hyperdm_eu", json={}, timeout=30)
     assert started.status_code == 200, started.text  # MONAI Label runs it in a background process
     deadline = time.perf_counter() + 600
-    while requests.get(f"{server['url']}/scoring/", params={"check_if_running": True}, timeout=30).status_code == 200:
+    # the task's own record, not check_if_running: its process is registered a moment after the request returns
+    scoring = f"{server['url']}/scoring/"
+    while (status := requests.get(scoring, timeout=30).json()["status"]) in ("SUBMITTED", "RUNNING"):
         assert time.perf_counter() < deadline, "scoring did not finish"
         time.sleep(1)
-    assert requests.get(f"{server['url']}/scoring/", timeout=30).json()["status"] == "DONE"
+    assert status == "DONE", status
     ids = ["chest0", "chest1", "chest2", "disc"]
     scores = {i: image_info(server, i).get("hyperdm_eu") for i in ids}
     assert all(isinstance(s, float) and s > 0 for s in scores.values()), scores

@@ -1,5 +1,6 @@
 """The MONAI Label app's parts that run without MONAI Label: settings and request limits, the body summary, the
-loopback rule, the launcher's command and the reconstruction service's lock and kept result.
+loopback rule, the launcher's command, the reconstruction service's lock and kept result, and the active-learning
+score of the trained model that ships.
 
 The server itself is tested in test_monailabel.py (``make test-label``).
 """
@@ -17,7 +18,7 @@ from conftest import SMALL_MODEL
 from filelock import FileLock
 from monai.bundle import ConfigParser
 
-from hyper_dm.data.synthetic import write_luna16_like
+from hyper_dm.data.synthetic import insert_dense_disc, write_luna16_like
 from hyper_dm.integrations.monailabel.conf import LabelConf, RequestError, Sampling
 from hyper_dm.integrations.monailabel.safety import check_bind, server_host
 from hyper_dm.integrations.monailabel.service import ReconstructionService
@@ -121,3 +122,22 @@ def test_service_keeps_the_last_result_and_refuses_while_the_lock_is_held(servic
     with pytest.raises(RequestError, match="notes.txt: cannot be read as an image volume") as bad:
         service.reconstruct(str(tmp_path / "notes.txt"), sampling)
     assert bad.value.status == 422
+
+
+def test_the_shipped_model_scores_the_study_with_an_unfamiliar_object_highest(tmp_path):
+    """What active learning rests on, with the trained model in bundle/models: the score MONAI Label's Epistemic
+    strategy ranks by (mean EU over the body, as EpistemicScoring stores it) is highest for the study holding an
+    object no training image had (the same patient with a dense striped disc), above the normal studies."""
+    series = write_luna16_like(tmp_path / "luna", n_series=2, seed=5, size_xy=128, n_slices=(2, 2),
+                               spacing_xy_mm=(2.8, 2.8))
+    studies = {f"normal_{k}": str(mhd) for k, mhd in enumerate(series)}
+    insert_dense_disc(series[0], tmp_path / "object.nii.gz", radius_mm=30.0)
+    studies["object"] = str(tmp_path / "object.nii.gz")
+    conf = LabelConf.parse({"ckpt": str(REPO / "bundle" / "models" / "model.pt"), "input_mode": "simulate",
+                            "device": "cpu"})
+    service = ReconstructionService(conf, lock_file=tmp_path / "service.lock")
+    scores = {name: uncertainty_summary(service.reconstruct(path, Sampling(4, 2, 6), wait=True)[0], "ct")
+              ["mean_eu_body"] for name, path in studies.items()}
+    ranked = sorted(scores, key=scores.get, reverse=True)
+    assert ranked[0] == "object", scores
+    assert scores["object"] > 1.1 * scores[ranked[1]], scores

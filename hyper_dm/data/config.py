@@ -25,6 +25,10 @@ Keys (the defaults are the ``data`` section of the bundle's ``common.yaml``, see
 ``center_fractions``   MRI: fully sampled central fraction(s) of the phase-encode columns
 ``accelerations``      MRI: acceleration(s), same length as ``center_fractions``
 ``mri_norm``           MRI: ``"volume_max"`` (file ``max`` attribute) or ``"slice_max"`` as the magnitude scale
+``kspace_noise``       MRI: std of complex Gaussian noise added to k-space before the mask, as a fraction of the
+                       magnitude scale: validation, test, simulated inference (0: the data's own noise only)
+``kspace_noise_range`` MRI: ``[low, high]``: training draws the std uniformly per slice, so AU learns the noise
+                       level; ``None``: training uses ``kspace_noise`` too
 =====================  ==========================================================================================
 """
 
@@ -79,6 +83,11 @@ def resolve_data_config(data: Mapping) -> dict:
     if i0_range is not None and not (len(i0_range) == 2 and 0 < i0_range[0] <= i0_range[1]):
         raise ValueError(f"data.i0_range must be null or [low, high] photons with 0 < low <= high, got "
                          f"{out['i0_range']}")
+    noise_range = out["kspace_noise_range"]
+    if out["kspace_noise"] < 0 or (noise_range is not None and not (len(noise_range) == 2
+                                                                    and 0 <= noise_range[0] <= noise_range[1])):
+        raise ValueError(f"data.kspace_noise must be >= 0 and data.kspace_noise_range null or [low, high] with "
+                         f"0 <= low <= high, got {out['kspace_noise']} and {noise_range}")
     if int(out["img_size"]) < 8:
         raise ValueError(f"data.img_size must be >= 8, got {out['img_size']}")
     return out

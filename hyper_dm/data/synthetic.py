@@ -312,3 +312,51 @@ def write_challenge_like(source: str | Path, out_path: str | Path, acceleration:
         hf.attrs.update({**attrs, "acceleration": acceleration, "num_low_frequency": int(round(center_fraction
                                                                                             * len(mask)))})
     return out_path
+
+
+def insert_dense_disc(mhd: str | Path, out: str | Path, centre_lps: Sequence[float] | None = None,
+                      radius_mm: float = 15.0, hu: float = 900.0) -> np.ndarray:
+    """Write the CT series ``mhd`` with an object no training case has: a dense disc striped ``hu`` / ``hu - 600``
+    HU in 3 mm bands, through every axial slice, around ``centre_lps`` (world mm; default: the patient's right lung,
+    32% / 45% across the slice). ``out`` is any format SimpleITK writes (``.nii.gz``: a user's study). Returns the
+    disc mask ``[X, Y, Z]`` in the file's voxel order. Assumes LUNA16's identity direction."""
+    image = sitk.ReadImage(str(mhd))
+    volume = sitk.GetArrayFromImage(image).astype(np.float32)  # [z, y, x]
+    size, origin, spacing = np.asarray(image.GetSize()), np.asarray(image.GetOrigin()), np.asarray(image.GetSpacing())
+    if centre_lps is None:
+        centre_lps = origin + np.array([0.32, 0.45, 0.0]) * size * spacing
+    x, y = (origin[k] + np.arange(size[k]) * spacing[k] for k in (0, 1))
+    xx, yy = np.meshgrid(x, y, indexing="ij")  # [X, Y] world mm
+    disc = (xx - centre_lps[0]) ** 2 + (yy - centre_lps[1]) ** 2 <= radius_mm**2
+    stripes = np.floor((xx - centre_lps[0]) / 3.0) % 2
+    volume[:, disc.T] = (hu - 600.0 * stripes.T)[disc.T]
+    objected = sitk.GetImageFromArray(volume)
+    objected.CopyInformation(image)
+    sitk.WriteImage(objected, str(out))
+    return np.repeat(disc[:, :, None], volume.shape[0], axis=2)
+
+
+def insert_bright_lesion(h5: str | Path, out: str | Path, radius_mm: float = 6.0) -> np.ndarray:
+    """Write the fastMRI file ``h5`` with an object no training case has: a bright disc striped in 2 mm bands (1.2x
+    and 0.6x the file's maximum), left of centre on every slice, added to the image behind its ``kspace`` and
+    ``reconstruction_esc``. Returns the disc mask ``[320, 320, Z]`` on the reconstruction grid (the loaded volume's
+    x, y, z)."""
+    with h5py.File(h5, "r") as src:
+        kspace, esc, header, attrs = src["kspace"][()], src["reconstruction_esc"][()], src["ismrmrd_header"][()], \
+            dict(src.attrs)
+    pixel_mm = 140.0 / esc.shape[-1]  # fastMRI knee: a 140 mm field of view on the 320 crop
+    rows, cols = kspace.shape[-2:]
+    y, x = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    cy, cx = rows / 2, cols / 2 - 0.2 * esc.shape[-1]
+    disc = (x - cx) ** 2 + (y - cy) ** 2 <= (radius_mm / pixel_mm) ** 2
+    lesion = 1.2 * float(np.abs(esc).max()) * (1 - 0.5 * (np.floor((x - cx) * pixel_mm / 2.0) % 2)) * disc
+    image = ifft2c(kspace)
+    image = image + lesion * np.exp(1j * np.angle(image))  # in phase with the tissue around it
+    crop = center_crop(image, esc.shape[-2:])
+    with h5py.File(out, "w") as dst:
+        dst.create_dataset("kspace", data=fft2c(image).astype(np.complex64))
+        dst.create_dataset("reconstruction_esc", data=np.abs(crop).astype(np.float32))
+        dst.create_dataset("ismrmrd_header", data=header)
+        dst.attrs.update({**attrs, "max": float(np.abs(crop).max())})
+    mask = center_crop(np.broadcast_to(disc, image.shape), esc.shape[-2:])  # [Z, 320, 320]
+    return np.ascontiguousarray(mask.transpose(1, 2, 0))

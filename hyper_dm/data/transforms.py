@@ -177,38 +177,52 @@ class RandCTMeasurementd(Randomizable, CTMeasurementd):
 
 
 class MRIUndersampled(MapTransform):
-    """Undersample ``kspace`` with a fastMRI mask and reconstruct zero-filled: ``cond`` ``[1, 320, 320]`` magnitude.
+    """Add k-space noise, undersample ``kspace`` with a fastMRI mask and reconstruct zero-filled: ``cond``
+    ``[1, 320, 320]`` magnitude.
 
-    Deterministic: the mask seed is the item's ``seed`` (per file, so all slices of a file share one mask).
+    Deterministic: the mask seed is the item's ``seed`` (per file, so all slices of a file share one mask) and the
+    noise is seeded by it and ``slice_index``; its std is ``kspace_noise`` times the sample's ``scale``.
     ``kspace`` is removed.
     """
 
-    def __init__(self, mask_type: str, center_fractions: Sequence[float], accelerations: Sequence[int]) -> None:
+    def __init__(self, mask_type: str, center_fractions: Sequence[float], accelerations: Sequence[int],
+                 kspace_noise: float = 0.0) -> None:
         from ..physics.mri import make_mask_func  # fastMRI is the optional [mri] extra
 
         super().__init__(keys=["kspace"])
         self.mask_func = make_mask_func(mask_type, center_fractions, accelerations)
+        self.kspace_noise = float(kspace_noise)
 
-    def _seed(self, d: Mapping) -> int:
-        return int(d["seed"])
+    def _draw(self, d: Mapping) -> tuple[int, float, np.random.Generator]:
+        """Mask seed, relative noise std and the noise generator for this sample."""
+        return int(d["seed"]), self.kspace_noise, np.random.default_rng((int(d["seed"]), int(d["slice_index"])))
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        from ..physics.mri import undersample, zero_filled
+        from ..physics.mri import add_kspace_noise, undersample, zero_filled
 
         d = dict(data)
-        masked, _ = undersample(d.pop("kspace").numpy(), self.mask_func, seed=self._seed(d))
+        seed, noise, rng = self._draw(d)
+        kspace = add_kspace_noise(d.pop("kspace").numpy(), noise * float(d["scale"]), rng)
+        masked, _ = undersample(kspace, self.mask_func, seed=seed)
         d["cond"] = torch.from_numpy(zero_filled(masked, fastmri_knee.RECON_SHAPE))[None]
         return d
 
 
 class RandMRIUndersampled(Randomizable, MRIUndersampled):
-    """:class:`MRIUndersampled` with a new mask on every call (training)."""
+    """:class:`MRIUndersampled` with a new mask and new noise on every call (training); with ``noise_range``
+    the relative noise std is drawn uniformly in it per call."""
+
+    def __init__(self, mask_type: str, center_fractions: Sequence[float], accelerations: Sequence[int],
+                 kspace_noise: float = 0.0, noise_range: Sequence[float] | None = None) -> None:
+        super().__init__(mask_type, center_fractions, accelerations, kspace_noise)
+        self.noise_range = None if noise_range is None else tuple(float(v) for v in noise_range)
 
     def randomize(self, data: object = None) -> None:
-        """Nothing to pre-draw: the mask seed is drawn from ``self.R`` directly."""
+        """Nothing to pre-draw: everything is drawn from ``self.R`` in :meth:`_draw`."""
 
-    def _seed(self, d: Mapping) -> int:
-        return int(self.R.randint(0, 2**31 - 1))
+    def _draw(self, d: Mapping) -> tuple[int, float, np.random.Generator]:
+        noise = self.kspace_noise if self.noise_range is None else float(self.R.uniform(*self.noise_range))
+        return int(self.R.randint(0, 2**31 - 1)), noise, np.random.default_rng(int(self.R.randint(0, 2**31 - 1)))
 
 
 class IntensityMapd(Transform):
@@ -252,14 +266,15 @@ def ct_transforms(data: Mapping, train: bool) -> Compose:
 
 def mri_transforms(data: Mapping, train: bool) -> Compose:
     """MRI chain for a resolved data config (``img_size``, ``mask_type``, ``center_fractions``, ``accelerations``,
-    ``mri_norm``)."""
+    ``mri_norm``, ``kspace_noise``, ``kspace_noise_range``)."""
     size = int(data["img_size"])
-    physics = RandMRIUndersampled if train else MRIUndersampled
     return Compose([
         LoadFastMRISliced(mri_norm=data["mri_norm"]),
         Resized(keys="target", spatial_size=(size, size), mode="area"),
         ScaleMagnituded(keys=["target"]),
-        physics(data["mask_type"], data["center_fractions"], data["accelerations"]),
+        (RandMRIUndersampled(data["mask_type"], data["center_fractions"], data["accelerations"],
+                             data["kspace_noise"], data["kspace_noise_range"]) if train else
+         MRIUndersampled(data["mask_type"], data["center_fractions"], data["accelerations"], data["kspace_noise"])),
         Resized(keys="cond", spatial_size=(size, size), mode="area"),
         ScaleMagnituded(keys=["cond"]),
         IntensityMapd("mri", data["hu_window"]),

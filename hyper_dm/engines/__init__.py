@@ -1,6 +1,7 @@
 """Ignite engines and handlers: training, validation/inference, checkpoints, TensorBoard panels, case writing."""
 
 from .checkpoint import AtomicCheckpointSaver, CheckpointLoader, check_config, read_checkpoint
+from .distributed import ReplicaCheck, from_rank0, gather, parameter_digest, rank_and_world, unwrap
 from .evaluator import HyperDiffusionEvaluator
 from .metrics import CalibrationScore, SliceMean
 from .panels import UncertaintyPanelHandler, panel_image
@@ -17,10 +18,16 @@ __all__ = [
     "HyperDiffusionEvaluator",
     "HyperDiffusionTrainer",
     "RNGState",
+    "ReplicaCheck",
     "UncertaintyPanelHandler",
     "SliceMean",
     "check_config",
+    "from_rank0",
+    "gather",
     "panel_image",
+    "parameter_digest",
+    "rank_and_world",
     "read_checkpoint",
+    "unwrap",
     "write_preview",
 ]

@@ -13,6 +13,7 @@ from monai.engines.utils import IterationEvents
 from ..diffusion.inferer import HyperDiffusionInferer
 from ..networks.hypernet import HyperNetwork
 from ..uncertainty import crps
+from .distributed import rank_and_world, unwrap
 
 __all__ = ["HyperDiffusionEvaluator"]
 
@@ -26,11 +27,15 @@ class HyperDiffusionEvaluator(Evaluator):
     samples). Metric handlers read them with ``monai.handlers.from_engine``.
 
     The inferer gets the batch's 1-based index in this run (``state.iteration``, reset by every ``run``): a batch
-    starts from fresh diffusion noise, and each validation run draws the same.
+    starts from fresh diffusion noise, and each validation run draws the same. Under ``torch.distributed`` (each rank
+    validating its share, ``multi_gpu_train.yaml``) the index counts the batches of all ranks,
+    ``(iteration - 1) * world_size + rank + 1``, so no two ranks draw the same noise.
 
     ``state_dict()``/``load_state_dict()`` hold what outlives one ``run``: the best key metric ``best_metric`` and
     its epoch ``best_metric_epoch`` (MONAI's ``state`` fields); put the evaluator in the training checkpoint and a
     resumed run compares its validations with the best of the whole run. (Its counters are set by each ``run``.)
+
+    ``network`` may be the DDP wrapper the trainer uses: the evaluator samples with the HyperNetwork inside it.
     """
 
     def __init__(
@@ -70,9 +75,12 @@ class HyperDiffusionEvaluator(Evaluator):
         cond = batchdata["cond"].to(engine.state.device)
         label = batchdata.get("target")
         channels = None if label is None else label.shape[1]
-        engine.network.eval()
+        network = unwrap(engine.network)
+        network.eval()
         with torch.autocast("cuda", enabled=engine.amp):
-            result = engine.inferer(cond, engine.network, channels=channels, batch_index=engine.state.iteration)
+            rank, world = rank_and_world()
+            batch_index = (engine.state.iteration - 1) * world + rank + 1
+            result = engine.inferer(cond, network, channels=channels, batch_index=batch_index)
         stats = result.stats
         output = {"pred": stats.mean, "eu": stats.eu, "au": stats.au, "total": stats.total, "cond": cond}
         if label is not None:

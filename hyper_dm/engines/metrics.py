@@ -10,6 +10,7 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 from ..uncertainty import ause, gaussian_coverage, uce
+from .distributed import gather
 
 __all__ = ["CalibrationScore", "SliceMean"]
 
@@ -55,6 +56,7 @@ class CalibrationScore(Metric):
     ``score``: ``"coverage_90"`` (fraction of pixels inside the central 90% interval of ``N(pred, total)``; the
     ideal is 0.9), ``"uce"`` (squared model units; 0 ideal) or ``"ause"`` (0 ideal, a random ordering about 0.5).
     Reads decollated per-slice dicts with ``pred``, ``total`` and ``label``; keeps up to 1024 pixels per slice.
+    Under ``torch.distributed`` the score is computed on the kept pixels of all ranks.
     """
 
     required_output_keys = None
@@ -78,9 +80,10 @@ class CalibrationScore(Metric):
             self._parts.append(stack[:, :: max(1, stack.shape[1] // _MAX_PIXELS_PER_SLICE)])
 
     def compute(self) -> float:
-        if not self._parts:
+        parts = torch.cat(self._parts, dim=1) if self._parts else torch.zeros(3, 0, dtype=torch.float64)  # [3, n]
+        pred, total, label = torch.cat(gather(parts), dim=1)
+        if not pred.numel():
             raise NotComputableError(f"CalibrationScore({self.score!r}) needs at least one evaluated slice")
-        pred, total, label = torch.cat(self._parts, dim=1)
         if self.score == "coverage_90":
             return gaussian_coverage(pred, total, label, [0.9])[0.9]
         if self.score == "uce":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
@@ -12,6 +13,7 @@ from monai.inferers import DiffusionInferer
 
 from ..diffusion.losses import LossConfig, training_loss
 from ..networks.hypernet import HyperNetwork
+from .distributed import rank_and_world, unwrap
 
 __all__ = ["HyperDiffusionTrainer"]
 
@@ -31,11 +33,16 @@ class HyperDiffusionTrainer(Trainer):
     repeats the uninterrupted run. (Ignite would otherwise continue the previous epoch's pass, which a new
     process cannot.)
 
+    Under ``torch.distributed`` (``multi_gpu_train.yaml``) ``network`` is the HyperNetwork wrapped in
+    ``DistributedDataParallel``: the weight sets are generated through the wrapper (so the gradients are averaged
+    over the ranks), the latents and the backbone come from the HyperNetwork inside it, and the loss terms in
+    ``state.output`` are the means over the ranks (the loss of the global batch, as one process would log it).
+
     Args:
         device: where the HyperNetwork and batches live.
         max_epochs: epochs to train.
         train_data_loader: yields dict batches with ``target`` and ``cond``.
-        network: the HyperNetwork; its ``target`` module is the frozen backbone.
+        network: the HyperNetwork (or its DDP wrapper); its ``target`` module is the frozen backbone.
         optimizer: over ``network.trainable_parameters()``.
         inferer: ``DiffusionInferer`` whose ``scheduler`` (MONAI ``DDPMScheduler``) defines the forward process.
         loss: :class:`LossConfig` or its fields as a dict (``mode``, ``m_weights``, ``lambda_eu``, ...).
@@ -87,9 +94,10 @@ class HyperDiffusionTrainer(Trainer):
         cond = batchdata["cond"].to(engine.state.device, non_blocking=engine.non_blocking)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
+        hypernet = _Generator(engine.network)
         with torch.autocast("cuda", enabled=engine.amp):
             terms = training_loss(
-                engine.network, engine.network.target, engine.inferer.scheduler, target, cond, engine.loss_config
+                hypernet, hypernet.target, engine.inferer.scheduler, target, cond, engine.loss_config
             )
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
@@ -107,4 +115,23 @@ class HyperDiffusionTrainer(Trainer):
             engine.optimizer.step()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return {**{k: v.detach().item() for k, v in terms.items()}, "lr": engine.optimizer.param_groups[0]["lr"]}
+        values = torch.stack([v.detach().float() for v in terms.values()])  # [n_terms]
+        _, world = rank_and_world()
+        if world > 1:
+            dist.all_reduce(values)
+            values /= world
+        return {**dict(zip(terms, values.tolist(), strict=True)), "lr": engine.optimizer.param_groups[0]["lr"]}
+
+
+class _Generator:
+    """The HyperNetwork as :func:`training_loss` uses it: calling it goes through ``network`` (a DDP wrapper
+    averages the gradients of what it generates), attributes (``sample_z``, ``target``) are the HyperNetwork's."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        self.network, self.module = network, unwrap(network)
+
+    def __call__(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.network(z)
+
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)

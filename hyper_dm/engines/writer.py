@@ -8,6 +8,8 @@ Layout (MONAI's ``SaveImage`` convention, one folder per case; ``{stem}`` checke
     {output_dir}/{stem}/{stem}_total.nii.gz   eu + au
     {output_dir}/{stem}/{stem}_{eu,au,total}_std.nii.gz   square roots (write_std=True)
     {output_dir}/{stem}/{stem}_total_std_calibrated.nii.gz  calibrated total std (when a calibration is given)
+    {output_dir}/{stem}/{stem}_cond.nii.gz    the network's input (CT: sparse-view FBP, HU), when the evaluator
+                                              is asked for it (``inference_cfg#write_cond``)
     {output_dir}/{stem}/{stem}_preview.png    middle slice: cond | mean | EU | AU | |error| | label
     {output_dir}/{stem}/{stem}_metrics.json   quality and calibration metrics (cases with a reference)
     {output_dir}/{stem}/{stem}_manifest.json  every file of the case with its size and SHA-256, and the settings that
@@ -21,7 +23,9 @@ A case is written into a hidden staging folder and renamed into place in one ste
 kill leaves either the whole case or nothing (a stale ``.{stem}.partial-*`` folder, removed by the next run), and
 two runs writing the same case cannot mix their files: the second rename fails and says so. A run also holds an
 exclusive lock on the folder (``.hyper_dm.lock``, released by the operating system when the process ends, even
-killed), so a second run into the same folder is refused at once, naming the first one's process id.
+killed), so a second run into the same folder is refused at once, naming the first one's process id. Under
+``torch.distributed`` the ranks of one run share the folder: rank 0 holds the lock and records the run's token in it,
+the other ranks check that record (a rank of another run finds another token and is refused).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from monai.data import MetaTensor, NibabelWriter
 
 from .. import __version__
 from ..io import OVERWRITE_HINT, atomic_write, output_path, safe_stem, sha256_file
+from .distributed import from_rank0, rank_and_world
 from .previews import write_preview
 
 __all__ = ["CaseWriter", "save_map"]
@@ -64,6 +69,7 @@ _DESCRIPTIONS = {
     "au_std": "hyper_dm aleatoric standard deviation",
     "total_std": "hyper_dm total standard deviation",
     "total_std_calibrated": "hyper_dm total std x split-conformal scale",
+    "cond": "hyper_dm input: sparse-view FBP (CT) / zero-filled",
 }
 
 
@@ -104,22 +110,51 @@ class CaseWriter:
         stem = safe_stem(case_id)
         return self.case_dir(case_id) / f"{stem}{self.suffixes[name]}.nii.gz"
     def lock(self) -> None:
-        """Take the folder's exclusive lock for this process (once); another run holding it is an error."""
+        """Take the folder's exclusive lock for this run (once); another run holding it is an error. The holder
+        removes the staging folders of writers that are no longer running (a killed run).
+
+        Under ``torch.distributed`` every rank calls it (a collective): rank 0 takes the lock, the other ranks
+        check that the lock file names this run.
+        """
         if self._lock_fd is not None:
             return
+        rank, _ = rank_and_world()
+        run = from_rank0(self._take_lock)  # "<pid> <token>", as written into the lock file
+        if rank == 0:
+            return
+        path = self.output_dir / ".hyper_dm.lock"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"rank {rank} does not see {path}, which rank 0 holds: the output folder must be "
+                                    "on a file system every rank shares") from None
+        record = os.pread(fd, 128, 0).decode(errors="replace").strip()
+        if record != run:
+            os.close(fd)
+            raise FileExistsError(f"rank {rank}: {path} names the run {record!r}, not this run {run!r}; another run "
+                                  "is writing into the folder")
+        self._lock_fd = fd
+
+    def _take_lock(self) -> str:
+        """Lock ``.hyper_dm.lock`` (``flock``, exclusive), write ``"<pid> <run token>"`` into it and return that."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / ".hyper_dm.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            holder = (os.pread(fd, 128, 0).decode(errors="replace").split() or ["?"])[0]
             os.close(fd)
             raise FileExistsError(f"another inference run (process {holder}) is writing into {self.output_dir}; "
                                   "wait for it to finish or choose another output folder") from None
+        run = f"{os.getpid()} {secrets.token_hex(8)}"
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{run}\n".encode(), 0)
         self._lock_fd = fd
+        for stage in self.output_dir.glob(".*.partial-*"):
+            if not _writer_alive(stage):
+                shutil.rmtree(stage, ignore_errors=True)
+        return run
 
     def case_dir(self, case_id: str) -> Path:
         """The folder of ``case_id`` (inside ``output_dir``, whatever the id holds)."""
@@ -129,13 +164,9 @@ class CaseWriter:
         """The ``case_ids`` still to compute, checked before any work starts.
 
         An existing case is recomputed with ``overwrite``, left out with ``skip_existing`` (to finish an
-        interrupted run), and otherwise an error listing the cases. Staging folders of writers that are no longer
-        running (a killed run) are removed.
+        interrupted run), and otherwise an error listing the cases. Takes the folder's lock first (:meth:`lock`).
         """
         self.lock()
-        for stage in self.output_dir.glob(".*.partial-*"):
-            if not _writer_alive(stage):
-                shutil.rmtree(stage, ignore_errors=True)
         case_ids = list(case_ids)
         done = [c for c in case_ids if self.case_dir(c).exists()]
         if not done or self.overwrite:

@@ -25,12 +25,13 @@ from ..calibration import LEVELS, Calibration, fit_calibration, standardised_res
 from ..data.config import resolve_data_config
 from ..data.datasets import build_datalist
 from ..data.validation import BadFileLog, BadInputError
+from ..engines.distributed import from_rank0, gather, rank_and_world
 from ..engines.writer import CaseWriter
 from ..io import safe_stem, sha256_file
 from ..uncertainty import ause, gaussian_coverage, gaussian_crps, psnr, ssim, uce
 from .inputs import case_id_of, find_cases
 from .loading import InputMode, load_case, to_source_layout
-from .reconstructor import VolumeReconstructor
+from .reconstructor import VolumeReconstructor, resize_slices
 
 __all__ = ["CalibrationFitter", "CaseDataset", "VolumeEvaluator", "case_entries", "case_metrics", "input_entries",
            "load_calibration", "run_inference"]
@@ -51,10 +52,21 @@ def input_entries(data: Mapping, source: str | None) -> list[dict]:
 
 def case_entries(data: Mapping, source: str | None, writer: CaseWriter, skip_existing: bool = False) -> list[dict]:
     """Cases to reconstruct: :func:`input_entries`, less those already in ``writer``'s folder, which are refused or
-    skipped (see ``CaseWriter.pending``)."""
-    entries = input_entries(data, source)
-    todo = set(writer.pending([e["case_id"] for e in entries], skip_existing))
-    return [e for e in entries if e["case_id"] in todo]
+    skipped (see ``CaseWriter.pending``).
+
+    Under ``torch.distributed`` (``multi_gpu_inference.yaml``) every rank calls it and gets its share: rank 0 lists
+    the cases (before any rank writes one), rank ``r`` of ``K`` takes cases ``r, r + K, r + 2K, ...`` of that list, so
+    each case is reconstructed whole by one rank (a rank may get none).
+    """
+    writer.lock()  # every rank of the run, before rank 0 looks at the folder
+
+    def todo() -> list[dict]:
+        entries = input_entries(data, source)
+        keep = set(writer.pending([e["case_id"] for e in entries], skip_existing))
+        return [e for e in entries if e["case_id"] in keep]
+
+    rank, world = rank_and_world()
+    return from_rank0(todo)[rank::world]
 
 
 class CaseDataset(Dataset):
@@ -133,6 +145,8 @@ class VolumeEvaluator(Evaluator):
             that is not finite) is logged, counted in ``state.skipped`` and the run goes on.
         postprocessing: applied to ``engine.state.output`` of each reconstructed case before the handlers see it
             (MONAI's ``IterationEvents.MODEL_COMPLETED``), e.g. :class:`hyper_dm.export.DetectionLayout`.
+        write_cond: also put the network's input in ``volumes`` as ``cond`` (CT: the sparse-view FBP, HU; MRI: the
+            zero-filled magnitude), resized to the case's in-plane grid as the mean is (bilinear up, area down).
 
     With a reference, ``engine.state.output["residuals"]`` holds the case's standardised residuals (see
     :class:`CalibrationFitter`).
@@ -141,13 +155,13 @@ class VolumeEvaluator(Evaluator):
     def __init__(self, device: torch.device | str, val_data_loader: Iterable, reconstructor: VolumeReconstructor,
                  data_range: float | None = None, calibration: Calibration | None = None,
                  val_handlers: Sequence | None = None, on_error: str = "raise",
-                 postprocessing: Callable | None = None) -> None:
+                 postprocessing: Callable | None = None, write_cond: bool = False) -> None:
         super().__init__(device=torch.device(device), val_data_loader=val_data_loader, val_handlers=val_handlers,
                          decollate=False, postprocessing=postprocessing)
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.reconstructor, self.data_range, self.calibration = reconstructor, data_range, calibration
-        self.on_error = on_error
+        self.on_error, self.write_cond = on_error, bool(write_cond)
         self.add_event_handler(Events.STARTED, lambda engine: setattr(engine.state, "skipped", []))
 
     def _iteration(self, engine: VolumeEvaluator, batchdata: list[dict] | dict) -> dict:
@@ -177,6 +191,9 @@ class VolumeEvaluator(Evaluator):
                                     f"{int((~torch.isfinite(image)).sum())} NaN/infinite values (input out of range?)")
         label = case.get("label")
         metrics = residuals = None
+        if self.write_cond:  # [1, x, y, Z] -> [1, X, Y, Z]
+            slices = resize_slices(case["cond"][0].permute(2, 0, 1)[:, None].float(), tuple(volume.shape[1:3]))
+            raw["cond"] = slices[:, 0].permute(1, 2, 0)[None].contiguous()
         if self.calibration is not None:
             raw["total_std_calibrated"] = self.calibration.scale * raw["total"].clamp_min(0).sqrt()
         if label is not None:
@@ -203,23 +220,36 @@ class VolumeEvaluator(Evaluator):
 def run_inference(evaluator: VolumeEvaluator, writer: CaseWriter | None = None) -> list[tuple[str, str]]:
     """Run ``evaluator`` over its cases (nothing to do is logged, not an error), log what was skipped and, with a
     ``writer``, record the run in ``<output_dir>/inference_summary.json`` (cases written, cases skipped with the
-    reason, seconds); returns the skipped ``(case_id, error)`` pairs."""
+    reason, seconds); returns the skipped ``(case_id, error)`` pairs.
+
+    Under ``torch.distributed`` every rank runs its share (:func:`case_entries`) and then waits for the others; rank
+    0 writes the summary of all ranks' cases and rebuilds ``metrics.csv`` from every case in the folder, and every
+    rank returns the skipped pairs of all ranks.
+    """
+    rank, world = rank_and_world()
     n_cases = len(evaluator.data_loader)
     start = time.perf_counter()
     skipped: list[tuple[str, str]] = []
     if n_cases == 0:
-        logger.warning("nothing to reconstruct: no cases left (all already written?)")
+        logger.warning("nothing to reconstruct%s: no cases left (all already written?)",
+                       f" on rank {rank} of {world}" if world > 1 else "")
     else:
         evaluator.run()
         skipped = evaluator.state.skipped
-    logger.info("inference finished: %d case(s) reconstructed, %d skipped", n_cases - len(skipped), len(skipped))
+    logger.info("inference finished%s: %d case(s) reconstructed, %d skipped", f" on rank {rank}" if world > 1 else "",
+                n_cases - len(skipped), len(skipped))
     for case_id, error in skipped:
         logger.warning("skipped case %s: %s", case_id, error)
-    if writer is not None:
-        names = {case_id for case_id, _ in skipped}
-        done = [e["case_id"] for e in getattr(evaluator.data_loader.dataset, "data", []) if e["case_id"] not in names]
+    names = {case_id for case_id, _ in skipped}
+    done = [e["case_id"] for e in getattr(evaluator.data_loader.dataset, "data", []) if e["case_id"] not in names]
+    parts = gather((done, skipped))  # every rank has finished its cases past this point
+    done = [case_id for part, _ in parts for case_id in part]
+    skipped = [pair for _, part in parts for pair in part]
+    if writer is not None and rank == 0:
         writer.write_summary({"reconstructed": done, "skipped": [{"case_id": c, "error": e} for c, e in skipped],
                               "seconds": round(time.perf_counter() - start, 1)})
+        if world > 1 and any(writer.output_dir.glob("*/*_metrics.json")):
+            writer.update_table()  # the ranks rebuilt it concurrently: each copy may miss another rank's last case
     return skipped
 
 

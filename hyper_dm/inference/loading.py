@@ -3,8 +3,8 @@
 Input modes (:class:`InputMode`):
 
 - ``simulate`` (benchmark): the file is a full-dose CT volume (HU) or a fully sampled fastMRI file; the
-  sparse-view FBP / zero-filled condition is simulated with the configured physics (seeded per case, as the
-  validation split is), and the file itself is the reference (``label``).
+  sparse-view FBP / zero-filled condition (MRI: after ``kspace_noise``) is simulated with the configured physics
+  (seeded per case, as the validation split is), and the file itself is the reference (``label``).
 - ``measured``: CT: the file *is* the sparse-view FBP volume (HU); MRI: a challenge-style ``.h5`` whose ``kspace``
   is already undersampled and which carries its ``mask``; the condition is taken as it is, there is no reference
   (unless an MRI file also holds ``reconstruction_esc``).
@@ -144,7 +144,7 @@ def _load_ct(entry: Mapping, data: Mapping, mode: InputMode, img_size: int) -> d
 
 
 def _load_mri(entry: Mapping, data: Mapping, mode: InputMode) -> dict:
-    from ..physics.mri import make_mask_func, undersample, zero_filled  # fastMRI is the optional [mri] extra
+    from ..physics.mri import add_kspace_noise, make_mask_func, undersample, zero_filled  # the optional [mri] extra
 
     path = Path(entry["image"])
     if not path.is_file():
@@ -157,23 +157,26 @@ def _load_mri(entry: Mapping, data: Mapping, mode: InputMode) -> dict:
         unsampled = ~knee.mask
         if np.abs(knee.kspace[..., unsampled]).max(initial=0.0) > 0:
             logger.warning("%s: kspace has non-zero columns where 'mask' is 0; zeroing them as the mask says", path)
-        masked = knee.kspace * knee.mask
-        label = knee.reconstruction
-    else:
-        if knee.mask is not None or knee.reconstruction is None:
-            raise BadInputError(path, "is already undersampled (has 'mask') or has no 'reconstruction_esc': use "
-                                      "input_mode measured for challenge-style files")
-        mask_func = make_mask_func(data["mask_type"], data["center_fractions"], data["accelerations"])
-        seed = stable_seed(data["split_seed"], entry["case_id"])
-        masked = np.stack([undersample(k, mask_func, seed)[0] for k in knee.kspace])
-        label = knee.reconstruction
-    cond = np.stack([zero_filled(k, fastmri_knee.RECON_SHAPE) for k in masked])  # [Z, 320, 320]
-    reference = label if label is not None else cond
+        kspace = knee.kspace * knee.mask
+    elif knee.mask is not None or knee.reconstruction is None:
+        raise BadInputError(path, "is already undersampled (has 'mask') or has no 'reconstruction_esc': use "
+                                  "input_mode measured for challenge-style files")
+    label = knee.reconstruction
+    reference = label if label is not None else np.stack([zero_filled(k, fastmri_knee.RECON_SHAPE)
+                                                          for k in kspace])
     if data["mri_norm"] == "volume_max":
         vmax = knee.max if knee.max is not None else float(reference.max())
-        scales = np.full(len(cond), vmax if vmax > 0 else 1.0)
+        scales = np.full(len(reference), vmax if vmax > 0 else 1.0)
     else:
-        scales = np.array([m if m > 0 else 1.0 for m in reference.reshape(len(cond), -1).max(axis=1)])
+        scales = np.array([m if m > 0 else 1.0 for m in reference.reshape(len(reference), -1).max(axis=1)])
+    if mode is InputMode.SIMULATE:  # the configured measurement: k-space noise, then one mask per file
+        mask_func = make_mask_func(data["mask_type"], data["center_fractions"], data["accelerations"])
+        seed = stable_seed(data["split_seed"], entry["case_id"])
+        kspace = np.stack([undersample(add_kspace_noise(k, float(data["kspace_noise"]) * scale,
+                                                        np.random.default_rng((seed, z))), mask_func, seed)[0]
+                           for z, (k, scale) in enumerate(zip(knee.kspace, scales, strict=True))])
+    cond = np.stack([zero_filled(k, fastmri_knee.RECON_SHAPE) for k in kspace])  # [Z, 320, 320]
+    reference = label if label is not None else cond
     gains = [physical_map("mri", data["hu_window"], float(s)) for s in scales]
     affine = fastmri_knee.ras_affine(knee.fov_mm, fastmri_knee.RECON_SHAPE[0], len(cond))
     to_volume = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(1, 2, 0)))[None]  # noqa: E731

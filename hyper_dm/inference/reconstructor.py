@@ -24,14 +24,14 @@ import torch.nn.functional as F
 from ..diffusion.sampler import HyperDDIMSampler
 from ..networks.hypernet import HyperNetwork
 
-__all__ = ["OUTPUTS", "VolumeReconstructor"]
+__all__ = ["OUTPUTS", "VolumeReconstructor", "resize_slices"]
 
 logger = logging.getLogger(__name__)
 
 OUTPUTS = ("mean", "eu", "au", "total")
 
 
-def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_slices(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``[B, C, H, W]`` -> ``[B, C, *size]``: area averaging down, bilinear up, untouched when equal."""
     if tuple(images.shape[-2:]) == tuple(size):
         return images
@@ -107,12 +107,12 @@ class VolumeReconstructor:
             g = gain[index].view(-1, 1, 1, 1).float()
             o = offset[index].view(-1, 1, 1, 1).float()
             x = (cond[0, ..., index].permute(2, 0, 1)[:, None].float() - o) / g  # [b, 1, x, y] model range
-            x = _resize(x, grid).to(device)
+            x = resize_slices(x, grid).to(device)
             stats = self.sampler.sample(self.network.target, weights, x, self.n_draws, generator).stats
             physical = {"mean": stats.mean.float().cpu() * g + o, "eu": stats.eu.float().cpu() * g**2,
                         "au": stats.au.float().cpu() * g**2}
             for name, image in physical.items():
-                outputs[name][0, ..., index] = _resize(image, out_size)[:, 0].permute(1, 2, 0)
+                outputs[name][0, ..., index] = resize_slices(image, out_size)[:, 0].permute(1, 2, 0)
             if on_slices is not None:
                 on_slices(index.stop, z)
         outputs["total"] = outputs["eu"] + outputs["au"]  # exact after resizing too (bilinear is linear)

@@ -9,6 +9,9 @@ Masks are fastMRI's own ``MaskFunc`` (``fastmri.data.subsample``): whole phase-e
 are kept; ``center_fractions`` of the columns around DC are always kept and the rest are drawn to reach the
 acceleration. A mask is a pure function of ``seed``: the same seed gives the same mask.
 
+Measurement noise (:func:`add_kspace_noise`): white complex Gaussian noise on every k-space sample before the mask;
+with the orthonormal DFT its per-component std is also the noise std of each complex image pixel.
+
 Example::
 
     >>> mask_func = make_mask_func("random", [0.08], [4])
@@ -24,7 +27,8 @@ from typing import Literal
 import numpy as np
 from fastmri.data.subsample import MaskFunc, create_mask_for_mask_type
 
-__all__ = ["MaskType", "center_crop", "fft2c", "ifft2c", "make_mask_func", "undersample", "zero_filled"]
+__all__ = ["MaskType", "add_kspace_noise", "center_crop", "fft2c", "ifft2c", "make_mask_func", "undersample",
+           "zero_filled"]
 
 MaskType = Literal["random", "equispaced"]
 
@@ -39,6 +43,22 @@ def ifft2c(kspace: np.ndarray) -> np.ndarray:
     """Inverse of :func:`fft2c`: k-space ``[..., H, W]`` -> complex image ``[..., H, W]``."""
     axes = (-2, -1)
     return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(kspace, axes=axes), norm="ortho"), axes=axes)
+
+
+def add_kspace_noise(kspace: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
+    """``kspace [..., H, W]`` plus complex Gaussian noise of std ``std`` per real and imaginary part (complex64).
+
+    Example:
+        >>> noisy = add_kspace_noise(np.zeros((640, 368), np.complex64), 0.5, np.random.default_rng(0))
+        >>> round(float(ifft2c(noisy).real.std()), 2)  # the image sees the same std (orthonormal DFT)
+        0.5
+    """
+    if std < 0:
+        raise ValueError(f"k-space noise std must be >= 0, got {std}")
+    if std == 0:
+        return kspace.astype(np.complex64)
+    noise = rng.standard_normal((2, *kspace.shape), dtype=np.float32) * np.float32(std)
+    return (kspace + (noise[0] + 1j * noise[1])).astype(np.complex64)
 
 
 def center_crop(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -227,7 +227,7 @@ def train(args: argparse.Namespace) -> None:
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "mse_per_100_steps": mse,
            "track": track}
     (out / f"{args.recipe}.run.json").write_text(json.dumps(run, indent=1))  # survives a cut evaluation
-    if "test" in study:
+    if "test" in study and not args.skip_eval:
         evaluate_run(args.recipe, out, study, args, device)
 
 
@@ -407,18 +407,23 @@ def report(args: argparse.Namespace) -> None:
     runs = Path(args.runs)
     rows = {p.stem: json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))
             if not {".run", ".ablation"} & set(p.suffixes)}
-    if args.data and all(name in rows and (runs / f"{name}.pt").exists() for name in ENSEMBLE):
+    present = [name for name in ENSEMBLE if (runs / f"{name}.run.json").exists() and (runs / f"{name}.pt").exists()]
+    if args.data and len(present) >= 2:
         study = load_study(args.data)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         members = []
-        for name in ENSEMBLE:
+        for name in present:
             hyper = build(study, device)
             hyper.load_state_dict(torch.load(runs / f"{name}.pt", map_location=device, weights_only=True))
             members.append(hyper_weights(hyper, 1, device))
+        start = time.perf_counter()
         figures = posterior_figures(members, hyper.target, study, RECIPES[ENSEMBLE[0]], args)
-        rows["ensemble"] = {"recipe": "ensemble", "settings": {"members": list(ENSEMBLE)},
-                            "steps": sum(rows[m]["steps"] for m in ENSEMBLE), "minutes": sum(
-                                rows[m]["minutes"] for m in ENSEMBLE), **figures}
+        seconds = round(time.perf_counter() - start, 1)
+        trained = [json.loads((runs / f"{name}.run.json").read_text()) for name in present]
+        rows["ensemble"] = {"recipe": "ensemble", "settings": {"members": present},
+                            "steps": sum(r["steps"] for r in trained), "minutes": sum(r["minutes"] for r in trained),
+                            "evaluation": {"M": len(present), "N": args.N, "ddim_steps": args.steps,
+                                           "seconds": seconds}, **figures}
         (runs / "ensemble.json").write_text(json.dumps(rows["ensemble"], indent=1))
     head = ("| recipe | steps (min) | PSNR (FBP) dB | MSE HU^2 | EU HU^2 | AU HU^2 | MSE / total var | cov90 raw | "
             "cov90 cal | AUSE (random) | EU on object x | RMSE in object HU | AU change, lowest i0 | EU change | "
@@ -477,6 +482,7 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--batch", type=int, default=32)
             p.add_argument("--lr", type=float, default=1e-3)
             p.add_argument("--track_slices", type=int, default=8)
+            p.add_argument("--skip_eval", action="store_true", help="no evaluation after training (ensemble members)")
             p.add_argument("--out", default="study")
         else:
             p.add_argument("--runs", default="study")

@@ -7,7 +7,7 @@ from .metrics import CalibrationScore, SliceMean
 from .panels import UncertaintyPanelHandler, panel_image
 from .previews import write_preview
 from .random_state import RNGState
-from .trainer import HyperDiffusionTrainer
+from .trainer import GradScalerState, HyperDiffusionTrainer
 from .writer import CaseWriter
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "CaseWriter",
     "CheckpointLoader",
     "HyperDiffusionEvaluator",
+    "GradScalerState",
     "HyperDiffusionTrainer",
     "RNGState",
     "ReplicaCheck",

@@ -15,7 +15,7 @@ from ..diffusion.losses import LossConfig, training_loss
 from ..networks.hypernet import HyperNetwork
 from .distributed import rank_and_world, unwrap
 
-__all__ = ["HyperDiffusionTrainer"]
+__all__ = ["GradScalerState", "HyperDiffusionTrainer"]
 
 
 class HyperDiffusionTrainer(Trainer):
@@ -121,6 +121,27 @@ class HyperDiffusionTrainer(Trainer):
             dist.all_reduce(values)
             values /= world
         return {**dict(zip(terms, values.tolist(), strict=True)), "lr": engine.optimizer.param_groups[0]["lr"]}
+
+
+class GradScalerState:
+    """The trainer's AMP ``GradScaler`` as a checkpoint entry (``state_dict`` / ``load_state_dict``).
+
+    MONAI's ``Trainer.run`` creates the scaler when the run starts, before the checkpoint loader fires (Ignite's
+    ``STARTED``), so the scaler is looked up on each call: its loss scale and growth tracker travel in the checkpoint
+    and a resumed AMP run goes on with them instead of the initial scale. Without AMP the entry is empty.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        scaler = getattr(self.trainer, "scaler", None)
+        return scaler.state_dict() if scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        scaler = getattr(self.trainer, "scaler", None)
+        if scaler is not None and state:
+            scaler.load_state_dict(state)
 
 
 class _Generator:

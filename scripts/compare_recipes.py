@@ -287,12 +287,13 @@ def regression(hyper: HyperNetwork, cond: torch.Tensor, weights: dict[str, torch
 @torch.no_grad()
 def regression_figures(hyper: HyperNetwork, study: dict, args: argparse.Namespace) -> dict:
     """Quality of the deterministic baseline on the test slices (first photon count) and on the object slices."""
-    weights = hyper_weights(hyper, 1, next(hyper.parameters()).device)
+    device = next(hyper.parameters()).device
+    weights = hyper_weights(hyper, 1, device)
     test, counts = study["test"], study["photon_counts"]
     figures = {}
     for key, split, cond_key in (("", test, f"cond_{int(counts[0])}"), ("ood_", study["ood"], "cond")):
         cond, target = split[cond_key][:args.eval_slices], split["target"][:args.eval_slices]
-        mean = torch.cat([regression(hyper, b.to(weights[next(iter(weights))].device), weights).cpu().clamp(-1, 1)
+        mean = torch.cat([regression(hyper, b.to(device), weights).cpu().clamp(-1, 1)
                           for b in cond.split(args.eval_batch)])
         figures[f"{key}psnr"] = float(psnr(mean, target).mean())
         figures[f"{key}mse_hu2"] = float((mean - target).pow(2).mean()) * HU**2

@@ -157,13 +157,12 @@ def _load_mri(entry: Mapping, data: Mapping, mode: InputMode) -> dict:
         unsampled = ~knee.mask
         if np.abs(knee.kspace[..., unsampled]).max(initial=0.0) > 0:
             logger.warning("%s: kspace has non-zero columns where 'mask' is 0; zeroing them as the mask says", path)
-        kspace = knee.kspace * knee.mask
+        cond = np.stack([zero_filled(k, fastmri_knee.RECON_SHAPE) for k in knee.kspace * knee.mask])
     elif knee.mask is not None or knee.reconstruction is None:
         raise BadInputError(path, "is already undersampled (has 'mask') or has no 'reconstruction_esc': use "
                                   "input_mode measured for challenge-style files")
     label = knee.reconstruction
-    reference = label if label is not None else np.stack([zero_filled(k, fastmri_knee.RECON_SHAPE)
-                                                          for k in kspace])
+    reference = label if label is not None else cond  # simulate mode always has the label
     if data["mri_norm"] == "volume_max":
         vmax = knee.max if knee.max is not None else float(reference.max())
         scales = np.full(len(reference), vmax if vmax > 0 else 1.0)
@@ -172,11 +171,9 @@ def _load_mri(entry: Mapping, data: Mapping, mode: InputMode) -> dict:
     if mode is InputMode.SIMULATE:  # the configured measurement: k-space noise, then one mask per file
         mask_func = make_mask_func(data["mask_type"], data["center_fractions"], data["accelerations"])
         seed = stable_seed(data["split_seed"], entry["case_id"])
-        kspace = np.stack([undersample(add_kspace_noise(k, float(data["kspace_noise"]) * scale,
-                                                        np.random.default_rng((seed, z))), mask_func, seed)[0]
-                           for z, (k, scale) in enumerate(zip(knee.kspace, scales, strict=True))])
-    cond = np.stack([zero_filled(k, fastmri_knee.RECON_SHAPE) for k in kspace])  # [Z, 320, 320]
-    reference = label if label is not None else cond
+        noisy = (add_kspace_noise(k, float(data["kspace_noise"]) * scale, np.random.default_rng((seed, z)))
+                 for z, (k, scale) in enumerate(zip(knee.kspace, scales, strict=True)))
+        cond = np.stack([zero_filled(undersample(k, mask_func, seed)[0], fastmri_knee.RECON_SHAPE) for k in noisy])
     gains = [physical_map("mri", data["hu_window"], float(s)) for s in scales]
     affine = fastmri_knee.ras_affine(knee.fov_mm, fastmri_knee.RECON_SHAPE[0], len(cond))
     to_volume = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(1, 2, 0)))[None]  # noqa: E731

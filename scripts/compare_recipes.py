@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hyper_dm.diffusion import HyperDDIMSampler, LossConfig, make_ddim, make_ddpm, training_loss  # noqa: E402
+from hyper_dm.io import atomic_write  # noqa: E402
 from hyper_dm.networks import ConditionalUNet, HyperNetwork, apply_weight_sets  # noqa: E402
 from hyper_dm.uncertainty import ause, gaussian_coverage, psnr  # noqa: E402
 
@@ -189,9 +190,21 @@ def train(args: argparse.Namespace) -> None:
     loss_config = LossConfig(**{k: v for k, v in recipe.items() if k in LossConfig.__dataclass_fields__})
     optimizer = torch.optim.AdamW(hyper.trainable_parameters(), lr=args.lr)
     targets, conds = study["train"]["target"].to(device), study["train"]["cond"].to(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / f"{args.recipe}.state.pt"
     budget = args.minutes * 60.0
-    start, step, curve, track = time.perf_counter(), 0, [], []
-    checkpoints = [budget * k / 5 for k in range(1, 6)]
+    step, elapsed, curve, track = 0, 0.0, [], []
+    if state_path.exists():  # resume a run that was cut: same budget, schedule and random streams
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        hyper.load_state_dict(state["hypernet"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"].cpu())
+        step, elapsed, curve, track = state["step"], state["elapsed"], state["curve"], state["track"]
+        print(f"{args.recipe}: resumed {state_path} at step {step} ({elapsed / 60:.1f} of {args.minutes} min)")
+    start = time.perf_counter() - elapsed
+    checkpoints = [t for k in range(1, args.track_points + 1) if (t := budget * k / args.track_points) > elapsed]
+    saved = elapsed
     while (elapsed := time.perf_counter() - start) < budget:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
@@ -211,24 +224,43 @@ def train(args: argparse.Namespace) -> None:
         step += 1
         if checkpoints and time.perf_counter() - start >= checkpoints[0]:
             checkpoints.pop(0)
-            if recipe.get("regression") or "ood" not in study:
-                continue
-            ratio = ood_ratio(evaluate_set([hyper_weights(hyper, args.M, device)], hyper.target, study["ood"],
-                                           recipe, args, n_draws=2, limit=args.track_slices))
-            track.append({"minutes": round((time.perf_counter() - start) / 60, 2), "step": step,
-                          "ood_eu_ratio": ratio})
-            print(f"{args.recipe}: step {step}, mse {sum(curve[-100:]) / len(curve[-100:]):.4g}, "
-                  f"EU ratio on the object {ratio:.2f}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(hyper.state_dict(), out / f"{args.recipe}.pt")
+            if not recipe.get("regression") and "ood" in study:
+                track.append({"minutes": round((time.perf_counter() - start) / 60, 2), "step": step,
+                              **tracked_figures(hyper, study, recipe, args, device)})
+                print(f"{args.recipe}: step {step}, mse {sum(curve[-100:]) / len(curve[-100:]):.4g}, {track[-1]}",
+                      flush=True)
+        if time.perf_counter() - saved >= args.save_minutes * 60:
+            saved = time.perf_counter()
+            with atomic_write(state_path) as tmp:
+                torch.save({"hypernet": hyper.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                            "elapsed": time.perf_counter() - start, "curve": curve, "track": track,
+                            "generator": generator.get_state()}, tmp)
+    with atomic_write(out / f"{args.recipe}.pt") as tmp:
+        torch.save(hyper.state_dict(), tmp)
     mse = [sum(curve[i:i + 100]) / len(curve[i:i + 100]) for i in range(0, len(curve), 100)]
     run = {"recipe": args.recipe, "settings": recipe, "steps": step, "batch": args.batch, "minutes": args.minutes,
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "mse_per_100_steps": mse,
            "track": track}
     (out / f"{args.recipe}.run.json").write_text(json.dumps(run, indent=1))  # survives a cut evaluation
+    state_path.unlink(missing_ok=True)
     if "test" in study and not args.skip_eval:
         evaluate_run(args.recipe, out, study, args, device)
+
+
+def tracked_figures(hyper: HyperNetwork, study: dict, recipe: dict, args: argparse.Namespace,
+                    device: torch.device) -> dict:
+    """Figures followed along a run on ``--track_slices`` test slices (2 draws per weight set): EU on the
+    unfamiliar object against the body, and mean AU / EU / squared error (HU^2) at each test photon count."""
+    weights = [hyper_weights(hyper, args.M, device)]
+    figures = {"ood_eu_ratio": ood_ratio(evaluate_set(weights, hyper.target, study["ood"], recipe, args,
+                                                      n_draws=2, limit=args.track_slices))}
+    for i0 in study["photon_counts"]:
+        res = evaluate_set(weights, hyper.target, study["test"], recipe, args, cond_key=f"cond_{int(i0)}",
+                           n_draws=2, limit=args.track_slices)
+        figures[f"i0_{int(i0)}"] = {"au_hu2": round(float(res["au"].mean()) * HU**2, 1),
+                                    "eu_hu2": round(float(res["eu"].mean()) * HU**2, 1),
+                                    "mse_hu2": round(float((res["mean"] - res["target"]).pow(2).mean()) * HU**2, 1)}
+    return figures
 
 
 def export(args: argparse.Namespace) -> None:
@@ -483,6 +515,8 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--batch", type=int, default=32)
             p.add_argument("--lr", type=float, default=1e-3)
             p.add_argument("--track_slices", type=int, default=8)
+            p.add_argument("--track_points", type=int, default=5, help="evaluations along the run")
+            p.add_argument("--save_minutes", type=float, default=5.0, help="resumable state every so often")
             p.add_argument("--skip_eval", action="store_true", help="no evaluation after training (ensemble members)")
             p.add_argument("--out", default="study")
         else:

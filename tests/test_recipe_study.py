@@ -1,0 +1,67 @@
+"""scripts/compare_recipes.py: a training run cut in the middle resumes where its last state left it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def recipes():
+    spec = importlib.util.spec_from_file_location("compare_recipes", ROOT / "scripts" / "compare_recipes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_study(path: Path) -> None:
+    """A study file as ``prepare`` writes it, 16 x 16 slices and a two-level backbone."""
+    g = torch.Generator().manual_seed(0)
+    image = lambda *shape: torch.rand(*shape, 1, 16, 16, generator=g) * 2 - 1  # noqa: E731
+    split = {"target": image(6), "cond": image(6)}
+    torch.save({"train": {"target": image(12), "cond": image(2, 12)}, "val": split,
+                "test": {"target": split["target"], "cond_100000": image(6), "cond_1000": image(6)},
+                "ood": {**split, "mask": torch.rand(6, 1, 16, 16, generator=g) > 0.7},
+                "photon_counts": [100000.0, 1000.0],
+                "model": {"z_dim": 4, "hidden": 16, "rank": 2, "offset_scale": 0.5, "channels": [8, 8],
+                          "attention_levels": [False, False], "num_res_blocks": 1, "norm_num_groups": 4,
+                          "num_head_channels": 8}}, path)
+
+
+def test_cut_training_run_resumes_from_its_state(recipes, tmp_path, monkeypatch, capsys):
+    tiny_study(tmp_path / "data.pt")
+    argv = ["train", "--data", str(tmp_path / "data.pt"), "--recipe", "v_quadratic", "--minutes", "0.15",
+            "--batch", "2", "--M", "2", "--N", "2", "--steps", "2", "--track_slices", "2", "--track_points", "2",
+            "--save_minutes", "0", "--skip_eval", "--out", str(tmp_path / "runs")]
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def cut_after_three(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt  # the kill in the middle of the run
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", cut_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        recipes.main(argv)
+    state_path = tmp_path / "runs" / "v_quadratic.state.pt"
+    state = torch.load(state_path, weights_only=True)
+    assert state["step"] == 3 and len(state["curve"]) == 3
+    assert not (tmp_path / "runs" / "v_quadratic.pt").exists()
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    recipes.main(argv)
+    assert "resumed" in capsys.readouterr().out
+    run = json.loads((tmp_path / "runs" / "v_quadratic.run.json").read_text())
+    assert run["steps"] > 3 and len(run["mse_per_100_steps"]) >= 1
+    assert not state_path.exists()  # a finished run leaves only its results
+    saved = torch.load(tmp_path / "runs" / "v_quadratic.pt", weights_only=True)
+    assert any(not torch.equal(saved[k], state["hypernet"][k]) for k in saved)  # it kept training after the cut
+    assert {"ood_eu_ratio", "i0_100000", "i0_1000"} <= set(run["track"][-1])
+    assert run["track"][-1]["i0_1000"]["au_hu2"] >= 0

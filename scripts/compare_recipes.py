@@ -8,7 +8,7 @@ Three steps; the last two run on a GPU where one is available (they need torch a
 
 ``prepare`` writes, on the model grid (model units, HU / 1000; stored in float16): training slices with
 ``--realisations`` noisy FBP conditions each (photon count drawn in ``data#i0_range`` as the bundle trains),
-validation slices (for the conformal scale), test slices at the three photon counts of ``scripts/evaluate.py``,
+validation slices (for the conformal scale), test slices at the three photon counts of ``hyper_dm.evaluation``,
 and the test slices with an unfamiliar object (``hyper_dm.data.synthetic.insert_dense_disc``) with its mask.
 
 ``train`` trains one recipe (:data:`RECIPES`) for a wall-clock budget under a cosine learning-rate schedule over
@@ -91,11 +91,10 @@ def prepare_mri(args: argparse.Namespace) -> None:
 
 
 def prepare_ct(args: argparse.Namespace) -> None:
-    from evaluate import PHOTON_COUNTS  # scripts/evaluate.py, beside this file
-
     from hyper_dm.config import bundle_section
     from hyper_dm.data import build_datalist, build_dataset
     from hyper_dm.data.synthetic import insert_dense_disc, write_luna16_like
+    from hyper_dm.evaluation import PHOTON_COUNTS
     from hyper_dm.inference import load_case
 
     out = Path(args.out)

@@ -1,18 +1,21 @@
 """Uncertainty decomposition and metrics for M weight sets x N draws.
 
-Samples ``x[i, j]`` (``i`` over weight sets, ``j`` over diffusion draws) give, per pixel, unbiased estimates of
-the two parts of the predictive variance (law of total variance, ``Var x = Var_i E_j x + E_i Var_j x``)::
+Samples ``x[i, j]`` (``i`` over weight sets, ``j`` over diffusion draws) give, per pixel, estimates of the two parts
+of the predictive variance (law of total variance, ``Var x = Var_i E_j x + E_i Var_j x``)::
 
     mean  = mean_ij x
-    AU    = mean_i(Var_j x)                          # aleatoric: the posterior spread of one weight set
-    EU    = max(0, Var_i(mean_j x) - AU / N)         # epistemic: disagreement between weight sets
-    total = EU + AU
+    AU    = mean_i(Var_j x)                                  # aleatoric: the posterior spread of one weight set
+    EU    = max(0, Var_i(mean_j x) - mean_j(Var_i d) / N)    # epistemic: disagreement between weight sets
+    total = EU + AU                                          # d[i, j] = x[i, j] - mean_j x[i, j]
 
-Both variances divide by ``count - 1``. The spread of the N-draw means of one weight set holds Monte Carlo noise
-of variance ``AU / N`` besides the disagreement itself; EU subtracts it, so a small N does not pass aleatoric
-noise off as epistemic (with N = 4 and AU as large as EU, the plain spread would overstate EU by 25%). With
-``M = 1`` EU is 0 and with ``N = 1`` AU is 0 and EU holds the whole spread (neither can be estimated; callers
-warn); ``total`` stays an unbiased estimate of the predictive variance. Variances are in squared image units.
+Variances divide by ``count - 1``. The N-draw mean of one weight set carries Monte Carlo noise besides the set's
+own answer; only the part of that noise that differs between weight sets inflates ``Var_i(mean_j x)``, and
+``mean_j(Var_i d) / N`` estimates it (with ``N - 1`` in the mean over draws, so the difference is unbiased).
+The sampler gives every weight set the same noise for draw ``j`` (common random numbers), so most of the Monte
+Carlo noise is shared and cancels: EU then converges at small N, and the clamp at zero, which turns leftover noise
+into positive EU, barely biases it. With independent noise per set the correction equals ``AU / N`` (in
+expectation), the classical one. With ``M = 1`` EU is 0, with ``N = 1`` AU is 0 and EU holds the whole spread
+(neither can be estimated; callers warn). Variances are in squared image units.
 """
 
 from __future__ import annotations
@@ -58,15 +61,23 @@ def decompose(samples: torch.Tensor) -> Decomposition:
     if samples.ndim < 3:
         raise ValueError(f"samples must be [M, N, *shape], got shape {tuple(samples.shape)}")
     set_means = samples.mean(dim=1)  # [M, *shape]
-    return _combine(set_means, (samples - set_means.unsqueeze(1)).pow(2).sum(dim=1), samples.shape[1])
+    draw_means = samples.mean(dim=0)  # [N, *shape]
+    return _combine(set_means, (samples - set_means.unsqueeze(1)).pow(2).sum(dim=1),
+                    (draw_means - draw_means.mean(dim=0)).pow(2).sum(dim=0), samples.shape[1])
 
 
-def _combine(set_means: torch.Tensor, squares: torch.Tensor, n: int) -> Decomposition:
-    """Unbiased decomposition from per-set means ``[M, *shape]`` and sums of squared deviations ``[M, *shape]``
-    of ``n`` draws each."""
+def _combine(set_means: torch.Tensor, squares: torch.Tensor, draw_squares: torch.Tensor, n: int) -> Decomposition:
+    """The decomposition from per-set means ``[M, *shape]``, per-set sums of squared deviations ``[M, *shape]`` over
+    ``n`` draws, and the sum over draws of squared deviations of the per-draw means across sets ``[*shape]``."""
     m = set_means.shape[0]
     au = squares.mean(dim=0) / (n - 1) if n > 1 else torch.zeros_like(set_means[0])
-    eu = (set_means.var(dim=0) - au / n).clamp_min(0) if m > 1 else torch.zeros_like(set_means[0])
+    if m == 1:
+        eu = torch.zeros_like(set_means[0])
+    elif n == 1:
+        eu = set_means.var(dim=0)
+    else:  # sum_ij (d_ij - mean_i d_ij)^2 = sum_i squares_i - M * draw_squares
+        noise = (squares.sum(dim=0) - m * draw_squares) / ((m - 1) * (n - 1) * n)
+        eu = (set_means.var(dim=0) - noise).clamp_min(0)
     return Decomposition(mean=set_means.mean(dim=0), eu=eu, au=au)
 
 
@@ -81,28 +92,38 @@ class UncertaintyAccumulator:
         self.count = 0
         self._mean: torch.Tensor | None = None  # [M, *shape]
         self._m2: torch.Tensor | None = None  # [M, *shape] sum of squared deviations
+        self._draw_mean: torch.Tensor | None = None  # [*shape] mean over draws of the mean across sets
+        self._draw_m2: torch.Tensor | None = None  # [*shape] its sum of squared deviations over draws
 
     def update(self, draws: torch.Tensor) -> None:
         draws = draws.detach().double()
-        n = draws.shape[1]
-        chunk_mean = draws.mean(dim=1)
-        chunk_m2 = (draws - chunk_mean.unsqueeze(1)).pow(2).sum(dim=1)
-        if self._mean is None:
-            self.count, self._mean, self._m2 = n, chunk_mean, chunk_m2
-            return
-        if draws.shape[0] != self._mean.shape[0] or draws.shape[2:] != self._mean.shape[1:]:
+        if self._mean is not None and (draws.shape[0] != self._mean.shape[0]
+                                       or draws.shape[2:] != self._mean.shape[1:]):
             raise ValueError(f"chunk shape {tuple(draws.shape)} does not match earlier chunks")
-        total = self.count + n
-        delta = chunk_mean - self._mean
-        self._mean = self._mean + delta * (n / total)
-        self._m2 = self._m2 + chunk_m2 + delta.pow(2) * (self.count * n / total)
-        self.count = total
+        n = draws.shape[1]
+        set_mean, per_draw = draws.mean(dim=1), draws.mean(dim=0)  # [M, *shape], [n, *shape]
+        set_m2 = (draws - set_mean.unsqueeze(1)).pow(2).sum(dim=1)
+        draw_mean = per_draw.mean(dim=0)
+        draw_m2 = (per_draw - draw_mean).pow(2).sum(dim=0)
+        if self._mean is None:
+            self.count, self._mean, self._m2, self._draw_mean, self._draw_m2 = n, set_mean, set_m2, draw_mean, draw_m2
+            return
+        self._mean, self._m2 = _merge(self._mean, self._m2, self.count, set_mean, set_m2, n)
+        self._draw_mean, self._draw_m2 = _merge(self._draw_mean, self._draw_m2, self.count, draw_mean, draw_m2, n)
+        self.count += n
 
     def result(self, dtype: torch.dtype = torch.float32) -> Decomposition:
         if self._mean is None:
             raise RuntimeError("no draws accumulated")
-        d = _combine(self._mean, self._m2, self.count)
+        d = _combine(self._mean, self._m2, self._draw_m2, self.count)
         return Decomposition(mean=d.mean.to(dtype), eu=d.eu.to(dtype), au=d.au.to(dtype))
+
+
+def _merge(mean: torch.Tensor, m2: torch.Tensor, count: int, chunk_mean: torch.Tensor, chunk_m2: torch.Tensor,
+           n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chan et al.'s merge of two (mean, sum of squared deviations) summaries of ``count`` and ``n`` values."""
+    delta = chunk_mean - mean
+    return mean + delta * (n / (count + n)), m2 + chunk_m2 + delta.pow(2) * (count * n / (count + n))
 
 
 def psnr(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:

@@ -15,7 +15,8 @@ and the test slices with an unfamiliar object (``hyper_dm.data.synthetic.insert_
 that budget, records EU on the unfamiliar object at five points of the run, and writes ``<recipe>.json`` (figures)
 and ``<recipe>.pt`` (HyperNetwork state). ``report`` tabulates every run and the deep-ensemble baseline (the
 members ``v_quadratic``, ``v_quadratic_s1``, ... : EU is the spread across members, one weight set each).
-``ablation`` evaluates one trained recipe over M and N in {2, 4, 8, 16}. The recipe ``regression`` is the
+``ablation`` evaluates one trained recipe over M and N in {2, 4, 8, 16}; ``estimator`` measures how the draw noise
+enters EU (common against independent noise per weight set). The recipe ``regression`` is the
 deterministic baseline: the same backbone and HyperNetwork (one weight set) trained by plain MSE from the FBP
 condition alone (``x_t = 0``, ``t = 0``); it has no uncertainty, only quality figures.
 """
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from hyper_dm.diffusion import HyperDDIMSampler, LossConfig, make_ddim, make_ddpm, training_loss  # noqa: E402
 from hyper_dm.io import atomic_write  # noqa: E402
 from hyper_dm.networks import ConditionalUNet, HyperNetwork, apply_weight_sets  # noqa: E402
-from hyper_dm.uncertainty import ause, gaussian_coverage, psnr  # noqa: E402
+from hyper_dm.uncertainty import ause, decompose, gaussian_coverage, psnr  # noqa: E402
 
 HU = 1000.0  # HU per model unit (hu_window [-1000, 1000])
 _BASE = {"prediction_type": "sample", "timestep_sampling": "uniform", "mode": "standard", "seed": 0}
@@ -434,6 +435,43 @@ def ablation(args: argparse.Namespace) -> None:
     (runs / f"{args.recipe}.ablation.json").write_text(json.dumps(rows, indent=1))
 
 
+def estimator(args: argparse.Namespace) -> None:
+    """How the draw noise enters EU (``<recipe>.estimator.json``): the same weight sets sampled with the sampler's
+    common random numbers (every set's draw j from the same noise) and with independent noise per set (as before
+    the change), EU estimated at N = 4 and N = --N (the reference) on the test slices at each photon count and on
+    the object. ``independent`` uses the classical correction (subtract AU / N, clamp at 0)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    study, runs = load_study(args.data), Path(args.runs)
+    hyper = build(study, device)
+    hyper.load_state_dict(torch.load(runs / f"{args.recipe}.pt", map_location=device, weights_only=True))
+    recipe = RECIPES[args.recipe]
+    sampler = HyperDDIMSampler(make_ddim(prediction_type=recipe["prediction_type"]), steps=args.steps, eta=0.0,
+                               spacing="quadratic", clip=(-1.0, 1.0))
+    weights = hyper_weights(hyper, args.M, device)
+    splits = {f"i0 {i0:.0e}": (study["test"], f"cond_{int(i0)}") for i0 in study["photon_counts"]}
+    splits["object"] = (study["ood"], "cond")
+    rows = []
+    for name, (split, key) in splits.items():
+        cond = split[key][:args.eval_slices].to(device)
+        one_set = lambda i, seed, cond=cond: sampler.sample(  # noqa: E731  the draws of weight set i from seed
+            hyper.target, {k: v[i:i + 1] for k, v in weights.items()}, cond, args.N,
+            torch.Generator(device).manual_seed(seed), keep_samples=True).samples.cpu()
+        samples = {"common": torch.cat([one_set(i, 0) for i in range(args.M)]),
+                   "independent": torch.cat([one_set(i, i) for i in range(args.M)])}
+        for noise, x in samples.items():
+            for n in sorted({4, args.N}):
+                d = decompose(x[:, :n].double())
+                eu = d.eu if noise == "common" else (x[:, :n].double().mean(1).var(0) - d.au / n).clamp_min(0)
+                row = {"input": name, "noise": noise, "N": n, "mean_au_hu2": float(d.au.mean()) * HU**2,
+                       "mean_eu_hu2": float(eu.mean()) * HU**2}
+                if "mask" in split:
+                    row["eu_object_over_body"] = ood_ratio({"eu": eu.float(), "mask": split["mask"][:args.eval_slices],
+                                                            "target": split["target"][:args.eval_slices]})
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    (runs / f"{args.recipe}.estimator.json").write_text(json.dumps(rows, indent=1))
+
+
 # ----------------------------------------------------------------------------------------------------- report
 def report(args: argparse.Namespace) -> None:
     runs = Path(args.runs)
@@ -499,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", default="study")
     p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
     p.add_argument("--to", required=True, help="the bundle checkpoint to write, e.g. bundle/models/model.pt")
-    for name in ("train", "evaluate", "report", "ablation"):
+    for name in ("train", "evaluate", "report", "ablation", "estimator"):
         p = sub.add_parser(name)
         p.add_argument("--data", default="study/data.pt")
         p.add_argument("--M", type=int, default=8)
@@ -524,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--out", default="study/recipes.md")
     args = parser.parse_args(argv)
     commands = {"prepare": prepare, "train": train, "evaluate": evaluate, "report": report, "ablation": ablation,
-                "export": export}
+                "estimator": estimator, "export": export}
     commands[args.command](args)
 
 

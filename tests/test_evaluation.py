@@ -83,7 +83,8 @@ def test_bundle_evaluate_run_writes_the_ct_report(tmp_path, checkpoint):
         [sys.executable, "-m", "monai.bundle", "run", "evaluate", "--config_file", configs, "--device",
          "$torch.device('cpu')", "--inference_cfg#ckpt", str(checkpoint), "--inference_cfg#M", "2",
          "--inference_cfg#N", "2", "--diffusion#ddim_steps", "2", "--data#dataset_dir", str(tmp_path / "ct"),
-         "--inference_cfg#calibration", str(tmp_path / "none.json"), "--evaluate_cfg#out_dir", str(out), "--evaluate_cfg#cases", "1", "--evaluate_cfg#label", "an untrained model",
+         "--inference_cfg#calibration", str(tmp_path / "none.json"), "--evaluate_cfg#out_dir", str(out),
+         "--evaluate_cfg#cases", "1", "--evaluate_cfg#label", "an untrained model",
          *small], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     text = (out / "report.md").read_text()

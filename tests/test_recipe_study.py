@@ -65,3 +65,19 @@ def test_cut_training_run_resumes_from_its_state(recipes, tmp_path, monkeypatch,
     assert any(not torch.equal(saved[k], state["hypernet"][k]) for k in saved)  # it kept training after the cut
     assert {"ood_eu_ratio", "i0_100000", "i0_1000"} <= set(run["track"][-1])
     assert run["track"][-1]["i0_1000"]["au_hu2"] >= 0
+
+
+def test_estimator_study_compares_common_and_independent_draw_noise(recipes, tmp_path):
+    tiny_study(tmp_path / "data.pt")
+    common = ["--data", str(tmp_path / "data.pt"), "--recipe", "v_quadratic", "--M", "2", "--steps", "2"]
+    recipes.main(["train", *common, "--minutes", "0.02", "--batch", "2", "--N", "2", "--track_points", "1",
+                  "--track_slices", "1", "--skip_eval", "--out", str(tmp_path / "runs")])
+    recipes.main(["estimator", *common, "--N", "6", "--eval_slices", "2", "--runs", str(tmp_path / "runs")])
+    rows = json.loads((tmp_path / "runs" / "v_quadratic.estimator.json").read_text())
+    inputs, noises = ("i0 1e+05", "i0 1e+03", "object"), ("common", "independent")
+    expected = {(i, d, n) for i in inputs for d in noises for n in (4, 6)}
+    assert {(r["input"], r["noise"], r["N"]) for r in rows} == expected
+    assert all(r["mean_au_hu2"] > 0 and r["mean_eu_hu2"] >= 0 for r in rows)
+    assert all("eu_object_over_body" in r for r in rows if r["input"] == "object")
+    au = {(r["input"], r["noise"], r["N"]): r["mean_au_hu2"] for r in rows}
+    assert au[("object", "common", 6)] != au[("object", "independent", 6)]  # other noise, other draws

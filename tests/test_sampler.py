@@ -109,15 +109,36 @@ def test_validation_batches_start_from_fresh_noise_and_each_run_repeats():
 
 
 def test_bfloat16_maps_match_float32():
-    """CPU bfloat16 autocast of the network calls (the DDIM update stays float32) keeps the mean / EU / AU maps of
-    the same draws within 2% (relative L2) of float32 with the bundle's v prediction (measured: 0.3%, 0.5%, 0.2%).
-    Where the draws nearly collapse (x0 prediction, AU ~ 1e-3) the rounding shows more: 6% on EU and 8% on AU."""
+    """CPU bfloat16 autocast of the network calls (the DDIM update stays float32) keeps the mean and AU maps of the
+    same draws within 2% (relative L2) of float32 with the bundle's v prediction (measured: 0.2%, 0.2%), and EU within
+    10% (measured 5.4%): EU is the small disagreement between weight sets given the same noise (here 1e-3 of AU), and
+    the rounding of each set's calls is its own."""
     backbone, weights = small_model()
     cond = torch.randn(2, 1, 32, 32)
     run = lambda precision: HyperDDIMSampler(  # noqa: E731
         make_ddim(prediction_type="v_prediction"), steps=10, precision=precision
     ).sample(backbone, weights, cond, 4, torch.Generator().manual_seed(0)).stats
     reference, low = run("float32"), run("bfloat16")
-    for key in ("mean", "eu", "au"):
+    for key, tolerance in (("mean", 0.02), ("eu", 0.1), ("au", 0.02)):
         ref, got = getattr(reference, key), getattr(low, key)
-        assert (got - ref).norm() <= 0.02 * ref.norm(), key
+        assert (got - ref).norm() <= tolerance * ref.norm(), key
+
+
+def test_common_noise_leaves_eu_to_the_weight_sets():
+    """Three copies of one weight set disagree on nothing: with common noise (the default) their draws coincide
+    and EU is exactly 0 while AU is not; with independent noise per set the Monte Carlo noise shows up as EU.
+    Different weight sets under common noise: the first draw of each starts from the same noise, so their draws
+    differ only by the weights."""
+    backbone, weights = small_model()
+    same = {k: v[:1].expand(3, *v.shape[1:]).clone() for k, v in weights.items()}
+    cond = torch.randn(2, 1, 16, 16)
+    run = lambda w, common: HyperDDIMSampler(  # noqa: E731
+        make_ddim(prediction_type="v_prediction"), steps=4, eta=1.0, common_noise=common
+    ).sample(backbone, w, cond, 3, torch.Generator().manual_seed(0), keep_samples=True)
+    shared, independent = run(same, True), run(same, False)
+    assert torch.equal(shared.samples[0], shared.samples[1]) and torch.equal(shared.samples[0], shared.samples[2])
+    assert shared.stats.eu.abs().max() == 0 and shared.stats.au.mean() > 0
+    assert independent.stats.eu.mean() > 0.01 * independent.stats.au.mean()
+    torch.testing.assert_close(independent.stats.au.mean(), shared.stats.au.mean(), rtol=0.5, atol=0)
+    distinct = run(weights, True).stats
+    assert 0 < distinct.eu.mean() < run(weights, False).stats.eu.mean()

@@ -103,3 +103,20 @@ def test_coverage_of_central_intervals():
     assert coverage(0.2 * samples, target, levels=(0.9,))[0.9] < 0.4
     with pytest.raises(ValueError, match="level"):
         coverage(samples, target, levels=(1.5,))
+
+
+def test_shared_draw_noise_lets_a_small_eu_show_under_a_large_au():
+    """The sampler's common random numbers: draw j of every weight set starts from the same noise. With AU = 0.49
+    and EU = 0.004 at M = N = 4, EU comes out right per pixel; with independent noise per set the clamp at zero
+    turns the Monte Carlo noise into EU that follows AU."""
+    g = torch.Generator().manual_seed(3)
+    shape = (64, 1, 32, 32)
+    randn = lambda *s: torch.randn(s, generator=g, dtype=torch.float64)  # noqa: E731
+    answers = 0.5 + math.sqrt(0.004) * randn(4, 1, *shape)  # one answer per weight set: EU 0.004
+    own = 0.02 * randn(4, 4, *shape)  # how each set's draw differs from the others' for the same noise
+    shared = decompose(answers + 0.7 * randn(1, 4, *shape) + own)
+    independent = decompose(answers + 0.7 * randn(4, 4, *shape) + own)
+    assert shared.au.mean().item() == pytest.approx(0.49 + 0.0004, rel=0.03)
+    assert shared.eu.mean().item() == pytest.approx(0.004, rel=0.1)
+    assert independent.eu.mean().item() > 5 * 0.004
+    assert (shared.eu - 0.004).abs().mean() < 0.1 * (independent.eu - 0.004).abs().mean()

@@ -98,6 +98,10 @@ class HyperDDIMSampler:
         channels_last: run convolutions in NHWC layout (the generated 4-D weights are converted once per call of
             :meth:`sample`; faster for oneDNN and cuDNN convolutions).
         compile: run the backbone through ``torch.compile`` (opt-in: the first call of each batch shape compiles).
+        common_noise: draw ``j`` of every weight set starts from the same noise (common random numbers; default).
+            EU is then the weight sets' disagreement at any N; the mean averages N independent noises, so its
+            Monte Carlo variance is about AU / N. ``False``: independent noise per set (Monte Carlo variance of
+            the mean AU / (M N)), and EU carries Monte Carlo noise of order AU / N that the clamp at zero keeps.
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class HyperDDIMSampler:
         precision: str | Precision = Precision.FLOAT32,
         channels_last: bool = True,
         compile: bool = False,
+        common_noise: bool = True,
     ) -> None:
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
@@ -130,6 +135,7 @@ class HyperDDIMSampler:
             self.timesteps, a, a_prev.sqrt(), (1 - a_prev - sigma**2).clamp_min(0).sqrt(), sigma, strict=True)]
         self.eta, self.clip, self.method, self.call_batch = eta, clip, method, call_batch
         self.precision, self.channels_last = Precision.parse(precision), channels_last
+        self.common_noise = common_noise
         self._forward = torch.compile(functional_call, dynamic=False) if compile else functional_call
         self._warned = False
 
@@ -148,8 +154,10 @@ class HyperDDIMSampler:
 
         ``weights`` is a HyperNetwork output (``name -> [M, *shape]``), computed once by the caller (once per
         volume); ``channels`` is the sample's channel count (default: that of ``cond``). ``generator`` (CPU or on
-        ``cond``'s device) makes the draws reproducible: it seeds one generator per weight set and chunk on ``cond``'s
-        device (the same draws with ``method`` loop and vmap; no noise crosses from the host while sampling).
+        ``cond``'s device) makes the draws reproducible: it seeds the noise of each chunk of draws on ``cond``'s
+        device (the same draws with ``method`` loop and vmap; no noise crosses from the host while sampling). With
+        ``common_noise`` draw ``j`` of every weight set starts from the same noise, so the spread across weight
+        sets holds their disagreement rather than Monte Carlo noise (see :mod:`hyper_dm.uncertainty`).
         """
         if n_draws < 1:
             raise ValueError(f"n_draws must be >= 1, got {n_draws}")
@@ -169,7 +177,8 @@ class HyperDDIMSampler:
             for start in range(0, n_draws, n_call):
                 n = min(n_call, n_draws - start)
                 cond_rep = group.repeat(n, *[1] * (group.ndim - 1))  # [n * b, ...], draw-major
-                generators = [_child(generator, cond.device) for _ in range(m)]
+                seeds = [_seed(generator)] * m if self.common_noise else [_seed(generator) for _ in range(m)]
+                generators = [torch.Generator(cond.device).manual_seed(seed) for seed in seeds]
                 draws, first = [], 0
                 for net, size in networks:
                     draws.append(self._chain(net, cond_rep, sample_shape, generators[first:first + size]))
@@ -225,9 +234,9 @@ class HyperDDIMSampler:
         return cast
 
     def _chain(self, net: Network, cond: torch.Tensor, sample_shape: tuple[int, ...],
-               generators: list[torch.Generator | None]) -> torch.Tensor:
-        """All DDIM steps of ``g = len(generators)`` weight sets (one noise generator each) on ``cond [nb, ...]``
-        from fresh noise: ``[g, nb, *sample_shape]``."""
+               generators: list[torch.Generator]) -> torch.Tensor:
+        """All DDIM steps of ``g = len(generators)`` weight sets (one noise generator each, equally seeded) on
+        ``cond [nb, ...]`` from fresh noise: ``[g, nb, *sample_shape]``."""
         randn = lambda: torch.stack([  # noqa: E731
             torch.randn((cond.shape[0], *sample_shape), generator=gen, device=cond.device, dtype=cond.dtype)
             for gen in generators])
@@ -253,9 +262,7 @@ def _fast_on_cpu(precision: Precision) -> bool:
     return True
 
 
-def _child(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
-    """A generator on ``device`` seeded by one draw from ``generator`` (``None`` stays ``None``)."""
-    if generator is None:
-        return None
-    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
-    return torch.Generator(device).manual_seed(seed)
+def _seed(generator: torch.Generator | None) -> int:
+    """One seed drawn from ``generator`` (``None``: from PyTorch's global generator)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(2**62, (1,), generator=generator, device=device))

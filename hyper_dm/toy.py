@@ -112,10 +112,15 @@ def train_toy(config: ToyConfig) -> tuple[HyperNetwork, ConditionalMLP, list[flo
 
 @torch.no_grad()
 def predict_toy(
-    hyper: HyperNetwork, backbone: ConditionalMLP, x: torch.Tensor, m: int = 16, n: int = 32, steps: int = 50,
+    hyper: HyperNetwork, backbone: ConditionalMLP, x: torch.Tensor, m: int = 16, n: int = 64, steps: int = 50,
     seed: int = 1, prediction_type: str = "v_prediction",
 ) -> Decomposition:
-    """M x N DDIM statistics at raw ``x [K]``; returned in raw ``y`` units (variances times ``Y_SCALE^2``)."""
+    """M x N DDIM statistics at raw ``x [K]``; returned in raw ``y`` units (variances times ``Y_SCALE^2``).
+
+    The weight sets share their draw noise (the sampler's common random numbers), so the mean and AU average N
+    independent noises, not M x N: seed 0 at N = 32 gave a mean RMSE of 0.020 and an AU rank correlation of 0.80,
+    at N = 64 0.015 and 0.91 (independent noise at N = 32: 0.009 and 0.99, with EU in the gap 5.5x the noisy side
+    against 5.8x)."""
     generator = torch.Generator().manual_seed(seed)
     weights = hyper(hyper.sample_z(m, generator))
     sampler = HyperDDIMSampler(make_ddim(prediction_type=prediction_type), steps=steps, eta=0.0, clip=(-1.0, 1.0))

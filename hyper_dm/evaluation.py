@@ -86,10 +86,9 @@ def plot(path: Path, panels: list[tuple[str, callable]]) -> None:
         fig.savefig(tmp, dpi=90)
 
 
-
 def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibration | None = None,
              cases: int | None = None) -> dict:
-    """Every measurement of the report on the first ``cases`` test cases of ``data`` (a resolved ``data``
+    """Every measurement of the report on the first ``cases`` test cases of ``data`` (the bundle's ``data``
     section; all cases if None), reconstructed by ``reconstructor``. Returns the lists :func:`write_report` reads:
     ``rows`` (quality and distribution per case and setting), ``reliability``, ``sparsity``, ``ood``, ``noise``
     and ``seconds_per_slice``."""
@@ -99,7 +98,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
     settings = {"": {}} if ct else MRI_ACCELERATIONS  # name -> data overrides (the measurement)
     noise_key, noise_levels = ("i0", PHOTON_COUNTS) if ct else ("kspace_noise", KSPACE_NOISE)
     run = lambda case: reconstructor(case["cond"], case["gain"], case["offset"],  # noqa: E731
-                             out_size=tuple(case["volume"].shape[1:3]))
+                                     out_size=tuple(case["volume"].shape[1:3]))
     rows, reliab, sparsity, ood, noise, timings = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for entry in build_datalist(data)["test"][:cases]:

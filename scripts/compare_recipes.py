@@ -247,6 +247,12 @@ def train(args: argparse.Namespace) -> None:
         evaluate_run(args.recipe, out, study, args, device)
 
 
+def variance_figures(res: dict) -> dict[str, float]:
+    """Mean EU, mean AU and the squared error of the mean (HU^2) of :func:`evaluate_set`'s result."""
+    return {"mean_eu_hu2": float(res["eu"].mean()) * HU**2, "mean_au_hu2": float(res["au"].mean()) * HU**2,
+            "mse_hu2": float((res["mean"] - res["target"]).pow(2).mean()) * HU**2}
+
+
 def tracked_figures(hyper: HyperNetwork, study: dict, recipe: dict, args: argparse.Namespace,
                     device: torch.device) -> dict:
     """Figures followed along a run on ``--track_slices`` test slices (2 draws per weight set): EU on the
@@ -257,9 +263,7 @@ def tracked_figures(hyper: HyperNetwork, study: dict, recipe: dict, args: argpar
     for i0 in study["photon_counts"]:
         res = evaluate_set(weights, hyper.target, study["test"], recipe, args, cond_key=f"cond_{int(i0)}",
                            n_draws=2, limit=args.track_slices)
-        figures[f"i0_{int(i0)}"] = {"au_hu2": round(float(res["au"].mean()) * HU**2, 1),
-                                    "eu_hu2": round(float(res["eu"].mean()) * HU**2, 1),
-                                    "mse_hu2": round(float((res["mean"] - res["target"]).pow(2).mean()) * HU**2, 1)}
+        figures[f"i0_{int(i0)}"] = variance_figures(res)
     return figures
 
 
@@ -384,8 +388,7 @@ def posterior_figures(weight_list: list[dict], backbone: torch.nn.Module, study:
         res = evaluate_set(weight_list, backbone, test, recipe, args, cond_key=key, limit=args.eval_slices)
         total = res["eu"] + res["au"]
         error = res["mean"] - res["target"]
-        row = {"i0": i0, "mean_eu_hu2": float(res["eu"].mean()) * HU**2, "mean_au_hu2": float(res["au"].mean()) * HU**2,
-               "mse_hu2": float(error.pow(2).mean()) * HU**2}
+        row = {"i0": i0, **variance_figures(res)}
         figures["noise"].append(row)
         if i0 == counts[0]:
             cond = test[key][:args.eval_slices]
@@ -424,8 +427,7 @@ def ablation(args: argparse.Namespace) -> None:
         weights = [hyper_weights(hyper, m, device)]
         res = evaluate_set(weights, hyper.target, study["test"], recipe, args, cond_key, n, args.eval_slices)
         total, error = res["eu"] + res["au"], res["mean"] - res["target"]
-        rows.append({"M": m, "N": n, "psnr": float(psnr(res["mean"], res["target"]).mean()),
-                     "mean_eu_hu2": float(res["eu"].mean()) * HU**2, "mean_au_hu2": float(res["au"].mean()) * HU**2,
+        rows.append({"M": m, "N": n, "psnr": float(psnr(res["mean"], res["target"]).mean()), **variance_figures(res),
                      "coverage_90_raw": gaussian_coverage(res["mean"], total, res["target"], (0.9,))[0.9],
                      "ause": ause(total, error.abs()),
                      "ood_eu_ratio": ood_ratio(evaluate_set(weights, hyper.target, study["ood"], recipe, args,

@@ -60,6 +60,7 @@ def build(size: int, device: torch.device, ckpt: str | None = None, sdpa: bool |
     backbone = ConditionalUNet(channels=model["channels"], attention_levels=model["attention_levels"],
                                num_res_blocks=model["num_res_blocks"], norm_num_groups=model["norm_num_groups"],
                                num_head_channels=model["num_head_channels"],
+                               noise_level_input=model["noise_level_input"],
                                use_flash_attention=size >= ATTENTION_SDPA_FROM if sdpa is None else sdpa)
     hyper = HyperNetwork(backbone, z_dim=model["z_dim"], hidden=model["hidden"], rank=model["rank"],
                          offset_scale=model["offset_scale"])

@@ -50,6 +50,7 @@ RECIPES = {
     "eps": {**_BASE, "prediction_type": "epsilon"},
     "v": _V,
     "v_quadratic": {**_V, "timestep_sampling": "quadratic"},
+    "v_quadratic_nl": {**_V, "timestep_sampling": "quadratic", "noise_level_input": True},
     "v_edm": {**_V, "timestep_sampling": "lognormal"},
     "x0_eu_l1": {**_BASE, "mode": "eu", "m_weights": 2, "lambda_eu": 0.01},
     "v_eu_kl": {**_V, "timestep_sampling": "quadratic", "mode": "eu", "m_weights": 4, "lambda_eu": 0.03,
@@ -151,10 +152,11 @@ def load_study(path: str) -> dict:
     return study
 
 
-def build(study: dict, device: torch.device) -> HyperNetwork:
+def build(study: dict, recipe: dict, device: torch.device) -> HyperNetwork:
     model = study["model"]
     backbone = ConditionalUNet(model["channels"], model["attention_levels"], model["num_res_blocks"],
-                               model["norm_num_groups"], model["num_head_channels"])
+                               model["norm_num_groups"], model["num_head_channels"],
+                               noise_level_input=recipe.get("noise_level_input", False))
     return HyperNetwork(backbone, z_dim=model["z_dim"], hidden=model["hidden"], rank=model["rank"],
                         offset_scale=model["offset_scale"]).to(device)
 
@@ -184,7 +186,7 @@ def train(args: argparse.Namespace) -> None:
     study = load_study(args.data)
     torch.manual_seed(recipe["seed"])
     generator = torch.Generator(device).manual_seed(recipe["seed"])
-    hyper = build(study, device)
+    hyper = build(study, recipe, device)
     scheduler = make_ddpm(prediction_type=recipe["prediction_type"])
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     loss_config = LossConfig(**{k: v for k, v in recipe.items() if k in LossConfig.__dataclass_fields__})
@@ -277,7 +279,8 @@ def export(args: argparse.Namespace) -> None:
                   "norm_num_groups", "num_head_channels")
     diffusion = bundle_section("diffusion")
     config = {"data": {"task": study.get("task", "ct"), "img_size": int(study["train"]["target"].shape[-1])},
-              "model": {k: study["model"][k] for k in model_keys},
+              "model": {**{k: study["model"][k] for k in model_keys},
+                        "noise_level_input": recipe.get("noise_level_input", False)},
               "diffusion": {**{k: diffusion[k] for k in ("num_train_timesteps", "beta_start", "beta_end")},
                             "prediction_type": recipe["prediction_type"]}}
     state = torch.load(Path(args.runs) / f"{args.recipe}.pt", map_location="cpu", weights_only=True)
@@ -293,7 +296,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def evaluate_run(name: str, runs: Path, study: dict, args: argparse.Namespace, device: torch.device) -> None:
     """Posterior figures of the trained ``<runs>/<name>.pt`` into ``<name>.json`` (with its ``.run.json``)."""
-    hyper = build(study, device)
+    hyper = build(study, RECIPES[name], device)
     hyper.load_state_dict(torch.load(runs / f"{name}.pt", map_location=device, weights_only=True))
     run_file = runs / f"{name}.run.json"
     run = json.loads(run_file.read_text()) if run_file.exists() else {"recipe": name, "settings": RECIPES[name]}
@@ -418,7 +421,7 @@ def ablation(args: argparse.Namespace) -> None:
     N = 8 and N in :data:`ABLATION` at M = 8 (test slices at the first photon count; ``<recipe>.ablation.json``)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     study, runs = load_study(args.data), Path(args.runs)
-    hyper = build(study, device)
+    hyper = build(study, RECIPES[args.recipe], device)
     hyper.load_state_dict(torch.load(runs / f"{args.recipe}.pt", map_location=device, weights_only=True))
     recipe, cond_key = RECIPES[args.recipe], f"cond_{int(study['photon_counts'][0])}"
     rows = []
@@ -444,7 +447,7 @@ def estimator(args: argparse.Namespace) -> None:
     the object. ``independent`` uses the classical correction (subtract AU / N, clamp at 0)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     study, runs = load_study(args.data), Path(args.runs)
-    hyper = build(study, device)
+    hyper = build(study, RECIPES[args.recipe], device)
     hyper.load_state_dict(torch.load(runs / f"{args.recipe}.pt", map_location=device, weights_only=True))
     recipe = RECIPES[args.recipe]
     sampler = HyperDDIMSampler(make_ddim(prediction_type=recipe["prediction_type"]), steps=args.steps, eta=0.0,
@@ -485,7 +488,7 @@ def report(args: argparse.Namespace) -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         members = []
         for name in present:
-            hyper = build(study, device)
+            hyper = build(study, RECIPES[name], device)
             hyper.load_state_dict(torch.load(runs / f"{name}.pt", map_location=device, weights_only=True))
             members.append(hyper_weights(hyper, 1, device))
         start = time.perf_counter()

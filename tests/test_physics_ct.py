@@ -70,3 +70,22 @@ def test_noise_models(chest_mu):
 def test_invalid_parameters(kwargs):
     with pytest.raises(ValueError):
         ParallelBeamCT(**kwargs)
+
+
+def test_noise_level_of_the_fbp_rises_with_falling_photon_count(chest_mu):
+    """The U-Net's noise-level input (``model#noise_level_input``) reads the photon count off a 24-view FBP: the
+    estimate rises strictly from 1e5 to 1e4 to 1e3 photons, and is about the same for two noise draws."""
+    import torch
+
+    from hyper_dm.networks import noise_level
+
+    mu, pixel_mm = chest_mu
+    ct = ParallelBeamCT(n_views=24, noise="poisson")
+    sino = ct.project(mu, pixel_mm)
+    levels = {}
+    for i0 in (1e5, 1e4, 1e3):
+        fbps = [mu_to_hu(ct.fbp(ct.add_noise(sino, np.random.default_rng(seed), i0), pixel_mm, 64)) / 1000
+                for seed in (0, 1)]
+        levels[i0] = noise_level(torch.from_numpy(np.stack(fbps)[:, None]).float())[:, 0]
+        assert abs(float(levels[i0][0] / levels[i0][1]) - 1) < 0.2, (i0, levels[i0])
+    assert levels[1e3].mean() > 1.5 * levels[1e4].mean() > 1.5 * levels[1e5].mean(), levels

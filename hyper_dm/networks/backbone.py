@@ -10,10 +10,26 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-__all__ = ["ConditionalUNet", "ConditionalMLP", "timestep_embedding"]
+__all__ = ["ConditionalUNet", "ConditionalMLP", "noise_level", "timestep_embedding"]
+
+_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]) / math.sqrt(20.0)  # unit noise gain
+_MAD_TO_STD = 1.4826  # median absolute deviation of a Gaussian, in standard deviations
+
+
+def noise_level(images: torch.Tensor) -> torch.Tensor:
+    """Robust noise standard deviation of each image and channel, ``[B, C, H, W]`` -> ``[B, C]`` (image units).
+
+    The median absolute value of a Laplacian residual, scaled to a Gaussian std: anatomy edges occupy few pixels,
+    so the median follows the noise and the streaks of the measurement, not the structure.
+    """
+    b, c = images.shape[:2]
+    kernel = _LAPLACIAN.to(images.device)[None, None]
+    residual = F.conv2d(images.float().reshape(b * c, 1, *images.shape[2:]), kernel)
+    return _MAD_TO_STD * residual.abs().flatten(1).median(dim=1).values.view(b, c)
 
 
 class ConditionalUNet(nn.Module):
@@ -29,6 +45,9 @@ class ConditionalUNet(nn.Module):
             not hold the ``tokens x tokens`` matrix (needed at native resolution: 128 x 128 tokens at 512 x 512).
         image_channels: channels of ``x_t`` (and of the prediction).
         cond_channels: channels of ``cond``.
+        noise_level_input: also give the network, as one constant plane per ``cond`` channel, the log of that
+            channel's :func:`noise_level`: the measurement noise (photon count, k-space noise) as an explicit input,
+            so the spread of the draws (AU) can follow it.
     """
 
     def __init__(
@@ -41,11 +60,13 @@ class ConditionalUNet(nn.Module):
         use_flash_attention: bool = False,
         image_channels: int = 1,
         cond_channels: int = 1,
+        noise_level_input: bool = False,
     ) -> None:
         super().__init__()
+        self.noise_level_input = noise_level_input
         self.unet = DiffusionModelUNet(
             spatial_dims=2,
-            in_channels=image_channels + cond_channels,
+            in_channels=image_channels + cond_channels * (2 if noise_level_input else 1),
             out_channels=image_channels,
             channels=tuple(channels),
             attention_levels=tuple(attention_levels),
@@ -64,7 +85,11 @@ class ConditionalUNet(nn.Module):
                              f"{len(self.unet.block_out_channels)} levels (model#channels) halves it "
                              f"{self.factor.bit_length() - 1} times; set data#img_size to a multiple of "
                              f"{self.factor}, e.g. {' or '.join(map(str, fits))}")
-        return self.unet(torch.cat([x_t, cond], dim=1), t)
+        inputs = [x_t, cond]
+        if self.noise_level_input:
+            level = torch.log(noise_level(cond).clamp_min(1e-6)).to(cond.dtype)  # [B, C_cond]
+            inputs.append(level[..., None, None].expand_as(cond))
+        return self.unet(torch.cat(inputs, dim=1), t)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -45,6 +45,7 @@ PHOTON_COUNTS = (1e5, 1e4, 1e3)
 KSPACE_NOISE = (0.0, 0.03, 0.1)
 MRI_ACCELERATIONS = {"4x": {"accelerations": [4], "center_fractions": [0.08]},
                      "8x": {"accelerations": [8], "center_fractions": [0.04]}}  # fastMRI's pairs
+NOISE_FIGURES = ("mean_au", "mean_eu", "mean_total", "rmse", "coverage_90", "coverage_90_calibrated")  # per level
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
@@ -146,10 +147,9 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 for level in noise_levels:
                     noisy = load_case(entry, {**setting_data, noise_key: level, **({"noise": "poisson"} if ct else {})},
                                       "simulate", size)
-                    res = run(noisy)
+                    at_level = case_metrics(run(noisy), noisy["label"].float(), data_range, calibration)
                     noise.append({"case_id": entry["case_id"], "setting": setting, "level": level,
-                                  "mean_au": float(res["au"].mean()), "mean_eu": float(res["eu"].mean()),
-                                  "rmse": float((res["mean"] - noisy["label"]).pow(2).mean().sqrt())})
+                                  **{k: v for k, v in at_level.items() if k in NOISE_FIGURES}})
 
     return {"rows": rows, "reliability": reliab, "sparsity": sparsity, "ood": ood, "noise": noise,
             "seconds_per_slice": timings}
@@ -170,7 +170,7 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
     levels = np.array(LEVELS)
     avg = lambda items, key: float(np.mean([i[key] for i in items]))  # noqa: E731
     noise_rows = [{"setting": s, "level": lv, **{k: avg([n for n in noise if n["setting"] == s and n["level"] == lv], k)
-                                                  for k in ("mean_au", "mean_eu", "rmse")}}
+                                                  for k in NOISE_FIGURES if k in noise[0]}}
                   for s in settings for lv in dict.fromkeys(n["level"] for n in noise)]
     plot(out / "calibration.png", [
         ("reliability (central intervals)", lambda ax: (
@@ -236,9 +236,11 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                  + " Median over slices of mean EU inside it / mean EU in the rest of the body: "
                  + ", ".join(f"{x['median_ratio']:.2f}" for x in o) + " (target >= 3).", "",
                  f"## {s + ' acceleration: ' if s else ''}aleatoric: measurement noise", "",
-                 f"| {noise_name} | mean AU ({var_unit}) | mean EU ({var_unit}) | RMSE ({unit}) |",
-                 "| --- | --- | --- | --- |",
-                 *[f"| {n['level']:.3g} | {fmt(n['mean_au'])} | {fmt(n['mean_eu'])} | {fmt(n['rmse'])} |" for n in nr],
+                 f"| {noise_name} | mean AU ({var_unit}) | mean EU ({var_unit}) | RMSE ({unit}) | squared error / "
+                 "predicted variance | 90% raw | 90% calibrated |", "| --- | --- | --- | --- | --- | --- | --- |",
+                 *[f"| {n['level']:.3g} | {fmt(n['mean_au'])} | {fmt(n['mean_eu'])} | {fmt(n['rmse'])} | "
+                   f"{n['rmse'] ** 2 / max(n['mean_total'], 1e-30):.2f} | {n['coverage_90']:.3f} | "
+                   + (f"{n['coverage_90_calibrated']:.3f} |" if calibrated else "- |") for n in nr],
                  "", f"AU rises strictly with the noise: {all(a < b for a, b in zip(au, au[1:], strict=False))}; "
                  f"relative change of AU {(au[-1] - au[0]) / max(au[0], 1e-30):+.2f}, of EU "
                  f"{(eu[-1] - eu[0]) / max(eu[0], 1e-30):+.2f}.", ""]

@@ -94,6 +94,8 @@ def test_bundle_evaluate_run_writes_the_ct_report(tmp_path, checkpoint):
     report = json.loads((out / "report.json").read_text())
     assert [n["level"] for n in report["noise"]] == list(PHOTON_COUNTS)
     assert report["noise"][-1]["rmse"] > report["noise"][0]["rmse"]  # i0 1e3 is a noisier measurement than 1e5
+    assert all(0 <= n["coverage_90"] <= 1 and n["mean_total"] > 0 for n in report["noise"])
+    assert "| squared error / predicted variance | 90% raw | 90% calibrated |" in text
     assert 0 < report["ood"][0]["eu_inside"] < float("inf")
     assert (out / "calibration.png").stat().st_size > 0 and (out / "ood_object.png").stat().st_size > 0
     assert not list(out.glob(".*"))  # no temporary files left by the atomic writes

@@ -60,6 +60,7 @@ RECIPES = {
     "v_au": {**_V, "timestep_sampling": "quadratic", "mode": "au", "n_noisy": 2, "sigma_noise": 0.05},
     "regression": {**_BASE, "regression": True},
     "knee_v_quadratic": {**_V, "timestep_sampling": "quadratic"},  # with a knee study (prepare --task mri)
+    "knee_v_quadratic_nl": {**_V, "timestep_sampling": "quadratic", "noise_level_input": True},
     **{f"v_quadratic_s{k}": {**_V, "timestep_sampling": "quadratic", "seed": k} for k in (1, 2, 3)},
 }
 ABLATION = (2, 4, 8, 16)

@@ -392,7 +392,9 @@ def posterior_figures(weight_list: list[dict], backbone: torch.nn.Module, study:
         res = evaluate_set(weight_list, backbone, test, recipe, args, cond_key=key, limit=args.eval_slices)
         total = res["eu"] + res["au"]
         error = res["mean"] - res["target"]
-        row = {"i0": i0, **variance_figures(res)}
+        row = {"i0": i0, **variance_figures(res),
+               "coverage_90_raw": gaussian_coverage(res["mean"], total, res["target"], (0.9,))[0.9],
+               "coverage_90_calibrated": gaussian_coverage(res["mean"], total * scale**2, res["target"], (0.9,))[0.9]}
         figures["noise"].append(row)
         if i0 == counts[0]:
             cond = test[key][:args.eval_slices]

@@ -327,3 +327,18 @@ def test_native_overlay_trains_and_infers_at_256_on_cpu(tmp_path, synthetic_dir)
     assert mean.shape == (256, 256, 3)
     np.testing.assert_allclose(mean.affine, nib.load(tmp_path / "slab.nii.gz").affine, atol=1e-4)
     assert np.isfinite(mean.get_fdata()).all()
+
+
+def test_a_checkpoint_recorded_before_the_noise_level_input_is_read_as_without_it(resumed, tmp_path):
+    """A config record without ``model#noise_level_input`` (written before the option) means a U-Net without the
+    noise-level plane: loading it into a config with the plane names the key, instead of a tensor-shape error."""
+    from hyper_dm.data.validation import BadInputError
+    from hyper_dm.engines import read_checkpoint
+
+    state = torch.load(resumed.parts / "model.pt", weights_only=True)
+    assert state["config"]["model"].pop("noise_level_input") is False
+    torch.save(state, tmp_path / "old.pt")
+    record = state["config"]
+    read_checkpoint(tmp_path / "old.pt", config={**record, "model": {**record["model"], "noise_level_input": False}})
+    with pytest.raises(BadInputError, match="model#noise_level_input is False in the checkpoint but True in this"):
+        read_checkpoint(tmp_path / "old.pt", config={**record, "model": {**record["model"], "noise_level_input": True}})

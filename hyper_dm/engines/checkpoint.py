@@ -35,6 +35,7 @@ __all__ = ["AtomicCheckpointSaver", "CheckpointLoader", "check_config", "read_ch
 logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "config"  # the checkpoint entry holding the config record
+ADDED_KEYS = {"model#noise_level_input": False}  # record keys added later: what a record without them was written with
 
 
 class _AtomicDiskSaver(DiskSaver):
@@ -120,8 +121,9 @@ def _flat(record: Mapping, prefix: str = "") -> dict[str, Any]:
 
 def check_config(saved: Mapping, config: Mapping, path: str | Path) -> None:
     """Raise :class:`BadInputError` naming ``path``, and each key with both values, where the checkpoint's config
-    record ``saved`` and the current ``config`` differ (keys in only one of them are not compared)."""
-    saved_flat, current = _flat(saved), _flat(config)
+    record ``saved`` and the current ``config`` differ (keys in only one of them are not compared, except
+    :data:`ADDED_KEYS`, which a record written before them holds at their former value)."""
+    saved_flat, current = {**ADDED_KEYS, **_flat(saved)}, _flat(config)
     differences = [f"{key} is {saved_flat[key]!r} in the checkpoint but {current[key]!r} in this config"
                    for key in current if key in saved_flat and saved_flat[key] != current[key]]
     if differences:

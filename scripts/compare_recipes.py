@@ -394,7 +394,8 @@ def posterior_figures(weight_list: list[dict], backbone: torch.nn.Module, study:
         error = res["mean"] - res["target"]
         raw = gaussian_coverage(res["mean"], total, res["target"], (0.5, 0.9))
         calibrated = gaussian_coverage(res["mean"], total * scale**2, res["target"], (0.5, 0.9))
-        row = {"i0": i0, **variance_figures(res), "coverage_90_raw": raw[0.9], "coverage_90_calibrated": calibrated[0.9]}
+        row = {"i0": i0, **variance_figures(res), "coverage_90_raw": raw[0.9],
+               "coverage_90_calibrated": calibrated[0.9]}
         figures["noise"].append(row)
         if i0 == counts[0]:
             cond = test[key][:args.eval_slices]

@@ -1,4 +1,4 @@
-"""Split-conformal calibration of the predicted standard deviation.
+"""Split-conformal calibration of the predicted standard deviation, per measurement-noise bin.
 
 On held-out cases with a reference (the validation split) each pixel gives a standardised residual
 ``r = |label - mean| / sqrt(total)``. For a central interval ``mean +- z_level * s * sqrt(total)`` to cover a
@@ -7,11 +7,17 @@ smallest of ``n`` residuals (split-conformal). One scale per level is fitted; th
 uses the scale of ``reference_level`` (90%). Pixels are exchangeable only approximately (neighbours correlate), so
 the guarantee is empirical: coverage on the test split is reported raw and calibrated.
 
+How far off the raw spread is depends on the measurement noise (photon count, k-space noise), so with
+``bins > 1`` the calibration slices are also split into bins of equal slice count by the noise level the network
+itself estimates from each slice's condition (:func:`hyper_dm.networks.noise_level`, model units) and each bin gets
+its own scales (Mondrian conformal prediction: coverage holds per bin). At inference a slice takes the scales of the
+bin its noise level falls in (the outer bins extend to zero and infinity), so no acquisition metadata is needed.
+
 Example::
 
-    >>> calibration = fit_calibration([residuals_case1, residuals_case2], source="bundle/models/model.pt")
+    >>> calibration = fit_calibration(residuals, noise_levels, bins=3)   # per case: [Z, P] and [Z]
     >>> calibration.save("bundle/models/calibration.json")
-    >>> std = calibration.scale * total.sqrt()                  # calibrated standard deviation (units)
+    >>> std = calibration.scale_at(noise) * total.sqrt()                # noise [Z]: calibrated std [1, X, Y, Z]
 """
 
 from __future__ import annotations
@@ -34,22 +40,34 @@ _VARIANCE_FLOOR = 1e-12  # model units^2: keeps r finite where the model predict
 
 def standardised_residuals(mean: torch.Tensor, total: torch.Tensor, label: torch.Tensor, gain: float = 1.0,
                            max_pixels: int = 1 << 20) -> torch.Tensor:
-    """``|label - mean| / sqrt(total)`` on at most ``max_pixels`` pixels (a fixed stride), float64, flattened.
+    """``|label - mean| / sqrt(total)`` per slice, float64 ``[Z, P]``: the last axis of the inputs is the slice
+    axis (``[1, X, Y, Z]``), and each slice keeps a fixed stride of its pixels, at most ``max_pixels`` in all.
 
     ``gain`` (physical units per model unit) sets the variance floor ``1e-12 gain^2``."""
+    z = mean.shape[-1]
     stride = max(1, mean.numel() // max_pixels)
-    error = (label - mean).flatten()[::stride].double().abs()
-    sigma = (total.flatten()[::stride].double().clamp_min(0) + _VARIANCE_FLOOR * gain**2).sqrt()
-    return error / sigma
+    per_slice = lambda x: x.reshape(-1, z).T[:, ::stride].double()  # noqa: E731
+    sigma = (per_slice(total).clamp_min(0) + _VARIANCE_FLOOR * gain**2).sqrt()
+    return per_slice(label - mean).abs() / sigma
 
 
 def _z(level: float) -> float:
     return math.sqrt(2) * torch.erfinv(torch.tensor(level, dtype=torch.float64)).item()
 
 
+def _scales(r: torch.Tensor, levels: Sequence[float]) -> dict[str, float]:
+    """Split-conformal std scale per level from sorted residuals ``r``."""
+    n = r.numel()
+    return {str(level): float(r[min(n, math.ceil((n + 1) * level)) - 1]) / _z(level) for level in levels}
+
+
 @dataclass
 class Calibration:
-    """Scales of the predicted std per central-interval level, fitted on ``n_pixels`` residuals of ``n_cases``."""
+    """Scales of the predicted std per central-interval level, fitted on ``n_pixels`` residuals of ``n_cases``.
+
+    ``scales``: over all slices. ``noise_scales``: the same per noise bin (empty: one bin), the bins split at
+    ``noise_edges`` (ascending, model units); ``noise_range``: the lowest and highest noise level calibrated on.
+    """
 
     scales: dict[str, float]
     n_pixels: int
@@ -57,11 +75,24 @@ class Calibration:
     checkpoint_sha256: str = ""
     reference_level: float = 0.9
     raw_coverage: dict[str, float] = field(default_factory=dict)
+    noise_edges: list[float] = field(default_factory=list)
+    noise_scales: list[dict[str, float]] = field(default_factory=list)
+    noise_range: list[float] = field(default_factory=list)
 
     @property
     def scale(self) -> float:
-        """The std multiplier of ``reference_level`` (what the calibrated maps use)."""
+        """The std multiplier of ``reference_level`` over all slices."""
         return self.scales[str(self.reference_level)]
+
+    def scale_at(self, noise_level: torch.Tensor | None, level: float | None = None) -> torch.Tensor:
+        """Std multipliers of ``level`` (default ``reference_level``) for slices of noise level ``[Z]`` (model
+        units): ``[Z]`` float64, each slice its bin's scale; a 0-d tensor (the overall scale) with one bin or
+        ``noise_level=None``."""
+        key = str(self.reference_level if level is None else level)
+        if not self.noise_scales or noise_level is None:
+            return torch.tensor(self.scales[key], dtype=torch.float64)
+        bins = torch.bucketize(noise_level.double(), torch.tensor(self.noise_edges, dtype=torch.float64))
+        return torch.tensor([s[key] for s in self.noise_scales], dtype=torch.float64)[bins]
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -78,25 +109,41 @@ class Calibration:
             calibration = cls(**content)
             if not (calibration.scale > 0 and math.isfinite(calibration.scale)):
                 raise ValueError(f"scale {calibration.scale} is not a positive number")
+            if calibration.noise_scales and len(calibration.noise_scales) != len(calibration.noise_edges) + 1:
+                raise ValueError(f"{len(calibration.noise_scales)} noise bins but {len(calibration.noise_edges)} "
+                                 "edges (expected one edge fewer than bins)")
         except (OSError, TypeError, KeyError, ValueError) as e:
             raise ValueError(f"{path}: not a usable Hyper-DM calibration file ({e}); refit it with the 'calibrate' "
                              "run id or set inference_cfg#calibration to null") from e
         return calibration
 
 
-def fit_calibration(residuals: Sequence[torch.Tensor], checkpoint_sha256: str = "",
-                    levels: Sequence[float] = LEVELS, reference_level: float = 0.9) -> Calibration:
-    """Split-conformal std scales from per-case standardised residuals (see the module docstring)."""
+def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[torch.Tensor] | None = None,
+                    bins: int = 1, checkpoint_sha256: str = "", levels: Sequence[float] = LEVELS,
+                    reference_level: float = 0.9) -> Calibration:
+    """Split-conformal std scales (see the module docstring) from per-case standardised residuals ``[Z, P]`` and,
+    for ``bins > 1``, the cases' per-slice noise levels ``[Z]`` (at most one bin per slice)."""
     if reference_level not in levels:
         raise ValueError(f"reference_level {reference_level} must be one of the levels {list(levels)}")
-    r = torch.cat([x.flatten().double() for x in residuals]).sort().values
-    n = r.numel()
-    if n == 0:
+    if bins > 1 and (noise_levels is None or len(noise_levels) != len(residuals)):
+        raise ValueError(f"{bins} noise bins need one noise-level tensor per case, got "
+                         f"{None if noise_levels is None else len(noise_levels)} for {len(residuals)} cases")
+    per_slice = [row.double() for x in residuals for row in torch.atleast_2d(x)]  # one row per slice
+    r = torch.cat(per_slice).sort().values if per_slice else torch.empty(0)
+    if r.numel() == 0:
         raise ValueError("no residuals to calibrate on (no validation case with a reference?)")
-    scales, raw = {}, {}
-    for level in levels:
-        k = min(n, math.ceil((n + 1) * level))
-        scales[str(level)] = float(r[k - 1]) / _z(level)
-        raw[str(level)] = float((r <= _z(level)).double().mean())
-    return Calibration(scales=scales, n_pixels=n, n_cases=len(residuals), checkpoint_sha256=checkpoint_sha256,
-                       reference_level=reference_level, raw_coverage=raw)
+    raw = {str(level): float((r <= _z(level)).double().mean()) for level in levels}
+    calibration = Calibration(scales=_scales(r, levels), n_pixels=r.numel(), n_cases=len(residuals),
+                              checkpoint_sha256=checkpoint_sha256, reference_level=reference_level, raw_coverage=raw)
+    if bins > 1:
+        noise = torch.cat([n.double().flatten() for n in noise_levels])
+        order = noise.argsort()
+        bins = min(bins, noise.numel())
+        cuts = [round(noise.numel() * j / bins) for j in range(1, bins)]
+        calibration.noise_edges = sorted({float((noise[order[c - 1]] * noise[order[c]]).sqrt()) for c in cuts})
+        which = torch.bucketize(noise, torch.tensor(calibration.noise_edges, dtype=torch.float64))
+        members = [(which == b).nonzero().flatten().tolist() for b in range(len(calibration.noise_edges) + 1)]
+        calibration.noise_scales = [_scales(torch.cat([per_slice[i] for i in m]).sort().values, levels) if m
+                                    else dict(calibration.scales) for m in members]  # a bin of ties only: overall
+        calibration.noise_range = [float(noise.min()), float(noise.max())]
+    return calibration

@@ -34,15 +34,14 @@ from matplotlib.figure import Figure
 
 from .calibration import Calibration
 from .data import build_datalist, resolve_data_config
+from .data.config import MEASUREMENT_NOISE
 from .data.synthetic import insert_bright_lesion, insert_dense_disc
 from .inference import VolumeReconstructor, case_metrics, load_case
 from .io import atomic_write
 from .uncertainty import ause, psnr, sparsification_curves, ssim
 
-__all__ = ["KSPACE_NOISE", "MRI_ACCELERATIONS", "PHOTON_COUNTS", "evaluate", "write_report"]
+__all__ = ["MRI_ACCELERATIONS", "evaluate", "write_report"]
 
-PHOTON_COUNTS = (1e5, 1e4, 1e3)
-KSPACE_NOISE = (0.0, 0.03, 0.1)
 MRI_ACCELERATIONS = {"4x": {"accelerations": [4], "center_fractions": [0.08]},
                      "8x": {"accelerations": [8], "center_fractions": [0.04]}}  # fastMRI's pairs
 NOISE_FIGURES = ("mean_au", "mean_eu", "mean_total", "rmse", "coverage_90", "coverage_90_calibrated")  # per level
@@ -64,14 +63,17 @@ def nmse(prediction: torch.Tensor, target: torch.Tensor) -> float:
     return float((target - prediction).double().pow(2).sum() / target.double().pow(2).sum())
 
 
-def reliability(out: dict, label: torch.Tensor, calibration: Calibration | None) -> dict[str, list[float]]:
-    """Observed coverage of central Gaussian intervals at :data:`LEVELS`, raw and calibrated."""
-    error = (label - out["mean"]).abs().double().flatten()
-    sigma = out["total"].double().clamp_min(0).sqrt().flatten()
+def reliability(out: dict, label: torch.Tensor, calibration: Calibration | None,
+                noise_level: torch.Tensor | None = None) -> dict[str, list[float]]:
+    """Observed coverage of central Gaussian intervals at :data:`LEVELS`, raw and calibrated (the std scaled by
+    the reference level's scale of each slice's ``noise_level [Z]`` bin)."""
+    error = (label - out["mean"]).abs().double()
+    sigma = out["total"].double().clamp_min(0).sqrt()
     z = [float(np.sqrt(2) * torch.erfinv(torch.tensor(level, dtype=torch.float64))) for level in LEVELS]
     curves = {"raw": [float((error <= zi * sigma).double().mean()) for zi in z]}
     if calibration is not None:
-        curves["calibrated"] = [float((error <= zi * calibration.scale * sigma).double().mean()) for zi in z]
+        scaled = calibration.scale_at(noise_level) * sigma
+        curves["calibrated"] = [float((error <= zi * scaled).double().mean()) for zi in z]
     return curves
 
 
@@ -97,9 +99,10 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
     ct = data["task"] == "ct"
     size = int(data["img_size"])
     settings = {"": {}} if ct else MRI_ACCELERATIONS  # name -> data overrides (the measurement)
-    noise_key, noise_levels = ("i0", PHOTON_COUNTS) if ct else ("kspace_noise", KSPACE_NOISE)
+    noise_key, noise_levels = MEASUREMENT_NOISE[data["task"]]
     run = lambda case: reconstructor(case["cond"], case["gain"], case["offset"],  # noqa: E731
                                      out_size=tuple(case["volume"].shape[1:3]))
+    noise_of = lambda case: reconstructor.noise_levels(case["cond"], case["gain"], case["offset"])  # noqa: E731
     rows, reliab, sparsity, ood, noise, timings = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for entry in build_datalist(data)["test"][:cases]:
@@ -112,7 +115,8 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 timings.append((time.perf_counter() - start) / case["volume"].shape[-1])
                 label = case["label"].float()
                 data_range = 2000.0 if ct else float(2 * case["gain"].mean())
-                metrics = case_metrics(raw, label, data_range, calibration)
+                case_noise = noise_of(case)
+                metrics = case_metrics(raw, label, data_range, calibration, case_noise)
                 error = (raw["mean"] - label).abs().flatten()
                 total = raw["total"].flatten()
                 stride = max(1, error.numel() // (1 << 20))
@@ -121,7 +125,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 slices = lambda x: x[0].permute(2, 0, 1)[:, None]  # noqa: E731
                 rows.append({"case_id": entry["case_id"], "setting": setting, "input": input_quality(case, data_range),
                              **metrics, "nmse": nmse(slices(raw["mean"]), slices(label)), "ause_random": random_ause})
-                reliab.append(reliability(raw, label, calibration))
+                reliab.append(reliability(raw, label, calibration, case_noise))
                 sparsity.append([c.tolist() for c in sparsification_curves(total[::stride], error[::stride])])
 
                 # epistemic: an unfamiliar object, as a user's file
@@ -147,7 +151,8 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 for level in noise_levels:
                     noisy = load_case(entry, {**setting_data, noise_key: level, **({"noise": "poisson"} if ct else {})},
                                       "simulate", size)
-                    at_level = case_metrics(run(noisy), noisy["label"].float(), data_range, calibration)
+                    at_level = case_metrics(run(noisy), noisy["label"].float(), data_range, calibration,
+                                            noise_of(noisy))
                     noise.append({"case_id": entry["case_id"], "setting": setting, "level": level,
                                   **{k: v for k, v in at_level.items() if k in NOISE_FIGURES}})
 

@@ -85,6 +85,8 @@ def prepare_mri(args: argparse.Namespace) -> None:
         write_fastmri_knee_like(root, n_files=args.series, seed=args.seed, n_slices=(8, 12))
     data = {**bundle_section("data"), "task": "mri", "dataset_dir": str(root), "cache_dir": None,
             "accelerations": [4, 8], "center_fractions": [0.08, 0.04]}
+    if args.kspace_noise_range is not None:
+        data["kspace_noise_range"] = args.kspace_noise_range
     train = build_dataset(data, "training")
     targets = torch.stack([item["target"] for item in train])
     conds = torch.stack([torch.stack([item["cond"] for item in train]) for _ in range(args.realisations)])
@@ -96,8 +98,8 @@ def prepare_mri(args: argparse.Namespace) -> None:
 def prepare_ct(args: argparse.Namespace) -> None:
     from hyper_dm.config import bundle_section
     from hyper_dm.data import build_datalist, build_dataset
+    from hyper_dm.data.config import MEASUREMENT_NOISE
     from hyper_dm.data.synthetic import insert_dense_disc, write_luna16_like
-    from hyper_dm.evaluation import PHOTON_COUNTS
     from hyper_dm.inference import load_case
 
     out = Path(args.out)
@@ -106,12 +108,13 @@ def prepare_ct(args: argparse.Namespace) -> None:
         write_luna16_like(root, n_series=args.series, seed=args.seed)
     data = {**bundle_section("data"), "dataset_dir": str(root), "cache_dir": None}
     size = int(data["img_size"])
+    photon_counts = MEASUREMENT_NOISE["ct"][1]
 
     train = build_dataset(data, "training")
     targets = torch.stack([item["target"] for item in train])
     conds = torch.stack([torch.stack([item["cond"] for item in train]) for _ in range(args.realisations)])
 
-    def cases(split: str, i0: float = PHOTON_COUNTS[0], limit: int | None = None) -> dict:
+    def cases(split: str, i0: float = photon_counts[0], limit: int | None = None) -> dict:
         rows = {"target": [], "cond": []}
         for entry in build_datalist(data)[split][:limit]:
             case = load_case({"image": entry["image"], "case_id": entry["case_id"]}, {**data, "i0": i0},
@@ -120,7 +123,7 @@ def prepare_ct(args: argparse.Namespace) -> None:
             rows["cond"].append(case["cond"][0].permute(2, 0, 1)[:, None] / HU)
         return {k: torch.cat(v) for k, v in rows.items()}
 
-    test = {f"cond_{int(i0)}": cases("test", i0)["cond"] for i0 in PHOTON_COUNTS}
+    test = {f"cond_{int(i0)}": cases("test", i0)["cond"] for i0 in photon_counts}
     test["target"] = cases("test")["target"]
     ood = {"target": [], "cond": [], "mask": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,7 +137,7 @@ def prepare_ct(args: argparse.Namespace) -> None:
     half = lambda split: {k: v.half() if v.is_floating_point() else v for k, v in split.items()}  # noqa: E731
     torch.save({"train": half({"target": targets, "cond": conds}), "val": half(cases("validation")),
                 "test": half(test), "ood": half({k: torch.cat(v) for k, v in ood.items()}),
-                "model": bundle_section("model"), "photon_counts": list(PHOTON_COUNTS)}, out)
+                "model": bundle_section("model"), "photon_counts": list(photon_counts)}, out)
     print(f"wrote {out}: {targets.shape[0]} training slices x {args.realisations} conditions, "
           f"{test['target'].shape[0]} test slices")
 
@@ -539,6 +542,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--realisations", type=int, default=4)
     p.add_argument("--task", choices=("ct", "mri"), default="ct")
+    p.add_argument("--kspace_noise_range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="MRI: the k-space noise std range drawn per slice (default: data#kspace_noise_range)")
     p = sub.add_parser("export")
     p.add_argument("--data", default="study/data.pt")
     p.add_argument("--runs", default="study")

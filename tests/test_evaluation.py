@@ -14,8 +14,8 @@ import torch
 from conftest import SMALL_MODEL
 from monai.bundle import ConfigParser
 
+from hyper_dm.data.config import MEASUREMENT_NOISE
 from hyper_dm.data.synthetic import insert_bright_lesion, insert_dense_disc, write_fastmri_knee_like, write_luna16_like
-from hyper_dm.evaluation import KSPACE_NOISE, PHOTON_COUNTS
 from hyper_dm.physics.mri import center_crop, ifft2c
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
     assert "zero-filled (input)" in text and "NMSE" in text
     report = json.loads((out / "report.json").read_text())
     assert [(n["setting"], n["level"]) for n in report["noise"]] == [
-        (s, level) for s in ("4x", "8x") for level in KSPACE_NOISE]
+        (s, level) for s in ("4x", "8x") for level in MEASUREMENT_NOISE["mri"][1]]
     assert all(np.isfinite(n["mean_au"]) and n["mean_au"] > 0 for n in report["noise"])
     worse = {r["setting"]: r["input"]["nmse"] for r in report["rows"]}
     assert worse["8x"] > worse["4x"]  # the 8x input lost more of k-space
@@ -92,7 +92,7 @@ def test_bundle_evaluate_run_writes_the_ct_report(tmp_path, checkpoint):
     assert "FBP (input)" in text and "(no calibration file given)" in text
     assert "python -m monai.bundle run evaluate" in text and "1 test case(s)" in text
     report = json.loads((out / "report.json").read_text())
-    assert [n["level"] for n in report["noise"]] == list(PHOTON_COUNTS)
+    assert [n["level"] for n in report["noise"]] == list(MEASUREMENT_NOISE["ct"][1])
     assert report["noise"][-1]["rmse"] > report["noise"][0]["rmse"]  # i0 1e3 is a noisier measurement than 1e5
     assert all(0 <= n["coverage_90"] <= 1 and n["mean_total"] > 0 for n in report["noise"])
     assert "| squared error / predicted variance | 90% raw | 90% calibrated |" in text

@@ -45,9 +45,13 @@ from pathlib import Path
 
 from ..config import BUNDLE_CONFIGS, COMMON_CONFIG, bundle_section
 
-__all__ = ["dataset_root", "resolve_data_config"]
+__all__ = ["MEASUREMENT_NOISE", "dataset_root", "resolve_data_config"]
 
 logger = logging.getLogger(__name__)
+
+MEASUREMENT_NOISE = {"ct": ("i0", (1e5, 1e4, 1e3)), "mri": ("kspace_noise", (0.0, 0.03, 0.1))}
+"""Per task, the ``data`` key of the measurement noise and the three levels that the evaluation report probes and
+calibration fits on: CT photon counts (highest dose first), MRI k-space noise std / magnitude scale."""
 
 _CHOICES = {"task": ("ct", "mri"), "on_bad_file": ("raise", "skip"), "noise": ("poisson", "gaussian", "none"),
             "mask_type": ("random", "equispaced"), "mri_norm": ("volume_max", "slice_max")}

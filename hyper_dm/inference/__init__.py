@@ -13,6 +13,7 @@ from .engine import (
     CalibrationFitter,
     CaseDataset,
     VolumeEvaluator,
+    calibration_dataset,
     case_entries,
     case_metrics,
     load_calibration,
@@ -25,6 +26,6 @@ from .reconstructor import OUTPUTS, VolumeReconstructor
 
 __all__ = [
     "OUTPUTS", "CalibrationFitter", "CaseDataset", "HyperDM", "InputMode", "VolumeEvaluator", "VolumeReconstructor",
-    "case_entries", "case_metrics", "find_cases", "load_calibration", "load_case", "load_hypernet_state",
-    "run_inference", "to_source_layout",
+    "calibration_dataset", "case_entries", "case_metrics", "find_cases", "load_calibration", "load_case",
+    "load_hypernet_state", "run_inference", "to_source_layout",
 ]

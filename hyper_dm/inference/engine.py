@@ -20,9 +20,10 @@ from ignite.engine import Events
 from monai.data import Dataset
 from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
+from torch.utils.data import ConcatDataset
 
 from ..calibration import LEVELS, Calibration, fit_calibration, standardised_residuals
-from ..data.config import resolve_data_config
+from ..data.config import MEASUREMENT_NOISE, resolve_data_config
 from ..data.datasets import build_datalist
 from ..data.validation import BadFileLog, BadInputError
 from ..engines.distributed import from_rank0, gather, rank_and_world
@@ -33,8 +34,8 @@ from .inputs import case_id_of, find_cases
 from .loading import InputMode, load_case, to_source_layout
 from .reconstructor import VolumeReconstructor, resize_slices
 
-__all__ = ["CalibrationFitter", "CaseDataset", "VolumeEvaluator", "case_entries", "case_metrics", "input_entries",
-           "load_calibration", "run_inference"]
+__all__ = ["CalibrationFitter", "CaseDataset", "VolumeEvaluator", "calibration_dataset", "case_entries",
+           "case_metrics", "input_entries", "load_calibration", "run_inference"]
 
 logger = logging.getLogger("hyper_dm.inference")
 
@@ -95,13 +96,14 @@ class CaseDataset(Dataset):
 
 
 def case_metrics(outputs: Mapping[str, torch.Tensor], label: torch.Tensor, data_range: float,
-                 calibration: Calibration | None = None) -> dict:
+                 calibration: Calibration | None = None, noise_level: torch.Tensor | None = None) -> dict:
     """Quality and calibration of one case against its reference (all ``[1, X, Y, Z]``, physical units).
 
     ``psnr_db`` over the volume and ``ssim`` (mean over slices) with ``data_range``; ``rmse``; ``crps`` of the
     Gaussian ``N(mean, total)`` per pixel; coverage of its central 50/90/95% intervals; ``uce`` (variance vs squared
     error, 10 bins) and ``ause`` (total std vs absolute error, relative to the oracle); mean EU/AU/total. With a
-    ``calibration``: ``coverage_<level>_calibrated`` (each level's interval widened by its fitted scale).
+    ``calibration``: ``coverage_<level>_calibrated`` (each level's interval widened by its fitted scale, per slice
+    that of the slice's ``noise_level [Z]`` bin when the calibration has noise bins).
     """
     mean, total = outputs["mean"].float(), outputs["total"].float()
     slices = lambda x: x[0].permute(2, 0, 1)[:, None]  # noqa: E731  [Z, 1, X, Y]
@@ -119,7 +121,7 @@ def case_metrics(outputs: Mapping[str, torch.Tensor], label: torch.Tensor, data_
         **{f"mean_{name}": outputs[name].double().mean().item() for name in ("eu", "au", "total")},
         **({} if calibration is None else {
             f"coverage_{round(level * 100)}_calibrated": gaussian_coverage(
-                mean, total * calibration.scales[str(level)] ** 2, label, [level])[level]
+                mean, total * calibration.scale_at(noise_level, level).float() ** 2, label, [level])[level]
             for level in LEVELS if str(level) in calibration.scales}),
     }
 
@@ -148,8 +150,8 @@ class VolumeEvaluator(Evaluator):
         write_cond: also put the network's input in ``volumes`` as ``cond`` (CT: the sparse-view FBP, HU; MRI: the
             zero-filled magnitude), resized to the case's in-plane grid as the mean is (bilinear up, area down).
 
-    With a reference, ``engine.state.output["residuals"]`` holds the case's standardised residuals (see
-    :class:`CalibrationFitter`).
+    With a reference, ``engine.state.output["residuals"]`` holds the case's standardised residuals ``[Z, P]`` and
+    ``noise_level`` the noise the network reads from each slice ``[Z]`` (see :class:`CalibrationFitter`).
     """
 
     def __init__(self, device: torch.device | str, val_data_loader: Iterable, reconstructor: VolumeReconstructor,
@@ -190,16 +192,23 @@ class VolumeEvaluator(Evaluator):
                 raise BadInputError(case.get("image", case["case_id"]), f"the reconstructed {name} holds "
                                     f"{int((~torch.isfinite(image)).sum())} NaN/infinite values (input out of range?)")
         label = case.get("label")
-        metrics = residuals = None
+        metrics = residuals = noise = None
+        if self.calibration is not None or label is not None:
+            noise = self.reconstructor.noise_levels(case["cond"], case["gain"], case["offset"])
         if self.write_cond:  # [1, x, y, Z] -> [1, X, Y, Z]
             slices = resize_slices(case["cond"][0].permute(2, 0, 1)[:, None].float(), tuple(volume.shape[1:3]))
             raw["cond"] = slices[:, 0].permute(1, 2, 0)[None].contiguous()
         if self.calibration is not None:
-            raw["total_std_calibrated"] = self.calibration.scale * raw["total"].clamp_min(0).sqrt()
+            raw["total_std_calibrated"] = self.calibration.scale_at(noise).float() * raw["total"].clamp_min(0).sqrt()
+            low, high = self.calibration.noise_range or (0.0, float("inf"))
+            if not low <= float(noise.min()) <= float(noise.max()) <= high:
+                logger.warning("case %s: measurement noise %.3g-%.3g (model units) is outside the calibrated range "
+                               "%.3g-%.3g; the nearest noise bin's scale is used", case["case_id"], float(noise.min()),
+                               float(noise.max()), low, high)
         if label is not None:
             data_range = self.data_range or float(2 * case["gain"].mean())
             metrics = {"case_id": case["case_id"], "n_slices": int(volume.shape[-1]),
-                       **case_metrics(raw, label.float(), data_range, self.calibration)}
+                       **case_metrics(raw, label.float(), data_range, self.calibration, noise)}
             residuals = standardised_residuals(raw["mean"], raw["total"], label.float(), float(case["gain"].mean()))
         k = volume.shape[-1] // 2
         preview = {name: raw[name][0, ..., k].numpy() for name in ("mean", "eu", "au")}
@@ -211,7 +220,7 @@ class VolumeEvaluator(Evaluator):
                     volume.shape[-1], tuple(volume.shape[1:3]), seconds, seconds / volume.shape[-1],
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         engine.state.output = {"case_id": case["case_id"], "metrics": metrics, "preview": preview, "seconds": seconds,
-                               "residuals": residuals,
+                               "residuals": residuals, "noise_level": noise,
                                "volumes": {name: to_source_layout(image, volume) for name, image in raw.items()}}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # runs `postprocessing` on engine.state.output
         return engine.state.output
@@ -265,17 +274,34 @@ def load_calibration(path: str | None, checkpoint: str | None = None) -> Calibra
             and calibration.checkpoint_sha256 != sha256_file(checkpoint):
         logger.warning("%s was fitted for another checkpoint than %s; refit it with the 'calibrate' run id", path,
                        checkpoint)
-    logger.info("calibrated std = %.3f x raw std (90%% intervals), from %s", calibration.scale, path)
+    bins = [round(s[str(calibration.reference_level)], 2) for s in calibration.noise_scales]
+    logger.info("calibrated std = %s x raw std (90%% intervals)%s, from %s", bins or round(calibration.scale, 3),
+                f" by noise level (bin edges {[round(e, 4) for e in calibration.noise_edges]})" if bins else "", path)
     return calibration
 
 
-class CalibrationFitter:
-    """Ignite handler: collects each case's standardised residuals and, when the run completes, fits and saves the
-    split-conformal :class:`~hyper_dm.calibration.Calibration` to ``path`` (tied to ``checkpoint``'s digest)."""
+def calibration_dataset(data: Mapping, noise_levels: Sequence[float], on_bad_file: str = "raise") -> ConcatDataset:
+    """The validation split simulated at each measurement noise level (CT: photon count ``i0``; MRI: k-space noise
+    std ``kspace_noise``), as :class:`CaseDataset` s one after the other; case ids get the level as a suffix."""
+    data = resolve_data_config(data)
+    key = MEASUREMENT_NOISE[data["task"]][0]
+    if not noise_levels:
+        raise ValueError(f"inference_cfg#calibration_noise_levels: give at least one {key} value, got {noise_levels}")
+    cases = build_datalist(data)["validation"]
+    return ConcatDataset([CaseDataset([{"image": c["image"], "case_id": f"{c['case_id']}_{key}{level:g}"}
+                                       for c in cases], {**data, key: level}, "simulate", on_bad_file)
+                          for level in noise_levels])
 
-    def __init__(self, path: str, checkpoint: str | None = None) -> None:
-        self.path, self.checkpoint = path, checkpoint
+
+class CalibrationFitter:
+    """Ignite handler: collects each case's standardised residuals and per-slice noise levels and, when the run
+    completes, fits and saves the split-conformal :class:`~hyper_dm.calibration.Calibration` with ``bins`` noise
+    bins to ``path`` (tied to ``checkpoint``'s digest)."""
+
+    def __init__(self, path: str, checkpoint: str | None = None, bins: int = 1) -> None:
+        self.path, self.checkpoint, self.bins = path, checkpoint, int(bins)
         self.residuals: list[torch.Tensor] = []
+        self.noise_levels: list[torch.Tensor] = []
 
     def attach(self, engine: Evaluator) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
@@ -285,12 +311,17 @@ class CalibrationFitter:
         residuals = engine.state.output.get("residuals")
         if residuals is not None:
             self.residuals.append(residuals)
+            self.noise_levels.append(engine.state.output["noise_level"])
 
     def fit(self, engine: Evaluator | None = None) -> Calibration:
         digest = sha256_file(self.checkpoint) if self.checkpoint and Path(self.checkpoint).is_file() else ""
-        calibration = fit_calibration(self.residuals, checkpoint_sha256=digest)
+        calibration = fit_calibration(self.residuals, self.noise_levels, self.bins, checkpoint_sha256=digest)
         calibration.save(self.path)
         logger.info("calibration from %d cases (%d pixels): std scales %s, raw coverage %s -> %s", calibration.n_cases,
                     calibration.n_pixels, {k: round(v, 3) for k, v in calibration.scales.items()},
                     {k: round(v, 3) for k, v in calibration.raw_coverage.items()}, self.path)
+        bins = zip([0.0, *calibration.noise_edges], calibration.noise_scales, strict=True) \
+            if calibration.noise_scales else ()
+        for edge, scales in bins:
+            logger.info("  noise level >= %.4g: std scales %s", edge, {k: round(v, 3) for k, v in scales.items()})
         return calibration

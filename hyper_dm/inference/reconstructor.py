@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion.sampler import HyperDDIMSampler
+from ..networks.backbone import noise_level
 from ..networks.hypernet import HyperNetwork
 
 __all__ = ["OUTPUTS", "VolumeReconstructor", "resize_slices"]
@@ -75,6 +76,22 @@ class VolumeReconstructor:
         self.img_size, self.m_weights, self.n_draws = img_size, m_weights, n_draws
         self.slice_batch, self.seed = slice_batch, seed
 
+    def _model_input(self, cond: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor, index: slice) -> tuple:
+        """Slices ``index`` of ``cond [1, x, y, Z]`` in the model's range on its grid ``[b, 1, S, S]`` (CPU), and
+        the per-slice ``gain``/``offset`` as ``[b, 1, 1, 1]``."""
+        g = gain[index].view(-1, 1, 1, 1).float()
+        o = offset[index].view(-1, 1, 1, 1).float()
+        x = (cond[0, ..., index].permute(2, 0, 1)[:, None].float() - o) / g
+        return resize_slices(x, (self.img_size, self.img_size) if self.img_size else tuple(cond.shape[1:3])), g, o
+
+    @torch.inference_mode()
+    def noise_levels(self, cond: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """The measurement noise the network reads from each slice of ``cond [1, x, y, Z]``: ``[Z]``, model units
+        (:func:`hyper_dm.networks.noise_level` of the slice as the network gets it); what calibration bins on."""
+        z = cond.shape[-1]
+        return torch.cat([noise_level(self._model_input(cond, gain, offset, slice(i, i + self.slice_batch))[0])[:, 0]
+                          for i in range(0, z, self.slice_batch)])
+
     @torch.inference_mode()
     def __call__(
         self,
@@ -96,7 +113,6 @@ class VolumeReconstructor:
         if gain.shape != (z,) or offset.shape != (z,):
             raise ValueError(f"gain and offset must be [Z={z}], got {tuple(gain.shape)} and {tuple(offset.shape)}")
         out_size = tuple(out_size or cond.shape[1:3])
-        grid = (self.img_size, self.img_size) if self.img_size else tuple(cond.shape[1:3])
         device = next(self.network.parameters()).device
         generator = torch.Generator().manual_seed(self.seed)
         self.network.eval()
@@ -104,10 +120,8 @@ class VolumeReconstructor:
         outputs = {name: torch.empty(1, *out_size, z) for name in OUTPUTS}
         for start in range(0, z, self.slice_batch):
             index = slice(start, min(start + self.slice_batch, z))
-            g = gain[index].view(-1, 1, 1, 1).float()
-            o = offset[index].view(-1, 1, 1, 1).float()
-            x = (cond[0, ..., index].permute(2, 0, 1)[:, None].float() - o) / g  # [b, 1, x, y] model range
-            x = resize_slices(x, grid).to(device)
+            x, g, o = self._model_input(cond, gain, offset, index)
+            x = x.to(device)
             stats = self.sampler.sample(self.network.target, weights, x, self.n_draws, generator).stats
             physical = {"mean": stats.mean.float().cpu() * g + o, "eu": stats.eu.float().cpu() * g**2,
                         "au": stats.au.float().cpu() * g**2}

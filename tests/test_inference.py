@@ -376,6 +376,11 @@ def test_noise_binned_calibration_covers_every_noise_level_where_one_scale_canno
     path.write_text(path.read_text().replace('"noise_edges": [', '"noise_edges": [0.5, '))
     with pytest.raises(ValueError, match="3 noise bins but 3 edges"):
         Calibration.load(path)
+    with pytest.raises(ValueError, match="3 noise bins need one noise-level tensor per case"):
+        fit_calibration(residuals, bins=3)
+    from hyper_dm.inference import calibration_dataset
+    with pytest.raises(ValueError, match=r"calibration_noise_levels: give at least one i0 value"):
+        calibration_dataset({"task": "ct"}, [])
 
 
 def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, luna, checkpoint):

@@ -344,3 +344,8 @@ def test_a_checkpoint_recorded_before_the_noise_level_input_is_read_as_without_i
     read_checkpoint(tmp_path / "old.pt", config={**record, "model": {**record["model"], "noise_level_input": False}})
     with pytest.raises(BadInputError, match="model#noise_level_input is False in the checkpoint but True in this"):
         read_checkpoint(tmp_path / "old.pt", config={**record, "model": {**record["model"], "noise_level_input": True}})
+    # `--model#noise_level_input true` on the monai.bundle command line arrives as a string
+    with pytest.raises(BadInputError, match="is True in the checkpoint but 'true' in this config; a boolean given as "
+                                            "the string 'true' / 'false'.*write True / False"):
+        read_checkpoint(resumed.parts / "model.pt", config={**record, "model": {**record["model"],
+                                                                               "noise_level_input": "true"}})

@@ -124,8 +124,12 @@ def check_config(saved: Mapping, config: Mapping, path: str | Path) -> None:
     record ``saved`` and the current ``config`` differ (keys in only one of them are not compared, except
     :data:`ADDED_KEYS`, which a record written before them holds at their former value)."""
     saved_flat, current = {**ADDED_KEYS, **_flat(saved)}, _flat(config)
+    keys = [key for key in current if key in saved_flat and saved_flat[key] != current[key]]
     differences = [f"{key} is {saved_flat[key]!r} in the checkpoint but {current[key]!r} in this config"
-                   for key in current if key in saved_flat and saved_flat[key] != current[key]]
+                   for key in keys]
+    if any(isinstance(saved_flat[key], bool) and isinstance(current[key], str) for key in keys):
+        differences.append("a boolean given as the string 'true' / 'false': the monai.bundle command line reads "
+                           "Python literals, write True / False")
     if differences:
         raise BadInputError(path, "was written for another configuration: " + "; ".join(differences)
                             + " (use the config it was trained with, e.g. override those keys)")

@@ -49,7 +49,7 @@ __all__ = ["MEASUREMENT_NOISE", "dataset_root", "resolve_data_config"]
 
 logger = logging.getLogger(__name__)
 
-MEASUREMENT_NOISE = {"ct": ("i0", (1e5, 1e4, 1e3)), "mri": ("kspace_noise", (0.0, 0.03, 0.1))}
+MEASUREMENT_NOISE = {"ct": ("i0", (1e5, 1e4, 1e3)), "mri": ("kspace_noise", (0.0, 0.1, 0.3))}
 """Per task, the ``data`` key of the measurement noise and the three levels that the evaluation report probes and
 calibration fits on: CT photon counts (highest dose first), MRI k-space noise std / magnitude scale."""
 

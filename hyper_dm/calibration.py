@@ -94,6 +94,20 @@ class Calibration:
         bins = torch.bucketize(noise_level.double(), torch.tensor(self.noise_edges, dtype=torch.float64))
         return torch.tensor([s[key] for s in self.noise_scales], dtype=torch.float64)[bins]
 
+    def describe(self) -> str:
+        """The ``reference_level`` scales in one line: overall, or per noise bin with the bins' ranges."""
+        level = f"{self.reference_level:.0%}"
+        if not self.noise_scales:
+            return f"one {level} std scale {self.scale:.2f} for every slice"
+        edges = [f"{e:.3g}" for e in self.noise_edges]
+        ranges = [f"below {edges[0]}", *[f"{a} to {b}" for a, b in zip(edges, edges[1:], strict=False)],
+                  f"{edges[-1]} and above"]
+        bins = ", ".join(f"{s[str(self.reference_level)]:.2f} ({r})" for s, r in zip(self.noise_scales, ranges,
+                                                                                     strict=True))
+        return (f"{level} std scales per noise bin (the network's noise estimate of each slice, model units, "
+                f"calibrated on {self.noise_range[0]:.3g} - {self.noise_range[1]:.3g}): {bins}; one scale for all "
+                f"would be {self.scale:.2f}")
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

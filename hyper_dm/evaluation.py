@@ -77,22 +77,6 @@ def reliability(out: dict, label: torch.Tensor, calibration: Calibration | None,
     return curves
 
 
-def calibration_line(calibration: Calibration | None) -> str:
-    """One sentence on the calibration behind the calibrated columns: its 90% scale, per noise bin if it has bins."""
-    if calibration is None:
-        return "Calibrated columns: no calibration file given."
-    if not calibration.noise_scales:
-        return f"Calibrated columns: split-conformal, one 90% std scale {calibration.scale:.2f} for every slice."
-    edges = [f"{e:.3g}" for e in calibration.noise_edges]
-    ranges = [f"below {edges[0]}", *[f"{a} to {b}" for a, b in zip(edges, edges[1:], strict=False)],
-              f"{edges[-1]} and above"]
-    bins = [f"{s[str(calibration.reference_level)]:.2f} ({r})" for s, r in zip(calibration.noise_scales, ranges,
-                                                                               strict=True)]
-    return ("Calibrated columns: split-conformal per noise bin (the network's noise estimate of each slice, model "
-            f"units, calibrated on {calibration.noise_range[0]:.3g} - {calibration.noise_range[1]:.3g}): 90% std "
-            f"scales {', '.join(bins)}; one scale for all would be {calibration.scale:.2f}.")
-
-
 def plot(path: Path, panels: list[tuple[str, callable]]) -> None:
     """One row of matplotlib panels ``(title, draw(ax))`` saved as a PNG."""
     fig = Figure(figsize=(4.2 * len(panels), 3.6))
@@ -265,7 +249,9 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                  "", f"AU rises strictly with the noise: {all(a < b for a, b in zip(au, au[1:], strict=False))}; "
                  f"relative change of AU {(au[-1] - au[0]) / max(au[0], 1e-30):+.2f}, of EU "
                  f"{(eu[-1] - eu[0]) / max(eu[0], 1e-30):+.2f}.", ""]
-    text += [calibration_line(results.get("calibration")), "", "![calibration](calibration.png)", "",
+    fitted = results.get("calibration")
+    text += [f"Calibrated columns: split-conformal, {fitted.describe()}." if fitted else
+             "Calibrated columns: no calibration file given.", "", "![calibration](calibration.png)", "",
              "![object](ood_object.png)", ""]
     summary = {"rows": rows, "ood": [{k: v for k, v in o.items() if k != "maps"} for o in ood], "noise": noise_rows}
     with atomic_write(out / "report.json") as tmp:

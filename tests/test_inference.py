@@ -370,10 +370,9 @@ def test_noise_binned_calibration_covers_every_noise_level_where_one_scale_canno
             assert all(abs(c - 0.9) < spread for c in per_level), per_level
         else:
             assert per_level[0] > 0.99 and per_level[2] < 0.8, per_level
-    from hyper_dm.evaluation import calibration_line
-    line = calibration_line(binned)  # what the evaluation report says about its calibrated columns
+    line = binned.describe()  # what the logs and the evaluation report say about it
     assert "per noise bin" in line and all(f"{s['0.9']:.2f} (" in line for s in binned.noise_scales)
-    assert f"one 90% std scale {single.scale:.2f} for every slice" in calibration_line(single)
+    assert f"one 90% std scale {single.scale:.2f} for every slice" in single.describe()
     path = binned.save(tmp_path / "calibration.json")
     assert Calibration.load(path).scale_at(torch.tensor([0.001, 1.0])).tolist() == pytest.approx(
         [binned.noise_scales[0]["0.9"], binned.noise_scales[2]["0.9"]])  # outside the range: the outer bins

@@ -274,9 +274,7 @@ def load_calibration(path: str | None, checkpoint: str | None = None) -> Calibra
             and calibration.checkpoint_sha256 != sha256_file(checkpoint):
         logger.warning("%s was fitted for another checkpoint than %s; refit it with the 'calibrate' run id", path,
                        checkpoint)
-    bins = [round(s[str(calibration.reference_level)], 2) for s in calibration.noise_scales]
-    logger.info("calibrated std = %s x raw std (90%% intervals)%s, from %s", bins or round(calibration.scale, 3),
-                f" by noise level (bin edges {[round(e, 4) for e in calibration.noise_edges]})" if bins else "", path)
+    logger.info("calibrated std = scale x raw std, from %s: %s", path, calibration.describe())
     return calibration
 
 
@@ -320,8 +318,5 @@ class CalibrationFitter:
         logger.info("calibration from %d cases (%d pixels): std scales %s, raw coverage %s -> %s", calibration.n_cases,
                     calibration.n_pixels, {k: round(v, 3) for k, v in calibration.scales.items()},
                     {k: round(v, 3) for k, v in calibration.raw_coverage.items()}, self.path)
-        bins = zip([0.0, *calibration.noise_edges], calibration.noise_scales, strict=True) \
-            if calibration.noise_scales else ()
-        for edge, scales in bins:
-            logger.info("  noise level >= %.4g: std scales %s", edge, {k: round(v, 3) for k, v in scales.items()})
+        logger.info("calibration: %s", calibration.describe())
         return calibration

@@ -100,8 +100,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
     size = int(data["img_size"])
     settings = {"": {}} if ct else MRI_ACCELERATIONS  # name -> data overrides (the measurement)
     noise_key, noise_levels = MEASUREMENT_NOISE[data["task"]]
-    run = lambda case: reconstructor(case["cond"], case["gain"], case["offset"],  # noqa: E731
-                                     out_size=tuple(case["volume"].shape[1:3]))
+    run = reconstructor.reconstruct_case
     noise_of = lambda case: reconstructor.noise_levels(case["cond"], case["gain"], case["offset"])  # noqa: E731
     rows, reliab, sparsity, ood, noise, timings = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:

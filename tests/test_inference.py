@@ -25,6 +25,7 @@ from hyper_dm.data.synthetic import write_challenge_like, write_fastmri_knee_lik
 from hyper_dm.data.validation import BadInputError
 from hyper_dm.engines.writer import CaseWriter
 from hyper_dm.inference import HyperDM, InputMode, VolumeReconstructor, find_cases, load_case, to_source_layout
+from hyper_dm.physics.mri import zero_filled
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
@@ -148,9 +149,13 @@ def test_measured_knee_kspace_with_its_mask(tmp_path):
     with h5py.File(challenge) as hf:
         kept = hf["mask"][()]
         assert "reconstruction_esc" not in hf and 3 < len(kept) / kept.sum() < 5
+    np.testing.assert_array_equal(measured["kspace_mask"], kept.astype(bool))  # the measurement, for consistency
+    assert measured["kspace"].shape[0] == 2 and not measured["kspace"][..., ~measured["kspace_mask"]].any()
     np.testing.assert_allclose(measured["volume"].affine.numpy()[:3, :3], np.diag([140 / 320, 140 / 320, 3.0]))
     simulated = load_case({"image": str(full), "case_id": "f"}, data, "simulate", 32)
     assert simulated["label"].shape == (1, 320, 320, 2) and float(simulated["gain"][0]) > 0
+    np.testing.assert_allclose(simulated["cond"][0].permute(2, 0, 1).numpy(), zero_filled(simulated["kspace"]),
+                               rtol=1e-5, atol=1e-9)
     with pytest.raises(BadInputError, match="already undersampled"):
         load_case({"image": str(challenge), "case_id": "c"}, data, "simulate", 32)
     with pytest.raises(BadInputError, match="no 'mask'"):

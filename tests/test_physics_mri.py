@@ -6,7 +6,17 @@ import pytest
 import torch
 from fastmri.data import transforms as T
 
-from hyper_dm.physics.mri import center_crop, fft2c, ifft2c, make_mask_func, undersample, zero_filled
+from hyper_dm.physics.mri import (
+    add_kspace_noise,
+    center_crop,
+    centre_block,
+    data_consistent,
+    fft2c,
+    ifft2c,
+    make_mask_func,
+    undersample,
+    zero_filled,
+)
 
 
 def test_fft_convention_matches_fastmri():
@@ -47,3 +57,47 @@ def test_mask_arguments_checked():
         make_mask_func("magic", [0.08], [4])
     with pytest.raises(ValueError, match="same length"):
         make_mask_func("random", [0.08, 0.04], [4])
+
+
+def test_centre_block_is_the_sampled_run_around_dc():
+    mask = np.zeros(20, dtype=bool)
+    mask[[1, 3, 8, 9, 10, 11, 15]] = True
+    np.testing.assert_array_equal(np.flatnonzero(centre_block(mask)), [8, 9, 10, 11])
+    mask[10] = False
+    assert not centre_block(mask).any()
+
+
+def _knee_like(rows=160, cols=96, crop=64):
+    """A smooth-phase object on a crop x crop field inside rows x cols: (complex image, its cropped magnitude, the
+    stripes of that magnitude)."""
+    y, x = np.mgrid[-1 : 1 : crop * 1j, -1 : 1 : crop * 1j]
+    body = (x / 0.7) ** 2 + (y / 0.5) ** 2 < 1
+    stripes = body * 0.3 * np.sin(9 * y)
+    magnitude = body * (1 + 0.5 * (x > 0.1)) + stripes
+    image = np.zeros((rows, cols), dtype=np.complex64)
+    center_crop(image, (crop, crop))[...] = magnitude * np.exp(1j * (0.8 * x + 0.4 * y))
+    return image, magnitude, stripes
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.05])
+def test_data_consistency_restores_the_measurement_and_keeps_a_better_estimate(noise):
+    image, truth, stripes = _knee_like()
+    mask = undersample(np.ones(image.shape), make_mask_func("random", [0.16], [4]), seed=3)[1]
+    measured = add_kspace_noise(fft2c(image), noise, np.random.default_rng(1)) * mask
+    rmse = lambda x: float(np.sqrt(np.mean((x - truth) ** 2)))  # noqa: E731
+    zero = rmse(zero_filled(measured, truth.shape))
+    fixed = data_consistent((truth - stripes)[None], measured[None], mask)[0]  # an estimate that misses the stripes
+    assert fixed.shape == truth.shape and fixed.dtype == np.float32
+    assert rmse(fixed) < 0.4 * min(rmse(truth - stripes), zero)  # the sampled columns put them back
+    kept = data_consistent(truth[None], measured[None], mask)[0]  # an estimate better than the measurement
+    phase = np.angle(center_crop(ifft2c(measured * centre_block(mask)), truth.shape))
+    hard = np.zeros(image.shape, dtype=np.complex64)
+    center_crop(hard, truth.shape)[...] = truth * np.exp(1j * phase)
+    hard = fft2c(hard)
+    hard[:, mask] = measured[:, mask]  # the sampled columns replaced by the measurement, noise and all
+    assert rmse(kept) < (0.01 * zero if noise == 0 else 0.5 * rmse(zero_filled(hard, truth.shape)))
+
+
+def test_data_consistency_checks_shapes():
+    with pytest.raises(ValueError, match="mask"):
+        data_consistent(np.zeros((1, 64, 64)), np.zeros((1, 160, 96), np.complex64), np.ones(95, bool))

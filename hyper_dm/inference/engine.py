@@ -186,7 +186,7 @@ class VolumeEvaluator(Evaluator):
     def _reconstruct(self, engine: VolumeEvaluator, case: dict) -> dict:
         start = time.perf_counter()
         volume = case["volume"]
-        raw = self.reconstructor(case["cond"], case["gain"], case["offset"], out_size=tuple(volume.shape[1:3]))
+        raw = self.reconstructor.reconstruct_case(case)
         for name, image in raw.items():
             if not torch.isfinite(image).all():
                 raise BadInputError(case.get("image", case["case_id"]), f"the reconstructed {name} holds "

@@ -19,6 +19,8 @@ A loaded case (:func:`load_case`) is a dict::
                                         model grid already (simulated CT)
     label     Tensor [1, X, Y, Z] | None  reference in physical units
     gain, offset  Tensor [Z]            physical = gain * model + offset per slice (see data.intensity)
+    kspace    ndarray [Z, H, W] complex64  MRI only: the measured (undersampled) k-space, zero off the mask
+    kspace_mask  ndarray [W] bool       MRI only: the sampled columns
 
 CT volumes are read by MONAI's ``LoadImage`` (ITK for ``.mhd`` and DICOM folders, nibabel for NIfTI) and
 reoriented to LPS with ``Orientation`` so slices look like the LUNA16 slices the model trained on;
@@ -157,7 +159,8 @@ def _load_mri(entry: Mapping, data: Mapping, mode: InputMode) -> dict:
         unsampled = ~knee.mask
         if np.abs(knee.kspace[..., unsampled]).max(initial=0.0) > 0:
             logger.warning("%s: kspace has non-zero columns where 'mask' is 0; zeroing them as the mask says", path)
-        cond = np.stack([zero_filled(k, fastmri_knee.RECON_SHAPE) for k in knee.kspace * knee.mask])
+        kspace, kspace_mask = (knee.kspace * knee.mask).astype(np.complex64), knee.mask
+        cond = zero_filled(kspace, fastmri_knee.RECON_SHAPE)
     elif knee.mask is not None or knee.reconstruction is None:
         raise BadInputError(path, "is already undersampled (has 'mask') or has no 'reconstruction_esc': use "
                                   "input_mode measured for challenge-style files")
@@ -173,7 +176,9 @@ def _load_mri(entry: Mapping, data: Mapping, mode: InputMode) -> dict:
         seed = stable_seed(data["split_seed"], entry["case_id"])
         noisy = (add_kspace_noise(k, float(data["kspace_noise"]) * scale, np.random.default_rng((seed, z)))
                  for z, (k, scale) in enumerate(zip(knee.kspace, scales, strict=True)))
-        cond = np.stack([zero_filled(undersample(k, mask_func, seed)[0], fastmri_knee.RECON_SHAPE) for k in noisy])
+        sampled = [undersample(k, mask_func, seed) for k in noisy]
+        kspace, kspace_mask = np.stack([k for k, _ in sampled]), sampled[0][1]
+        cond = zero_filled(kspace, fastmri_knee.RECON_SHAPE)
     gains = [physical_map("mri", data["hu_window"], float(s)) for s in scales]
     affine = fastmri_knee.ras_affine(knee.fov_mm, fastmri_knee.RECON_SHAPE[0], len(cond))
     to_volume = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(1, 2, 0)))[None]  # noqa: E731
@@ -183,6 +188,8 @@ def _load_mri(entry: Mapping, data: Mapping, mode: InputMode) -> dict:
         "label": None if label is None else to_volume(label),
         "gain": torch.tensor([g for g, _ in gains], dtype=torch.float32),
         "offset": torch.tensor([o for _, o in gains], dtype=torch.float32),
+        "kspace": kspace,
+        "kspace_mask": kspace_mask,
     }
 
 

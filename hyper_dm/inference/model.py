@@ -100,8 +100,7 @@ class HyperDM:
             case = load_case(entry, self.data, InputMode.parse(mode), int(self.data["img_size"]))
         else:
             case = self._case_from_tensor(volume)
-        raw = self.reconstructor(M, N, steps, seed)(case["cond"], case["gain"], case["offset"],
-                                                    out_size=tuple(case["volume"].shape[1:3]))
+        raw = self.reconstructor(M, N, steps, seed).reconstruct_case(case)
         return {name: to_source_layout(raw[name], case["volume"]) for name in OUTPUTS}
 
     def _case_from_tensor(self, volume: torch.Tensor) -> dict:

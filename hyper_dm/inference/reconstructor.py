@@ -4,13 +4,16 @@ The 2-D model runs slice by slice on its ``img_size`` grid with one fixed set of
 volume (drawn once per call), N DDIM draws per weight set; ``slice_batch`` slices go to the sampler at once, which
 groups their draws into network calls (``call_batch``) and runs them at its ``precision``.
 Conditions are resized to the model grid (area averaging) when their in-plane size differs, and the outputs are
-resized back (bilinear, which keeps variances non-negative) to the requested output size.
+resized back to the requested output size: the mean bicubic, the variances bilinear (which keeps them non-negative).
+An MRI case also brings its measured k-space: its mean is then moved towards the measured columns as far as their
+noise allows (:func:`hyper_dm.physics.mri.data_consistent`); the EU/AU maps stay the model's.
 
 Example::
 
     >>> recon = VolumeReconstructor(network, sampler, img_size=64, m_weights=4, n_draws=4)
     >>> out = recon(cond_hu, gain, offset, out_size=(512, 512))      # cond_hu: [1, X, Y, Z] in HU
     >>> out["mean"].shape, out["eu"].shape                              # [1, 512, 512, Z] HU, HU^2
+    >>> out = recon.reconstruct_case(case)                              # a loaded case (its k-space, if MRI)
 """
 
 from __future__ import annotations
@@ -32,14 +35,15 @@ logger = logging.getLogger(__name__)
 OUTPUTS = ("mean", "eu", "au", "total")
 
 
-def resize_slices(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``[B, C, H, W]`` -> ``[B, C, *size]``: area averaging down, bilinear up, untouched when equal."""
+def resize_slices(images: torch.Tensor, size: tuple[int, int], upsample: str = "bilinear") -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, C, *size]``: area averaging down, ``upsample`` (``"bilinear"`` / ``"bicubic"``)
+    up, untouched when equal."""
     if tuple(images.shape[-2:]) == tuple(size):
         return images
     shrink = images.shape[-2] >= size[0] and images.shape[-1] >= size[1]
     if shrink:
         return F.interpolate(images, size=size, mode="area")
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(images, size=size, mode=upsample, align_corners=False)
 
 
 class VolumeReconstructor:
@@ -100,12 +104,15 @@ class VolumeReconstructor:
         offset: torch.Tensor,
         out_size: tuple[int, int] | None = None,
         on_slices: Callable[[int, int], None] | None = None,
+        kspace: tuple | None = None,
     ) -> dict[str, torch.Tensor]:
         """Reconstruct ``cond [1, x, y, Z]`` (physical units: HU / magnitude).
 
         ``gain``/``offset`` ``[Z]``: physical = gain * model + offset per slice (variances scale by gain^2).
         Returns ``mean``, ``eu``, ``au``, ``total``: float32 ``[1, *out_size, Z]`` on the CPU (default
         ``out_size``: the in-plane size of ``cond``). ``on_slices(done, total)`` reports progress.
+        ``kspace``: ``(kspace [Z, H, W] complex, mask [W] bool)`` of an MRI case on the ``[320, 320]`` output grid:
+        the mean is moved towards it (the maps stay the model's).
         """
         if cond.ndim != 4 or cond.shape[0] != 1:
             raise ValueError(f"cond must be [1, X, Y, Z], got shape {tuple(cond.shape)}")
@@ -123,11 +130,26 @@ class VolumeReconstructor:
             x, g, o = self._model_input(cond, gain, offset, index)
             x = x.to(device)
             stats = self.sampler.sample(self.network.target, weights, x, self.n_draws, generator).stats
-            physical = {"mean": stats.mean.float().cpu() * g + o, "eu": stats.eu.float().cpu() * g**2,
-                        "au": stats.au.float().cpu() * g**2}
+            mean = resize_slices(stats.mean.float().cpu(), out_size, "bicubic")
+            if self.sampler.clip is not None:
+                mean = mean.clamp(*self.sampler.clip)  # bicubic overshoots at edges
+            physical = {"mean": mean * g + o, "eu": resize_slices(stats.eu.float().cpu(), out_size) * g**2,
+                        "au": resize_slices(stats.au.float().cpu(), out_size) * g**2}
             for name, image in physical.items():
-                outputs[name][0, ..., index] = resize_slices(image, out_size)[:, 0].permute(1, 2, 0)
+                outputs[name][0, ..., index] = image[:, 0].permute(1, 2, 0)
             if on_slices is not None:
                 on_slices(index.stop, z)
         outputs["total"] = outputs["eu"] + outputs["au"]  # exact after resizing too (bilinear is linear)
+        if kspace is not None:
+            from ..physics.mri import data_consistent  # the optional [mri] extra
+
+            slices = data_consistent(outputs["mean"][0].permute(2, 0, 1).numpy(), *kspace)
+            outputs["mean"] = torch.from_numpy(slices).permute(1, 2, 0)[None].contiguous()
         return outputs
+
+    def reconstruct_case(self, case: dict, on_slices: Callable[[int, int], None] | None = None) -> dict:
+        """:meth:`__call__` on a loaded case (:func:`~hyper_dm.inference.loading.load_case`): its ``cond``,
+        ``gain``, ``offset`` and, for MRI, ``kspace``/``kspace_mask``, on the grid of its ``volume``."""
+        kspace = (case["kspace"], case["kspace_mask"]) if case.get("kspace") is not None else None
+        return self(case["cond"], case["gain"], case["offset"], out_size=tuple(case["volume"].shape[1:3]),
+                    on_slices=on_slices, kspace=kspace)

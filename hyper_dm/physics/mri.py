@@ -12,11 +12,16 @@ acceleration. A mask is a pure function of ``seed``: the same seed gives the sam
 Measurement noise (:func:`add_kspace_noise`): white complex Gaussian noise on every k-space sample before the mask;
 with the orthonormal DFT its per-component std is also the noise std of each complex image pixel.
 
+Data consistency (:func:`data_consistent`): a magnitude estimate on the ``[320, 320]`` grid takes the phase of the
+fully sampled centre columns, and its k-space takes the measured values on every sampled column, as fastMRI's
+unrolled networks do in their data-consistency step.
+
 Example::
 
     >>> mask_func = make_mask_func("random", [0.08], [4])
     >>> masked, mask = undersample(kspace, mask_func, seed=1234)     # kspace: [640, 368] complex64
     >>> cond = zero_filled(masked)                                   # [320, 320] float32 magnitude
+    >>> recon = data_consistent(estimate, masked, mask)              # estimate: [320, 320] magnitude
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from typing import Literal
 import numpy as np
 from fastmri.data.subsample import MaskFunc, create_mask_for_mask_type
 
-__all__ = ["MaskType", "add_kspace_noise", "center_crop", "fft2c", "ifft2c", "make_mask_func", "undersample",
+__all__ = ["MaskType", "add_kspace_noise", "center_crop", "centre_block", "data_consistent", "fft2c", "ifft2c",
+           "make_mask_func", "undersample",
            "zero_filled"]
 
 MaskType = Literal["random", "equispaced"]
@@ -100,3 +106,60 @@ def zero_filled(kspace: np.ndarray, crop: tuple[int, int] = (320, 320)) -> np.nd
     """Zero-filled reconstruction: ``|ifft2c(kspace)|`` center-cropped to ``crop`` -> ``[*crop]`` float32."""
     return np.abs(center_crop(ifft2c(kspace), crop)).astype(np.float32)
 
+
+
+def centre_block(mask: np.ndarray) -> np.ndarray:
+    """The contiguous run of sampled columns around DC (column ``W // 2``) of ``mask [W]``: bool ``[W]``."""
+    mask = np.asarray(mask, dtype=bool)
+    centre = mask.shape[0] // 2
+    block = np.zeros_like(mask)
+    if not mask[centre]:
+        return block
+    left, right = centre, centre
+    while left > 0 and mask[left - 1]:
+        left -= 1
+    while right < mask.shape[0] - 1 and mask[right + 1]:
+        right += 1
+    block[left : right + 1] = True
+    return block
+
+
+def data_consistent(magnitude: np.ndarray, kspace: np.ndarray, mask: np.ndarray, rings: int = 32) -> np.ndarray:
+    """Move magnitude estimates towards the measured k-space columns, as far as the measurement noise allows.
+
+    Args:
+        magnitude: ``[Z, h, w]`` estimates on the center-cropped grid (e.g. ``[Z, 320, 320]``).
+        kspace: ``[Z, H, W]`` measured (undersampled) k-space, zero where not sampled.
+        mask: ``[W]`` bool, the sampled columns; its fully sampled centre gives the phase.
+        rings: rings of k-space radius over which the Wiener weight is estimated.
+
+    Each estimate takes the phase of the low-resolution image of the centre block and is placed in the middle of
+    the ``[H, W]`` field of view (zero outside the crop). On sampled columns its k-space moves towards the
+    measurement by the empirical Wiener weight ``max(1 - noise / P, 0)`` of its ring, where ``P`` is the ring's mean
+    squared difference between measurement and estimate and ``noise`` the measurement's noise power (the median of
+    ``|k|^2`` over the outer fifth of readout rows divided by ln 2, as complex Gaussian noise power is exponential).
+    Noise-free data is thus taken as measured. Returns the magnitudes, center-cropped to ``[Z, h, w]`` (float32).
+    """
+    kspace, mask = np.asarray(kspace), np.asarray(mask, dtype=bool)
+    if kspace.ndim != 3 or magnitude.shape[0] != kspace.shape[0] or mask.shape != kspace.shape[-1:]:
+        raise ValueError(f"expected magnitude [Z, h, w], kspace [Z, H, W] and mask [W], got {magnitude.shape}, "
+                         f"{kspace.shape} and {mask.shape}")
+    h, w = magnitude.shape[-2:]
+    rows, cols = kspace.shape[-2:]
+    phase = np.angle(center_crop(ifft2c(kspace * centre_block(mask)), (h, w)))
+    image = np.zeros(kspace.shape, dtype=np.complex64)
+    center_crop(image, (h, w))[...] = magnitude * np.exp(1j * phase)  # a view: writes into the middle of `image`
+    estimate = fft2c(image)
+
+    ky, kx = np.meshgrid(np.linspace(-1, 1, rows), np.linspace(-1, 1, cols)[mask], indexing="ij")
+    ring = np.minimum((np.hypot(ky, kx) / np.sqrt(2) * rings).astype(int), rings - 1).ravel()
+    counts = np.maximum(np.bincount(ring, minlength=rings), 1)
+    outer = np.abs(np.arange(rows) - rows // 2) > 0.4 * rows
+    measured = kspace[..., mask]
+    for z in range(kspace.shape[0]):
+        noise = np.median(np.abs(measured[z, outer]) ** 2) / np.log(2)
+        difference = measured[z] - estimate[z][:, mask]
+        power = np.bincount(ring, np.abs(difference.ravel()) ** 2, minlength=rings) / counts
+        weight = np.clip(1 - noise / np.maximum(power, np.finfo(np.float64).tiny), 0, 1)
+        estimate[z][:, mask] += weight[ring].reshape(difference.shape) * difference
+    return zero_filled(estimate, (h, w))

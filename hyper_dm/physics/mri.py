@@ -33,8 +33,7 @@ import numpy as np
 from fastmri.data.subsample import MaskFunc, create_mask_for_mask_type
 
 __all__ = ["MaskType", "add_kspace_noise", "center_crop", "centre_block", "data_consistent", "fft2c", "ifft2c",
-           "make_mask_func", "undersample",
-           "zero_filled"]
+           "make_mask_func", "undersample", "zero_filled"]
 
 MaskType = Literal["random", "equispaced"]
 

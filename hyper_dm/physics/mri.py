@@ -13,15 +13,15 @@ Measurement noise (:func:`add_kspace_noise`): white complex Gaussian noise on ev
 with the orthonormal DFT its per-component std is also the noise std of each complex image pixel.
 
 Data consistency (:func:`data_consistent`): a magnitude estimate on the ``[320, 320]`` grid takes the phase of the
-fully sampled centre columns, and its k-space takes the measured values on every sampled column, as fastMRI's
-unrolled networks do in their data-consistency step.
+fully sampled centre columns, and its k-space moves towards the measured values on the sampled columns (all the way
+where they are noise-free, as in the data-consistency step of fastMRI's unrolled networks).
 
 Example::
 
     >>> mask_func = make_mask_func("random", [0.08], [4])
     >>> masked, mask = undersample(kspace, mask_func, seed=1234)     # kspace: [640, 368] complex64
     >>> cond = zero_filled(masked)                                   # [320, 320] float32 magnitude
-    >>> recon = data_consistent(estimate, masked, mask)              # estimate: [320, 320] magnitude
+    >>> recon = data_consistent(estimate[None], masked[None], mask)  # estimate: [320, 320] magnitude
 """
 
 from __future__ import annotations
@@ -104,7 +104,6 @@ def undersample(kspace: np.ndarray, mask_func: MaskFunc, seed: int | tuple[int, 
 def zero_filled(kspace: np.ndarray, crop: tuple[int, int] = (320, 320)) -> np.ndarray:
     """Zero-filled reconstruction: ``|ifft2c(kspace)|`` center-cropped to ``crop`` -> ``[*crop]`` float32."""
     return np.abs(center_crop(ifft2c(kspace), crop)).astype(np.float32)
-
 
 
 def centre_block(mask: np.ndarray) -> np.ndarray:

@@ -93,7 +93,8 @@ class HyperDM:
 
         ``volume``: a file or DICOM folder (read as the bundle's inference reads it, ``mode`` ``measured`` or
         ``simulate``), or a MetaTensor ``[X, Y, Z]`` / ``[1, X, Y, Z]`` already in the model's slice layout holding
-        the condition in physical units (HU for CT, magnitude for MRI).
+        the condition in physical units (HU for CT, magnitude for MRI). An MRI mean is made consistent with the
+        measured k-space only when it comes from a file (a magnitude tensor carries no k-space).
         """
         if isinstance(volume, (str, Path)):
             entry = {"image": str(Path(volume).resolve()), "case_id": safe_stem(case_id_of(Path(volume)))}

@@ -144,20 +144,22 @@ def data_consistent(magnitude: np.ndarray, kspace: np.ndarray, mask: np.ndarray,
                          f"{kspace.shape} and {mask.shape}")
     h, w = magnitude.shape[-2:]
     rows, cols = kspace.shape[-2:]
-    phase = np.angle(center_crop(ifft2c(kspace * centre_block(mask)), (h, w)))
-    image = np.zeros(kspace.shape, dtype=np.complex64)
-    center_crop(image, (h, w))[...] = magnitude * np.exp(1j * phase)  # a view: writes into the middle of `image`
-    estimate = fft2c(image)
-
     ky, kx = np.meshgrid(np.linspace(-1, 1, rows), np.linspace(-1, 1, cols)[mask], indexing="ij")
     ring = np.minimum((np.hypot(ky, kx) / np.sqrt(2) * rings).astype(int), rings - 1).ravel()
     counts = np.maximum(np.bincount(ring, minlength=rings), 1)
     outer = np.abs(np.arange(rows) - rows // 2) > 0.4 * rows
-    measured = kspace[..., mask]
-    for z in range(kspace.shape[0]):
-        noise = np.median(np.abs(measured[z, outer]) ** 2) / np.log(2)
-        difference = measured[z] - estimate[z][:, mask]
+    centre = centre_block(mask)
+    out = np.empty(magnitude.shape, dtype=np.float32)
+    for z in range(kspace.shape[0]):  # one slice at a time: the FFTs work in complex128
+        phase = np.angle(center_crop(ifft2c(kspace[z] * centre), (h, w)))
+        image = np.zeros((rows, cols), dtype=np.complex64)
+        center_crop(image, (h, w))[...] = magnitude[z] * np.exp(1j * phase)  # a view: the middle of `image`
+        estimate = fft2c(image)
+        measured = kspace[z][:, mask]
+        noise = np.median(np.abs(measured[outer]) ** 2) / np.log(2)
+        difference = measured - estimate[:, mask]
         power = np.bincount(ring, np.abs(difference.ravel()) ** 2, minlength=rings) / counts
         weight = np.clip(1 - noise / np.maximum(power, np.finfo(np.float64).tiny), 0, 1)
-        estimate[z][:, mask] += weight[ring].reshape(difference.shape) * difference
-    return zero_filled(estimate, (h, w))
+        estimate[:, mask] += weight[ring].reshape(difference.shape) * difference
+        out[z] = zero_filled(estimate, (h, w))
+    return out

@@ -5,8 +5,9 @@ volume (drawn once per call), N DDIM draws per weight set; ``slice_batch`` slice
 groups their draws into network calls (``call_batch``) and runs them at its ``precision``.
 Conditions are resized to the model grid (area averaging) when their in-plane size differs, and the outputs are
 resized back to the requested output size: the mean bicubic, the variances bilinear (which keeps them non-negative).
-An MRI case also brings its measured k-space: its mean is then moved towards the measured columns as far as their
-noise allows (:func:`hyper_dm.physics.mri.data_consistent`); the EU/AU maps stay the model's.
+An MRI case also brings its measured k-space: each draw, upsampled, is moved towards the measured columns as far as
+their noise allows (:func:`hyper_dm.physics.mri.data_consistent`) before the mean and maps are taken on the output
+grid, so the maps hold what the measurement leaves open.
 
 Example::
 
@@ -21,12 +22,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..diffusion.sampler import HyperDDIMSampler
 from ..networks.backbone import noise_level
 from ..networks.hypernet import HyperNetwork
+from ..uncertainty import Decomposition, decompose
 
 __all__ = ["OUTPUTS", "VolumeReconstructor", "resize_slices"]
 
@@ -112,7 +115,7 @@ class VolumeReconstructor:
         Returns ``mean``, ``eu``, ``au``, ``total``: float32 ``[1, *out_size, Z]`` on the CPU (default
         ``out_size``: the in-plane size of ``cond``). ``on_slices(done, total)`` reports progress.
         ``kspace``: ``(kspace [Z, H, W] complex, mask [W] bool)`` of an MRI case on the ``[320, 320]`` output grid:
-        the mean is moved towards it (the maps stay the model's).
+        every draw is moved towards it before the statistics are taken.
         """
         if cond.ndim != 4 or cond.shape[0] != 1:
             raise ValueError(f"cond must be [1, X, Y, Z], got shape {tuple(cond.shape)}")
@@ -129,22 +132,17 @@ class VolumeReconstructor:
             index = slice(start, min(start + self.slice_batch, z))
             x, g, o = self._model_input(cond, gain, offset, index)
             x = x.to(device)
-            stats = self.sampler.sample(self.network.target, weights, x, self.n_draws, generator).stats
-            mean = resize_slices(stats.mean.float().cpu(), out_size, "bicubic")
-            if self.sampler.clip is not None:
-                mean = mean.clamp(*self.sampler.clip)  # bicubic overshoots at edges
-            physical = {"mean": mean * g + o, "eu": resize_slices(stats.eu.float().cpu(), out_size) * g**2,
-                        "au": resize_slices(stats.au.float().cpu(), out_size) * g**2}
-            for name, image in physical.items():
-                outputs[name][0, ..., index] = image[:, 0].permute(1, 2, 0)
+            result = self.sampler.sample(self.network.target, weights, x, self.n_draws, generator,
+                                         keep_samples=kspace is not None)
+            if kspace is None:
+                stats = self._upsampled(result.stats, out_size, g, o)
+            else:
+                stats = self._consistent(result.samples, out_size, g, o, kspace[0][index], kspace[1])
+            for name in ("mean", "eu", "au"):
+                outputs[name][0, ..., index] = getattr(stats, name)[:, 0].permute(1, 2, 0)
             if on_slices is not None:
                 on_slices(index.stop, z)
         outputs["total"] = outputs["eu"] + outputs["au"]  # exact after resizing too (bilinear is linear)
-        if kspace is not None:
-            from ..physics.mri import data_consistent  # the optional [mri] extra
-
-            slices = data_consistent(outputs["mean"][0].permute(2, 0, 1).numpy(), *kspace)
-            outputs["mean"] = torch.from_numpy(slices).permute(1, 2, 0)[None].contiguous()
         return outputs
 
     def reconstruct_case(self, case: dict, on_slices: Callable[[int, int], None] | None = None) -> dict:
@@ -153,3 +151,31 @@ class VolumeReconstructor:
         kspace = (case["kspace"], case["kspace_mask"]) if case.get("kspace") is not None else None
         return self(case["cond"], case["gain"], case["offset"], out_size=tuple(case["volume"].shape[1:3]),
                     on_slices=on_slices, kspace=kspace)
+
+    def _upsampled(self, stats: Decomposition, size: tuple[int, int], gain: torch.Tensor,
+                   offset: torch.Tensor) -> Decomposition:
+        """Model-grid statistics ``[b, 1, S, S]`` on the ``size`` grid in physical units: the mean bicubic (clamped
+        to the sampler's range, as bicubic overshoots at edges), the variances bilinear (never negative)."""
+        mean = resize_slices(stats.mean.float().cpu(), size, "bicubic")
+        if self.sampler.clip is not None:
+            mean = mean.clamp(*self.sampler.clip)
+        return Decomposition(mean=mean * gain + offset, eu=resize_slices(stats.eu.float().cpu(), size) * gain**2,
+                             au=resize_slices(stats.au.float().cpu(), size) * gain**2)
+
+    def _consistent(self, samples: torch.Tensor, size: tuple[int, int], gain: torch.Tensor, offset: torch.Tensor,
+                    kspace: np.ndarray, mask: np.ndarray) -> Decomposition:
+        """Statistics of the draws ``samples [M, N, b, 1, S, S]`` after each is upsampled (bicubic, clamped) to
+        ``size``, put in physical units and moved towards its slice's measured ``kspace [b, H, W]`` on the columns
+        ``mask [W]``: the maps then hold what the measurement leaves open."""
+        from ..physics.mri import data_consistent  # the optional [mri] extra
+
+        m, n, b = samples.shape[:3]
+        draws = resize_slices(samples.flatten(0, 2).float().cpu(), size, "bicubic")
+        if self.sampler.clip is not None:
+            draws = draws.clamp(*self.sampler.clip)
+        draws = draws.view(m, n, b, *size) * gain.view(1, 1, b, 1, 1) + offset.view(1, 1, b, 1, 1)
+        for j in range(b):
+            measured = np.broadcast_to(kspace[j], (m * n, *kspace.shape[1:]))  # the slice's k-space for every draw
+            draws[:, :, j] = torch.from_numpy(data_consistent(draws[:, :, j].reshape(m * n, *size).numpy(), measured,
+                                                              mask)).view(m, n, *size)
+        return decompose(draws[:, :, :, None])

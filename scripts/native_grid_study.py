@@ -5,11 +5,12 @@
     python scripts/native_grid_study.py --task ct --ckpt bundle/models/model.pt data.dataset_dir=study/luna16_32
 
 MRI (first test file, each k-space noise level of the report, 4x and 8x): the zero-filled input against the model's
-mean upsampled bilinear and bicubic, then bicubic with the product's Wiener data consistency
-(:func:`hyper_dm.physics.mri.data_consistent`) and with hard replacement of the sampled columns. CT (first test
-series, each photon count of the report): the model fed the FBP simulated on its own grid (the benchmark's
-measurement) and the FBP simulated at the series' own pixel pitch (what a scanner reconstructs, read as a measured
-FBP volume would be), each against that FBP; the photon count is per detector bin of that pitch.
+mean upsampled bilinear and bicubic, then the product's mean (every draw upsampled bicubic and moved towards the
+measured columns by the Wiener weight of :func:`hyper_dm.physics.mri.data_consistent`) and the bicubic mean with
+its sampled columns replaced by the measurement (hard data consistency). CT (first test series, each photon count
+of the report): the model fed the FBP simulated on its own grid (the benchmark's measurement) and the FBP simulated
+at the series' own pixel pitch (what a scanner reconstructs, read as a measured FBP volume would be), each against
+that FBP; the photon count is per detector bin of that pitch.
 """
 
 from __future__ import annotations
@@ -67,8 +68,6 @@ def hard_consistency(magnitude: np.ndarray, kspace: np.ndarray, mask: np.ndarray
 
 
 def mri_table(model: HyperDM, recon, entry: dict) -> None:
-    from hyper_dm.physics.mri import data_consistent
-
     print("| k-space noise | acceleration | zero-filled | bilinear | bicubic | bicubic + Wiener DC | "
           "bicubic + hard DC |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -80,7 +79,7 @@ def mri_table(model: HyperDM, recon, entry: dict) -> None:
             mean = model_grid_mean(model, recon, case["cond"], case)
             bilinear, bicubic = (upsampled(mean, case, label.shape[-2:], mode)[:, 0]
                                  for mode in ("bilinear", "bicubic"))
-            wiener = data_consistent(bicubic.numpy(), case["kspace"], case["kspace_mask"])
+            wiener = slices(recon.reconstruct_case(case)["mean"])[:, 0]  # the product: every draw made consistent
             hard = hard_consistency(bicubic.numpy(), case["kspace"], case["kspace_mask"])
             print(f"| {level:g} | {name} | {db(slices(case['cond'])[:, 0], label, data_range)} | "
                   f"{db(bilinear, label, data_range)} | {db(bicubic, label, data_range)} | "

@@ -68,7 +68,7 @@ def hard_consistency(magnitude: np.ndarray, kspace: np.ndarray, mask: np.ndarray
 
 
 def mri_table(model: HyperDM, recon, entry: dict) -> None:
-    print("| k-space noise | acceleration | zero-filled | bilinear | bicubic | bicubic + Wiener DC | "
+    print("| k-space noise | acceleration | zero-filled | bilinear | bicubic | draws + Wiener DC | "
           "bicubic + hard DC |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for level in MEASUREMENT_NOISE["mri"][1]:

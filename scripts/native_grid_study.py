@@ -55,19 +55,9 @@ def upsampled(mean: torch.Tensor, case: dict, size: tuple[int, int], mode: str) 
     return image * case["gain"].view(-1, 1, 1, 1) + case["offset"].view(-1, 1, 1, 1)
 
 
-def hard_consistency(magnitude: np.ndarray, kspace: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The sampled columns replaced by the measurement, noise and all (the comparison for the Wiener weight)."""
-    from hyper_dm.physics.mri import center_crop, centre_block, fft2c, ifft2c, zero_filled
-
-    phase = np.angle(center_crop(ifft2c(kspace * centre_block(mask)), magnitude.shape[-2:]))
-    image = np.zeros(kspace.shape, dtype=np.complex64)
-    center_crop(image, magnitude.shape[-2:])[...] = magnitude * np.exp(1j * phase)
-    estimate = fft2c(image)
-    estimate[..., mask] = kspace[..., mask]
-    return zero_filled(estimate, magnitude.shape[-2:])
-
-
 def mri_table(model: HyperDM, recon, entry: dict) -> None:
+    from hyper_dm.physics.mri import data_consistent
+
     print("| k-space noise | acceleration | zero-filled | bilinear | bicubic | draws + Wiener DC | "
           "bicubic + hard DC |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -80,7 +70,7 @@ def mri_table(model: HyperDM, recon, entry: dict) -> None:
             bilinear, bicubic = (upsampled(mean, case, label.shape[-2:], mode)[:, 0]
                                  for mode in ("bilinear", "bicubic"))
             wiener = slices(recon.reconstruct_case(case)["mean"])[:, 0]  # the product: every draw made consistent
-            hard = hard_consistency(bicubic.numpy(), case["kspace"], case["kspace_mask"])
+            hard = data_consistent(bicubic.numpy(), case["kspace"], case["kspace_mask"], noise=0.0)
             print(f"| {level:g} | {name} | {db(slices(case['cond'])[:, 0], label, data_range)} | "
                   f"{db(bilinear, label, data_range)} | {db(bicubic, label, data_range)} | "
                   f"{db(wiener, label, data_range)} | {db(hard, label, data_range)} |", flush=True)

@@ -122,7 +122,8 @@ def centre_block(mask: np.ndarray) -> np.ndarray:
     return block
 
 
-def data_consistent(magnitude: np.ndarray, kspace: np.ndarray, mask: np.ndarray, rings: int = 32) -> np.ndarray:
+def data_consistent(magnitude: np.ndarray, kspace: np.ndarray, mask: np.ndarray, rings: int = 32,
+                    noise: float | None = None) -> np.ndarray:
     """Move magnitude estimates towards the measured k-space columns, as far as the measurement noise allows.
 
     Args:
@@ -130,12 +131,15 @@ def data_consistent(magnitude: np.ndarray, kspace: np.ndarray, mask: np.ndarray,
         kspace: ``[Z, H, W]`` measured (undersampled) k-space, zero where not sampled.
         mask: ``[W]`` bool, the sampled columns; its fully sampled centre gives the phase.
         rings: rings of k-space radius over which the Wiener weight is estimated.
+        noise: the measurement's noise power per sample (``2 sigma^2`` for noise of std ``sigma`` per real and
+            imaginary part); ``None`` estimates it per slice, ``0`` replaces the sampled columns by the measurement.
 
     Each estimate takes the phase of the low-resolution image of the centre block and is placed in the middle of
     the ``[H, W]`` field of view (zero outside the crop). On sampled columns its k-space moves towards the
     measurement by the empirical Wiener weight ``max(1 - noise / P, 0)`` of its ring, where ``P`` is the ring's mean
-    squared difference between measurement and estimate and ``noise`` the measurement's noise power (the median of
-    ``|k|^2`` over the outer fifth of readout rows divided by ln 2, as complex Gaussian noise power is exponential).
+    squared difference between measurement and estimate and ``noise`` the measurement's noise power (by default the
+    median of ``|k|^2`` over the outer fifth of readout rows divided by ln 2, as complex Gaussian noise power is
+    exponential).
     Noise-free data is thus taken as measured. Returns the magnitudes, center-cropped to ``[Z, h, w]`` (float32).
     """
     kspace, mask = np.asarray(kspace), np.asarray(mask, dtype=bool)
@@ -156,10 +160,10 @@ def data_consistent(magnitude: np.ndarray, kspace: np.ndarray, mask: np.ndarray,
         center_crop(image, (h, w))[...] = magnitude[z] * np.exp(1j * phase)  # a view: the middle of `image`
         estimate = fft2c(image)
         measured = kspace[z][:, mask]
-        noise = np.median(np.abs(measured[outer]) ** 2) / np.log(2)
+        power_noise = np.median(np.abs(measured[outer]) ** 2) / np.log(2) if noise is None else noise
         difference = measured - estimate[:, mask]
         power = np.bincount(ring, np.abs(difference.ravel()) ** 2, minlength=rings) / counts
-        weight = np.clip(1 - noise / np.maximum(power, np.finfo(np.float64).tiny), 0, 1)
+        weight = np.clip(1 - power_noise / np.maximum(power, np.finfo(np.float64).tiny), 0, 1)
         estimate[:, mask] += weight[ring].reshape(difference.shape) * difference
         out[z] = zero_filled(estimate, (h, w))
     return out

@@ -154,28 +154,27 @@ class VolumeReconstructor:
 
     def _upsampled(self, stats: Decomposition, size: tuple[int, int], gain: torch.Tensor,
                    offset: torch.Tensor) -> Decomposition:
-        """Model-grid statistics ``[b, 1, S, S]`` on the ``size`` grid in physical units: the mean bicubic (clamped
-        to the sampler's range, as bicubic overshoots at edges), the variances bilinear (never negative)."""
-        mean = resize_slices(stats.mean.float().cpu(), size, "bicubic")
-        if self.sampler.clip is not None:
-            mean = mean.clamp(*self.sampler.clip)
-        return Decomposition(mean=mean * gain + offset, eu=resize_slices(stats.eu.float().cpu(), size) * gain**2,
+        """Model-grid statistics ``[b, 1, S, S]`` on the ``size`` grid in physical units: the mean as
+        :meth:`_upsampled_images`, the variances bilinear (never negative)."""
+        return Decomposition(mean=self._upsampled_images(stats.mean, size) * gain + offset,
+                             eu=resize_slices(stats.eu.float().cpu(), size) * gain**2,
                              au=resize_slices(stats.au.float().cpu(), size) * gain**2)
+
+    def _upsampled_images(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``[B, 1, S, S]`` model-unit images on the ``size`` grid, bicubic and clamped to the sampler's range
+        (bicubic overshoots at edges)."""
+        images = resize_slices(images.float().cpu(), size, "bicubic")
+        return images.clamp(*self.sampler.clip) if self.sampler.clip is not None else images
 
     def _consistent(self, samples: torch.Tensor, size: tuple[int, int], gain: torch.Tensor, offset: torch.Tensor,
                     kspace: np.ndarray, mask: np.ndarray) -> Decomposition:
-        """Statistics of the draws ``samples [M, N, b, 1, S, S]`` after each is upsampled (bicubic, clamped) to
-        ``size``, put in physical units and moved towards its slice's measured ``kspace [b, H, W]`` on the columns
-        ``mask [W]``: the maps then hold what the measurement leaves open."""
+        """Statistics of the draws ``samples [M, N, b, 1, S, S]`` after each is upsampled (:meth:`_upsampled_images`)
+        to ``size``, put in physical units and moved towards its slice's measured ``kspace [b, H, W]`` on the
+        columns ``mask [W]``: the maps then hold what the measurement leaves open."""
         from ..physics.mri import data_consistent  # the optional [mri] extra
 
         m, n, b = samples.shape[:3]
-        draws = resize_slices(samples.flatten(0, 2).float().cpu(), size, "bicubic")
-        if self.sampler.clip is not None:
-            draws = draws.clamp(*self.sampler.clip)
-        draws = draws.view(m, n, b, *size) * gain.view(1, 1, b, 1, 1) + offset.view(1, 1, b, 1, 1)
-        for j in range(b):
-            measured = np.broadcast_to(kspace[j], (m * n, *kspace.shape[1:]))  # the slice's k-space for every draw
-            draws[:, :, j] = torch.from_numpy(data_consistent(draws[:, :, j].reshape(m * n, *size).numpy(), measured,
-                                                              mask)).view(m, n, *size)
-        return decompose(draws[:, :, :, None])
+        draws = self._upsampled_images(samples.flatten(0, 2), size).view(m * n, b, *size)
+        draws = (draws * gain.view(1, b, 1, 1) + offset.view(1, b, 1, 1)).transpose(0, 1)  # [b, M N, X, Y]
+        draws = torch.from_numpy(data_consistent(draws.contiguous().numpy(), kspace, mask))
+        return decompose(draws.transpose(0, 1).reshape(m, n, b, 1, *size))

@@ -127,7 +127,8 @@ def data_consistent(magnitude: np.ndarray, kspace: np.ndarray, mask: np.ndarray,
     """Move magnitude estimates towards the measured k-space columns, as far as the measurement noise allows.
 
     Args:
-        magnitude: ``[Z, h, w]`` estimates on the center-cropped grid (e.g. ``[Z, 320, 320]``).
+        magnitude: ``[Z, h, w]`` estimates on the center-cropped grid (e.g. ``[Z, 320, 320]``), or ``[Z, D, h, w]``:
+            ``D`` estimates of each slice (e.g. diffusion draws).
         kspace: ``[Z, H, W]`` measured (undersampled) k-space, zero where not sampled.
         mask: ``[W]`` bool, the sampled columns; its fully sampled centre gives the phase.
         rings: rings of k-space radius over which the Wiener weight is estimated.
@@ -139,31 +140,33 @@ def data_consistent(magnitude: np.ndarray, kspace: np.ndarray, mask: np.ndarray,
     measurement by the empirical Wiener weight ``max(1 - noise / P, 0)`` of its ring, where ``P`` is the ring's mean
     squared difference between measurement and estimate and ``noise`` the measurement's noise power (by default the
     median of ``|k|^2`` over the outer fifth of readout rows divided by ln 2, as complex Gaussian noise power is
-    exponential).
-    Noise-free data is thus taken as measured. Returns the magnitudes, center-cropped to ``[Z, h, w]`` (float32).
+    exponential). Noise-free data is thus taken as measured. Returns the magnitudes, center-cropped, shaped like
+    ``magnitude`` (float32).
     """
     kspace, mask = np.asarray(kspace), np.asarray(mask, dtype=bool)
-    if kspace.ndim != 3 or magnitude.shape[0] != kspace.shape[0] or mask.shape != kspace.shape[-1:]:
-        raise ValueError(f"expected magnitude [Z, h, w], kspace [Z, H, W] and mask [W], got {magnitude.shape}, "
-                         f"{kspace.shape} and {mask.shape}")
+    if kspace.ndim != 3 or magnitude.ndim not in (3, 4) or magnitude.shape[0] != kspace.shape[0] \
+            or mask.shape != kspace.shape[-1:]:
+        raise ValueError(f"expected magnitude [Z, h, w] or [Z, D, h, w], kspace [Z, H, W] and mask [W], got "
+                         f"{magnitude.shape}, {kspace.shape} and {mask.shape}")
     h, w = magnitude.shape[-2:]
     rows, cols = kspace.shape[-2:]
+    estimates = magnitude.reshape(kspace.shape[0], -1, h, w)  # [Z, D, h, w]
     ky, kx = np.meshgrid(np.linspace(-1, 1, rows), np.linspace(-1, 1, cols)[mask], indexing="ij")
     ring = np.minimum((np.hypot(ky, kx) / np.sqrt(2) * rings).astype(int), rings - 1).ravel()
     counts = np.maximum(np.bincount(ring, minlength=rings), 1)
     outer = np.abs(np.arange(rows) - rows // 2) > 0.4 * rows
     centre = centre_block(mask)
-    out = np.empty(magnitude.shape, dtype=np.float32)
+    out = np.empty(estimates.shape, dtype=np.float32)
     for z in range(kspace.shape[0]):  # one slice at a time: the FFTs work in complex128
         phase = np.angle(center_crop(ifft2c(kspace[z] * centre), (h, w)))
-        image = np.zeros((rows, cols), dtype=np.complex64)
-        center_crop(image, (h, w))[...] = magnitude[z] * np.exp(1j * phase)  # a view: the middle of `image`
-        estimate = fft2c(image)
+        image = np.zeros((estimates.shape[1], rows, cols), dtype=np.complex64)
+        center_crop(image, (h, w))[...] = estimates[z] * np.exp(1j * phase)  # a view: the middle of `image`
+        estimate = fft2c(image)  # [D, H, W]
         measured = kspace[z][:, mask]
         power_noise = np.median(np.abs(measured[outer]) ** 2) / np.log(2) if noise is None else noise
-        difference = measured - estimate[:, mask]
-        power = np.bincount(ring, np.abs(difference.ravel()) ** 2, minlength=rings) / counts
-        weight = np.clip(1 - power_noise / np.maximum(power, np.finfo(np.float64).tiny), 0, 1)
-        estimate[:, mask] += weight[ring].reshape(difference.shape) * difference
+        difference = measured - estimate[..., mask]  # [D, H, sampled columns]
+        power = np.stack([np.bincount(ring, np.abs(d.ravel()) ** 2, minlength=rings) for d in difference]) / counts
+        weight = np.clip(1 - power_noise / np.maximum(power, np.finfo(np.float64).tiny), 0, 1)  # [D, rings]
+        estimate[..., mask] += weight[:, ring].reshape(difference.shape) * difference
         out[z] = zero_filled(estimate, (h, w))
-    return out
+    return out.reshape(magnitude.shape)

@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hyper_dm.config import BUNDLE_CONFIGS, parse_overrides
 from hyper_dm.data.config import MEASUREMENT_NOISE
 from hyper_dm.data.datasets import build_datalist
-from hyper_dm.data.transforms import stable_seed
 from hyper_dm.evaluation import MRI_ACCELERATIONS
 from hyper_dm.inference import HyperDM, load_case
 from hyper_dm.uncertainty import psnr
@@ -76,31 +74,16 @@ def mri_table(model: HyperDM, recon, entry: dict) -> None:
                   f"{db(wiener, label, data_range)} | {db(hard, label, data_range)} |", flush=True)
 
 
-def native_pitch_fbp(model: HyperDM, case: dict, i0: float, case_id: str) -> torch.Tensor:
-    """The sparse-view FBP ``[1, X, Y, Z]`` HU of ``case``'s reference at its own pixel pitch (i0 per bin)."""
-    from hyper_dm.physics.ct import ParallelBeamCT, hu_to_mu, mu_to_hu
-
-    data = model.data
-    ct = ParallelBeamCT(n_views=int(data["n_views"]), noise="poisson", i0=i0)
-    pitch = float(np.mean(np.asarray(case["volume"].pixdim[:2])))
-    label = case["label"]
-    out = torch.empty_like(label)
-    for k in range(label.shape[-1]):
-        sino = ct.project(hu_to_mu(label[0, ..., k].double().numpy()), pitch)
-        noisy = ct.add_noise(sino, np.random.default_rng(stable_seed(data["split_seed"], case_id, k)))
-        out[0, ..., k] = torch.from_numpy(mu_to_hu(ct.fbp(noisy, pitch, label.shape[1])))
-    return out.clamp(*data["hu_window"])
-
-
 def ct_table(model: HyperDM, recon, entry: dict) -> None:
     print("| FBP simulated at | i0 per detector bin | FBP | mean, bilinear | mean, bicubic |")
     print("| --- | --- | --- | --- | --- |")
     for i0 in MEASUREMENT_NOISE["ct"][1]:
-        case = load_case(entry, {**model.data, "i0": i0, "noise": "poisson"}, "simulate", int(model.data["img_size"]))
+        data = {**model.data, "i0": i0, "noise": "poisson"}
+        case = load_case(entry, data, "simulate", int(model.data["img_size"]))
         label = slices(case["label"])
         size = tuple(label.shape[-2:])
-        for where, cond in (("the model grid", case["cond"]),
-                            ("the source's pitch", native_pitch_fbp(model, case, i0, entry["case_id"]))):
+        at_source_pitch = load_case(entry, data, "simulate", size[0])["cond"]  # simulated on the source's own grid
+        for where, cond in (("the model grid", case["cond"]), ("the source's pitch", at_source_pitch)):
             fbp = F.interpolate(slices(cond), size=size, mode="bilinear", align_corners=False)
             mean = model_grid_mean(model, recon, cond, case)
             print(f"| {where} | {i0:.0e} | {db(fbp, label, 2000.0)} | "

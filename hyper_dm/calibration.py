@@ -13,11 +13,19 @@ itself estimates from each slice's condition (:func:`hyper_dm.networks.noise_lev
 its own scales (Mondrian conformal prediction: coverage holds per bin). At inference a slice takes the scales of the
 bin its noise level falls in (the outer bins extend to zero and infinity), so no acquisition metadata is needed.
 
+An input can also lie outside what the model was trained and calibrated on (a scanner's FBP made at a finer pitch,
+a photon-starved scan, metal), and then the maps understate the error however they are scaled. The calibration
+therefore also keeps the :func:`input_departure` of every calibration slice: how far the reconstruction moved the
+coarse content of its input. A new slice's conformal p-value (:meth:`Calibration.departure_p`) is the fraction of
+calibration slices that departed at least as far; an in-distribution slice gets ``p <= alpha`` with probability at
+most ``alpha``.
+
 Example::
 
-    >>> calibration = fit_calibration(residuals, noise_levels, bins=3)   # per case: [Z, P] and [Z]
+    >>> calibration = fit_calibration(residuals, noise_levels, bins=3, departures=departures)  # [Z, P], [Z], [Z]
     >>> calibration.save("bundle/models/calibration.json")
-    >>> std = calibration.scale_at(noise) * total.sqrt()                # noise [Z]: calibrated std [1, X, Y, Z]
+    >>> std = calibration.scale_at(noise) * total.sqrt()          # noise [Z]: calibrated std [1, X, Y, Z]
+    >>> p = calibration.departure_p(input_departure(cond, mean, gain))  # [Z]: small where unlike calibration
 """
 
 from __future__ import annotations
@@ -29,10 +37,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .io import atomic_write
 
-__all__ = ["LEVELS", "Calibration", "fit_calibration", "standardised_residuals"]
+__all__ = ["LEVELS", "Calibration", "fit_calibration", "input_departure", "standardised_residuals"]
 
 LEVELS = (0.5, 0.9, 0.95)
 _VARIANCE_FLOOR = 1e-12  # model units^2: keeps r finite where the model predicts no spread at all
@@ -51,6 +60,17 @@ def standardised_residuals(mean: torch.Tensor, total: torch.Tensor, label: torch
     return per_slice(label - mean).abs() / sigma
 
 
+def input_departure(cond: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """How far the reconstruction moved the coarse content of its input, per slice: the RMS over a
+    ``blocks x blocks`` grid of area averages of ``cond - mean``, in model units (divided by ``gain [Z]``), ``[Z]``.
+
+    ``cond`` and ``mean`` are ``[1, x, y, Z]`` in physical units on any in-plane grids (each is averaged to the
+    block grid on its own). Noise and streaks average out over a block; what stays is a shift of the input's
+    level that the model never had to make in training."""
+    pooled = lambda v: F.adaptive_avg_pool2d(v[0].permute(2, 0, 1).double(), blocks)  # noqa: E731 - [Z, b, b]
+    return ((pooled(cond) - pooled(mean)) / gain.double().view(-1, 1, 1)).flatten(1).pow(2).mean(1).sqrt()
+
+
 def _z(level: float) -> float:
     return math.sqrt(2) * torch.erfinv(torch.tensor(level, dtype=torch.float64)).item()
 
@@ -67,6 +87,7 @@ class Calibration:
 
     ``scales``: over all slices. ``noise_scales``: the same per noise bin (empty: one bin), the bins split at
     ``noise_edges`` (ascending, model units); ``noise_range``: the lowest and highest noise level calibrated on.
+    ``departures``: the :func:`input_departure` of every calibration slice, ascending (empty: not recorded).
     """
 
     scales: dict[str, float]
@@ -78,6 +99,7 @@ class Calibration:
     noise_edges: list[float] = field(default_factory=list)
     noise_scales: list[dict[str, float]] = field(default_factory=list)
     noise_range: list[float] = field(default_factory=list)
+    departures: list[float] = field(default_factory=list)
 
     @property
     def scale(self) -> float:
@@ -93,6 +115,15 @@ class Calibration:
             return torch.tensor(self.scales[key], dtype=torch.float64)
         bins = torch.bucketize(noise_level.double(), torch.tensor(self.noise_edges, dtype=torch.float64))
         return torch.tensor([s[key] for s in self.noise_scales], dtype=torch.float64)[bins]
+
+    def departure_p(self, departure: torch.Tensor) -> torch.Tensor:
+        """Conformal p-values ``[Z]`` of slices' :func:`input_departure` ``[Z]``: ``(1 + #{calibration slices that
+        departed at least as far}) / (n + 1)``; small where the input is unlike every calibration slice."""
+        if not self.departures:
+            raise ValueError("this calibration holds no input departures; refit it with the 'calibrate' run id")
+        reference = torch.tensor(self.departures, dtype=torch.float64)
+        below = torch.searchsorted(reference, departure.double(), right=False)
+        return (1 + reference.numel() - below).double() / (reference.numel() + 1)
 
     def describe(self) -> str:
         """The ``reference_level`` scales in one line: overall, or per noise bin with the bins' ranges."""
@@ -134,9 +165,10 @@ class Calibration:
 
 def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[torch.Tensor] | None = None,
                     bins: int = 1, checkpoint_sha256: str = "", levels: Sequence[float] = LEVELS,
-                    reference_level: float = 0.9) -> Calibration:
+                    reference_level: float = 0.9, departures: Sequence[torch.Tensor] = ()) -> Calibration:
     """Split-conformal std scales (see the module docstring) from per-case standardised residuals ``[Z, P]`` and,
-    for ``bins > 1``, the cases' per-slice noise levels ``[Z]`` (at most one bin per slice)."""
+    for ``bins > 1``, the cases' per-slice noise levels ``[Z]`` (at most one bin per slice); ``departures``: the
+    cases' per-slice :func:`input_departure` ``[Z]`` to keep."""
     if reference_level not in levels:
         raise ValueError(f"reference_level {reference_level} must be one of the levels {list(levels)}")
     if bins > 1 and (noise_levels is None or len(noise_levels) != len(residuals)):
@@ -149,6 +181,9 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
     raw = {str(level): float((r <= _z(level)).double().mean()) for level in levels}
     calibration = Calibration(scales=_scales(r, levels), n_pixels=r.numel(), n_cases=len(residuals),
                               checkpoint_sha256=checkpoint_sha256, reference_level=reference_level, raw_coverage=raw)
+    if departures:
+        ordered = torch.cat([d.double().flatten() for d in departures]).sort().values
+        calibration.departures = [float(f"{d:.4g}") for d in ordered.tolist()]
     if bins > 1:
         noise = torch.cat([n.double().flatten() for n in noise_levels])
         order = noise.argsort()

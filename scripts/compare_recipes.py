@@ -191,6 +191,8 @@ def train(args: argparse.Namespace) -> None:
     torch.manual_seed(recipe["seed"])
     generator = torch.Generator(device).manual_seed(recipe["seed"])
     hyper = build(study, recipe, device)
+    if args.init:  # a second leg: the weights of a finished run, a fresh optimiser and learning-rate schedule
+        hyper.load_state_dict(torch.load(args.init, map_location=device, weights_only=True))
     scheduler = make_ddpm(prediction_type=recipe["prediction_type"])
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     loss_config = LossConfig(**{k: v for k, v in recipe.items() if k in LossConfig.__dataclass_fields__})
@@ -210,7 +212,7 @@ def train(args: argparse.Namespace) -> None:
         print(f"{args.recipe}: resumed {state_path} at step {step} ({elapsed / 60:.1f} of {args.minutes} min)")
     start = time.perf_counter() - elapsed
     checkpoints = [t for k in range(1, args.track_points + 1) if (t := budget * k / args.track_points) > elapsed]
-    saved = elapsed
+    saved = time.perf_counter()
     while (elapsed := time.perf_counter() - start) < budget:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
@@ -565,6 +567,7 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--lr", type=float, default=1e-3)
             p.add_argument("--track_slices", type=int, default=8)
             p.add_argument("--track_points", type=int, default=5, help="evaluations along the run")
+            p.add_argument("--init", help="start from a finished run's weights (its <recipe>.pt)")
             p.add_argument("--save_minutes", type=float, default=5.0, help="resumable state every so often")
             p.add_argument("--skip_eval", action="store_true", help="no evaluation after training (ensemble members)")
             p.add_argument("--out", default="study")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 from conftest import SMALL_MODEL
 from ignite.engine import Events
 
@@ -343,6 +344,35 @@ def test_split_conformal_scale_reaches_nominal_coverage_on_fresh_pixels():
         Calibration.load(__file__)
 
 
+def test_input_departure_passes_noise_sees_a_shift_and_gets_a_conformal_p_value(tmp_path):
+    """The input check's statistic: white noise and a finer input grid leave it near zero, a level shift in a quarter
+    of the image shows in model units; its p-value against the calibration slices is exact and survives a save."""
+    from hyper_dm.calibration import Calibration, fit_calibration, input_departure
+
+    rng = torch.Generator().manual_seed(0)
+    gain = torch.full((4,), 1000.0)  # HU per model unit
+    mean = F.interpolate(torch.randn(4, 1, 8, 8, generator=rng), size=(64, 64), mode="bilinear")[:, 0] * 300
+    mean = mean.permute(1, 2, 0)[None]  # [1, 64, 64, 4] HU
+    fine = mean.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # the same image on a 128 x 128 grid
+    noisy = fine + 300 * torch.randn(fine.shape, generator=rng)
+    assert input_departure(noisy, mean, gain).max() < 0.02  # the noise of a 32 x 32 block mean: 300 / 32 HU
+    shifted = noisy.clone()
+    shifted[:, :64, :64, 2:] += 200.0  # 0.2 model units in one of the four quadrants of slices 2 and 3
+    departure = input_departure(shifted, mean, gain)
+    assert departure[:2].max() < 0.02 and departure[2:] == pytest.approx([0.1, 0.1], abs=0.01)
+
+    calibration = fit_calibration([torch.ones(2, 10)] * 2, departures=[torch.tensor([0.04, 0.01]),
+                                                                        torch.tensor([0.03, 0.02])])
+    assert calibration.departures == [0.01, 0.02, 0.03, 0.04]
+    probe = torch.tensor([0.0, 0.02, 0.035, 0.5])
+    assert calibration.departure_p(probe).tolist() == pytest.approx([5 / 5, 4 / 5, 2 / 5, 1 / 5])
+    path = calibration.save(tmp_path / "calibration.json")
+    assert Calibration.load(path).departure_p(probe).tolist() == calibration.departure_p(probe).tolist()
+    older = fit_calibration([torch.ones(2, 10)])  # a calibration file written before the input check
+    with pytest.raises(ValueError, match="holds no input departures; refit it"):
+        older.departure_p(probe)
+
+
 def test_noise_binned_calibration_covers_every_noise_level_where_one_scale_cannot(tmp_path):
     """Slices at three noise levels whose true error is 2x, 4x and 8x the predicted std: one global scale
     over-covers the quiet slices and under-covers the noisy ones; one scale per noise bin reaches 90% at each."""
@@ -412,6 +442,21 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     ratio = calibrated[body] / np.sqrt(total[body])  # each slice: its noise bin's 90% scale
     bin_scales = np.array([s["0.9"] for s in fitted["noise_scales"]])
     assert np.abs(ratio[:, None] - bin_scales[None]).min(axis=1).max() < 1e-3 * bin_scales.max()
+    # the input check: the calibration keeps every slice's departure; the benchmark's own input passes it
+    departures = fitted["departures"]
+    assert len(departures) > 3 and len(departures) % 3 == 0 and departures == sorted(departures) and departures[0] > 0
+    manifest = json.loads((case / f"{case.name}_manifest.json").read_text())
+    assert metrics["input_unlike_calibration"] is False and metrics["input_departure_p"] > 0.01
+    assert manifest["input_check"]["slices_unlike_calibration"] == len(manifest["input_check"]["flagged_slices"])
+    # a calibration whose inputs the model followed ten times closer: every slice of the same input departs further
+    fitted["departures"] = [d / 10 for d in departures]
+    (tmp_path / "calibration.json").write_text(json.dumps(fitted))
+    run = bundle_inference(*common, "--inference_cfg#outdir", str(tmp_path / "again"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    check = json.loads((tmp_path / "again" / case.name / f"{case.name}_manifest.json").read_text())["input_check"]
+    assert check["input_unlike_calibration"] is True and check["input_departure_p"] == 1 / (len(departures) + 1)
+    assert check["flagged_slices"] == list(range(total.shape[-1]))
+    assert f"case {case.name}: the reconstruction moved its input's coarse content further" in run.stdout + run.stderr
 
 
 def test_script_names_a_missing_input_in_one_line(tmp_path, checkpoint):

@@ -12,8 +12,10 @@ Layout (MONAI's ``SaveImage`` convention, one folder per case; ``{stem}`` checke
                                               is asked for it (``inference_cfg#write_cond``)
     {output_dir}/{stem}/{stem}_preview.png    middle slice: cond | mean | EU | AU | |error| | label
     {output_dir}/{stem}/{stem}_metrics.json   quality and calibration metrics (cases with a reference)
-    {output_dir}/{stem}/{stem}_manifest.json  every file of the case with its size and SHA-256, and the settings that
-                                              made it (checkpoint and its SHA-256, M, N, steps, seed, ...)
+    {output_dir}/{stem}/{stem}_manifest.json  every file of the case with its size and SHA-256, the settings that
+                                              made it (checkpoint and its SHA-256, M, N, steps, seed, ...) and,
+                                              with a calibration, the input check (how unlike the calibration
+                                              data the input is, per slice)
     {output_dir}/metrics.csv                  one row per case of the folder, rebuilt after each case
     {output_dir}/inference_summary.json       the last run: cases written, cases skipped and why
 
@@ -179,11 +181,12 @@ class CaseWriter:
                               f"{OVERWRITE_HINT}, or inference_cfg#skip_existing=true to finish an interrupted run")
 
     def write(self, case_id: str, volumes: Mapping[str, MetaTensor], metrics: Mapping | None = None,
-              preview: Mapping[str, np.ndarray] | None = None) -> Path:
+              preview: Mapping[str, np.ndarray] | None = None, input_check: Mapping | None = None) -> Path:
         """Write ``volumes`` (``mean``, ``eu``, ``au``, ``total``: ``[1, X, Y, Z]`` MetaTensors with the source
         geometry), ``metrics`` and a ``preview`` (2-D arrays ``cond``/``label``, optional) as one case; return its
         folder. ``preview`` holds middle-slice 2-D maps (``mean``/``eu``/``au``/``cond``/``label``, any present) in
-        the orientation the model saw. Non-finite values are refused, naming the case."""
+        the orientation the model saw; ``input_check`` goes into the manifest. Non-finite values are refused,
+        naming the case."""
         stem = safe_stem(case_id)
         final = self.case_dir(case_id)
         for name in ("mean", *_VARIANCES):
@@ -208,6 +211,8 @@ class CaseWriter:
             files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(stage.iterdir())}
             manifest = {"case_id": case_id, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         "hyper_dm": __version__, "settings": self.provenance, "files": files}
+            if input_check is not None:
+                manifest["input_check"] = dict(input_check)
             (stage / f"{stem}_manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
             self._commit(stage, final, case_id)
         except BaseException:
@@ -240,13 +245,13 @@ class CaseWriter:
 
     def attach(self, engine: Engine) -> None:
         """Write each case an Ignite engine puts in ``state.output`` (``case_id``, ``volumes``, ``metrics``,
-        ``preview``; outputs without ``volumes``, such as skipped cases, are passed over)."""
+        ``preview``, ``input_check``; outputs without ``volumes``, such as skipped cases, are passed over)."""
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
         out = engine.state.output
         if isinstance(out, Mapping) and out.get("volumes") is not None:
-            self.write(out["case_id"], out["volumes"], out.get("metrics"), out.get("preview"))
+            self.write(out["case_id"], out["volumes"], out.get("metrics"), out.get("preview"), out.get("input_check"))
 
     def write_summary(self, summary: Mapping) -> Path:
         """``summary`` as ``inference_summary.json`` in ``output_dir`` (atomic); returns its path."""

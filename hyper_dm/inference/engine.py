@@ -22,7 +22,7 @@ from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
 from torch.utils.data import ConcatDataset
 
-from ..calibration import LEVELS, Calibration, fit_calibration, standardised_residuals
+from ..calibration import LEVELS, Calibration, fit_calibration, input_departure, standardised_residuals
 from ..data.config import MEASUREMENT_NOISE, resolve_data_config
 from ..data.datasets import build_datalist
 from ..data.validation import BadFileLog, BadInputError
@@ -39,6 +39,9 @@ __all__ = ["CalibrationFitter", "CaseDataset", "VolumeEvaluator", "calibration_d
 
 logger = logging.getLogger("hyper_dm.inference")
 
+INPUT_CHECK_ALPHA = 0.01
+"""A slice whose input-departure p-value is at or below this is flagged as unlike the calibration data (with ``n``
+calibration slices the smallest p-value is ``1 / (n + 1)``: 0.01 needs at least 99 of them)."""
 _METRIC_PIXELS = 1 << 21  # AUSE / UCE on at most this many pixels (a fixed stride), the rest on all
 
 
@@ -205,10 +208,13 @@ class VolumeEvaluator(Evaluator):
                 logger.warning("case %s: its median measurement noise %.3g (model units) is outside the calibrated "
                                "range %.3g-%.3g; its slices take the nearest noise bin's scale", case["case_id"],
                                float(noise.median()), low, high)
+        departure = input_departure(case["cond"], raw["mean"], case["gain"])
+        input_check = self._input_check(case["case_id"], departure)
         if label is not None:
             data_range = self.data_range or float(2 * case["gain"].mean())
             metrics = {"case_id": case["case_id"], "n_slices": int(volume.shape[-1]),
-                       **case_metrics(raw, label.float(), data_range, self.calibration, noise)}
+                       **case_metrics(raw, label.float(), data_range, self.calibration, noise),
+                       **{k: v for k, v in (input_check or {}).items() if k != "flagged_slices"}}
             residuals = standardised_residuals(raw["mean"], raw["total"], label.float(), float(case["gain"].mean()))
         k = volume.shape[-1] // 2
         preview = {name: raw[name][0, ..., k].numpy() for name in ("mean", "eu", "au")}
@@ -220,10 +226,34 @@ class VolumeEvaluator(Evaluator):
                     volume.shape[-1], tuple(volume.shape[1:3]), seconds, seconds / volume.shape[-1],
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         engine.state.output = {"case_id": case["case_id"], "metrics": metrics, "preview": preview, "seconds": seconds,
-                               "residuals": residuals, "noise_level": noise,
+                               "residuals": residuals, "noise_level": noise, "departure": departure,
+                               "input_check": input_check,
                                "volumes": {name: to_source_layout(image, volume) for name, image in raw.items()}}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # runs `postprocessing` on engine.state.output
         return engine.state.output
+
+
+    def _input_check(self, case_id: str, departure: torch.Tensor) -> dict | None:
+        """How unlike the calibration slices the case's input is (:meth:`Calibration.departure_p`): slices at
+        ``p <= INPUT_CHECK_ALPHA`` (or, with fewer than 99 calibration slices, beyond all of them) are flagged, and
+        the case is reported, with a warning, when its median slice is; ``None`` without a calibration that records
+        departures."""
+        if self.calibration is None or not self.calibration.departures:
+            return None
+        p = self.calibration.departure_p(departure)
+        alpha = max(INPUT_CHECK_ALPHA, 1 / (len(self.calibration.departures) + 1))
+        flagged = (p <= alpha).nonzero().flatten().tolist()
+        check = {"input_departure_median": float(departure.median()), "input_departure_p": float(p.median()),
+                 "input_unlike_calibration": bool(p.median() <= alpha), "slices_unlike_calibration": len(flagged),
+                 "flagged_slices": flagged}
+        if check["input_unlike_calibration"]:
+            logger.warning("case %s: the reconstruction moved its input's coarse content further than on the "
+                           "calibration slices (median departure %.3g model units, calibrated up to %.3g; %d of %d "
+                           "slices at p <= %.3g): the input is unlike what the model was trained and calibrated on "
+                           "(another reconstruction pitch or kernel, photon starvation, metal?), and its uncertainty "
+                           "maps likely understate the error", case_id, check["input_departure_median"],
+                           self.calibration.departures[-1], len(flagged), departure.numel(), alpha)
+        return check
 
 
 def run_inference(evaluator: VolumeEvaluator, writer: CaseWriter | None = None) -> list[tuple[str, str]]:
@@ -300,6 +330,7 @@ class CalibrationFitter:
         self.path, self.checkpoint, self.bins = path, checkpoint, int(bins)
         self.residuals: list[torch.Tensor] = []
         self.noise_levels: list[torch.Tensor] = []
+        self.departures: list[torch.Tensor] = []
 
     def attach(self, engine: Evaluator) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
@@ -310,10 +341,12 @@ class CalibrationFitter:
         if residuals is not None:
             self.residuals.append(residuals)
             self.noise_levels.append(engine.state.output["noise_level"])
+            self.departures.append(engine.state.output["departure"])
 
     def fit(self, engine: Evaluator | None = None) -> Calibration:
         digest = sha256_file(self.checkpoint) if self.checkpoint and Path(self.checkpoint).is_file() else ""
-        calibration = fit_calibration(self.residuals, self.noise_levels, self.bins, checkpoint_sha256=digest)
+        calibration = fit_calibration(self.residuals, self.noise_levels, self.bins, checkpoint_sha256=digest,
+                                      departures=self.departures)
         calibration.save(self.path)
         logger.info("calibration from %d cases (%d pixels): std scales %s, raw coverage %s -> %s", calibration.n_cases,
                     calibration.n_pixels, {k: round(v, 3) for k, v in calibration.scales.items()},

@@ -41,9 +41,12 @@ import torch.nn.functional as F
 
 from .io import atomic_write
 
-__all__ = ["LEVELS", "Calibration", "fit_calibration", "input_departure", "standardised_residuals"]
+__all__ = ["INPUT_CHECK_ALPHA", "LEVELS", "Calibration", "fit_calibration", "input_departure", "standardised_residuals"]
 
 LEVELS = (0.5, 0.9, 0.95)
+INPUT_CHECK_ALPHA = 0.01
+"""A slice whose input-departure p-value is at or below this is flagged as unlike the calibration data (with ``n``
+calibration slices the smallest p-value is ``1 / (n + 1)``: 0.01 needs at least 99 of them)."""
 _VARIANCE_FLOOR = 1e-12  # model units^2: keeps r finite where the model predicts no spread at all
 
 
@@ -124,6 +127,17 @@ class Calibration:
         reference = torch.tensor(self.departures, dtype=torch.float64)
         below = torch.searchsorted(reference, departure.double(), right=False)
         return (1 + reference.numel() - below).double() / (reference.numel() + 1)
+
+    def input_check(self, departure: torch.Tensor, alpha: float = INPUT_CHECK_ALPHA) -> dict:
+        """The input check of a case from its slices' :func:`input_departure` ``[Z]``: slices at ``p <= alpha`` (or,
+        with fewer than ``1 / alpha - 1`` calibration slices, beyond all of them) are flagged, and the case is
+        ``input_unlike_calibration`` when its median slice is."""
+        p = self.departure_p(departure)
+        alpha = max(alpha, 1 / (len(self.departures) + 1))
+        flagged = (p <= alpha).nonzero().flatten().tolist()
+        return {"input_departure_median": float(departure.median()), "input_departure_p": float(p.median()),
+                "input_unlike_calibration": bool(p.median() <= alpha), "slices_unlike_calibration": len(flagged),
+                "flagged_slices": flagged, "alpha": alpha}
 
     def describe(self) -> str:
         """The ``reference_level`` scales in one line: overall, or per noise bin with the bins' ranges."""

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .calibration import Calibration
+from .calibration import INPUT_CHECK_ALPHA, Calibration, input_departure
 from .data import build_datalist, resolve_data_config
 from .data.config import MEASUREMENT_NOISE
 from .data.synthetic import insert_bright_lesion, insert_dense_disc
@@ -101,6 +101,15 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
     settings = {"": {}} if ct else MRI_ACCELERATIONS  # name -> data overrides (the measurement)
     noise_key, noise_levels = MEASUREMENT_NOISE[data["task"]]
     run = reconstructor.reconstruct_case
+    checks = calibration is not None and bool(calibration.departures)
+
+    def flagged(case: dict, raw: dict) -> dict:
+        """The slices the input check flags, as inference reports them (``{}`` without departures)."""
+        if not checks:
+            return {}
+        check = calibration.input_check(input_departure(case["cond"], raw["mean"], case["gain"]))
+        return {"slices_flagged": check["slices_unlike_calibration"], "slices": int(raw["mean"].shape[-1])}
+
     noise_of = lambda case: reconstructor.noise_levels(case["cond"], case["gain"], case["offset"])  # noqa: E731
     rows, reliab, sparsity, ood, noise, timings = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,7 +132,8 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                                    error[::stride])
                 slices = lambda x: x[0].permute(2, 0, 1)[:, None]  # noqa: E731
                 rows.append({"case_id": entry["case_id"], "setting": setting, "input": input_quality(case, data_range),
-                             **metrics, "nmse": nmse(slices(raw["mean"]), slices(label)), "ause_random": random_ause})
+                             **metrics, "nmse": nmse(slices(raw["mean"]), slices(label)), "ause_random": random_ause,
+                             **flagged(case, raw)})
                 reliab.append(reliability(raw, label, calibration, case_noise))
                 sparsity.append([c.tolist() for c in sparsification_curves(total[::stride], error[::stride])])
 
@@ -141,6 +151,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 mid = eu.shape[-1] // 2
                 ood.append({"case_id": entry["case_id"], "setting": setting, "median_ratio": float(np.median(ratios)),
                             "eu_inside": float(eu[mask].mean()), "eu_body": float(eu[body & ~mask].mean()),
+                            **flagged(ood_case, ood_raw),
                             "maps": {"input": F.interpolate(ood_case["cond"][0, ..., mid][None, None],
                                                             size=eu.shape[:2], mode="bilinear")[0, 0].numpy(),
                                      "mean": ood_raw["mean"][0, ..., mid].numpy(), "eu": eu[..., mid],
@@ -150,10 +161,12 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 for level in noise_levels:
                     noisy = load_case(entry, {**setting_data, noise_key: level, **({"noise": "poisson"} if ct else {})},
                                       "simulate", size)
-                    at_level = case_metrics(run(noisy), noisy["label"].float(), data_range, calibration,
+                    noisy_raw = run(noisy)
+                    at_level = case_metrics(noisy_raw, noisy["label"].float(), data_range, calibration,
                                             noise_of(noisy))
                     noise.append({"case_id": entry["case_id"], "setting": setting, "level": level,
-                                  **{k: v for k, v in at_level.items() if k in NOISE_FIGURES}})
+                                  **{k: v for k, v in at_level.items() if k in NOISE_FIGURES},
+                                  **flagged(noisy, noisy_raw)})
 
     return {"rows": rows, "reliability": reliab, "sparsity": sparsity, "ood": ood, "noise": noise,
             "seconds_per_slice": timings, "calibration": calibration}
@@ -173,9 +186,13 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     levels = np.array(LEVELS)
     avg = lambda items, key: float(np.mean([i[key] for i in items]))  # noqa: E731
-    noise_rows = [{"setting": s, "level": lv, **{k: avg([n for n in noise if n["setting"] == s and n["level"] == lv], k)
-                                                  for k in NOISE_FIGURES if k in noise[0]}}
-                  for s in settings for lv in dict.fromkeys(n["level"] for n in noise)]
+    checked = "slices_flagged" in rows[0]  # the calibration records input departures
+    total = lambda items, key: int(sum(i[key] for i in items))  # noqa: E731
+    noise_rows = [{"setting": s, "level": lv, **{k: avg(at, k) for k in NOISE_FIGURES if k in noise[0]},
+                   **({k: total(at, k) for k in ("slices_flagged", "slices")} if checked else {})}
+                  for s in settings for lv in dict.fromkeys(n["level"] for n in noise)
+                  for at in [[n for n in noise if n["setting"] == s and n["level"] == lv]]]
+    flags = lambda items: f"{total(items, 'slices_flagged')} of {total(items, 'slices')}"  # noqa: E731
     plot(out / "calibration.png", [
         ("reliability (central intervals)", lambda ax: (
             ax.plot(levels, levels, "k--", label="ideal"),
@@ -238,19 +255,28 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                   "A bright striped 12 mm lesion added to the image behind each test file's k-space (written as a "
                   "fastMRI .h5 and read back through the user path).")
                  + " Median over slices of mean EU inside it / mean EU in the rest of the body: "
-                 + ", ".join(f"{x['median_ratio']:.2f}" for x in o) + " (target >= 3).", "",
+                 + ", ".join(f"{x['median_ratio']:.2f}" for x in o) + " (target >= 3)."
+                 + (f" The input check flags {flags(o)} slices of the cases with the object (without it: "
+                    f"{flags(sel)})." if checked else ""), "",
                  f"## {s + ' acceleration: ' if s else ''}aleatoric: measurement noise", "",
                  f"| {noise_name} | mean AU ({var_unit}) | mean EU ({var_unit}) | RMSE ({unit}) | squared error / "
-                 "predicted variance | 90% raw | 90% calibrated |", "| --- | --- | --- | --- | --- | --- | --- |",
+                 "predicted variance | 90% raw | 90% calibrated |" + (" slices flagged |" if checked else ""),
+                 "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if checked else ""),
                  *[f"| {n['level']:.3g} | {fmt(n['mean_au'])} | {fmt(n['mean_eu'])} | {fmt(n['rmse'])} | "
                    f"{n['rmse'] ** 2 / max(n['mean_total'], 1e-30):.2f} | {n['coverage_90']:.3f} | "
-                   + (f"{n['coverage_90_calibrated']:.3f} |" if calibrated else "- |") for n in nr],
+                   + (f"{n['coverage_90_calibrated']:.3f} |" if calibrated else "- |")
+                   + (f" {flags([n])} |" if checked else "") for n in nr],
                  "", f"AU rises strictly with the noise: {all(a < b for a, b in zip(au, au[1:], strict=False))}; "
                  f"relative change of AU {(au[-1] - au[0]) / max(au[0], 1e-30):+.2f}, of EU "
                  f"{(eu[-1] - eu[0]) / max(eu[0], 1e-30):+.2f}.", ""]
     fitted = results.get("calibration")
     text += [f"Calibrated columns: split-conformal, {fitted.describe()}." if fitted else
-             "Calibrated columns: no calibration file given.", "", "![calibration](calibration.png)", "",
+             "Calibrated columns: no calibration file given.", "",
+             *([f"Slices flagged: the input check of inference, a slice whose input the reconstruction moved at "
+                f"least as far as all but a fraction {max(INPUT_CHECK_ALPHA, 1 / (len(fitted.departures) + 1)):.3g} "
+                f"of the {len(fitted.departures)} calibration slices did (`Calibration.input_check`).", ""]
+               if checked else []),
+             "![calibration](calibration.png)", "",
              "![object](ood_object.png)", ""]
     summary = {"rows": rows, "ood": [{k: v for k, v in o.items() if k != "maps"} for o in ood], "noise": noise_rows}
     with atomic_write(out / "report.json") as tmp:

@@ -10,7 +10,8 @@ measured columns by the Wiener weight of :func:`hyper_dm.physics.mri.data_consis
 its sampled columns replaced by the measurement (hard data consistency). CT (first test series, each photon count
 of the report): the model fed the FBP simulated on its own grid (the benchmark's measurement) and the FBP simulated
 at the series' own pixel pitch (what a scanner reconstructs, read as a measured FBP volume would be), each against
-that FBP; the photon count is per detector bin of that pitch.
+that FBP; the photon count is per detector bin of that pitch. With ``--calibration``, the CT table also says how
+many slices the input check flags (:meth:`hyper_dm.calibration.Calibration.input_check`, as inference does).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from hyper_dm.calibration import Calibration, input_departure
 from hyper_dm.config import BUNDLE_CONFIGS, parse_overrides
 from hyper_dm.data.config import MEASUREMENT_NOISE
 from hyper_dm.data.datasets import build_datalist
@@ -74,9 +76,19 @@ def mri_table(model: HyperDM, recon, entry: dict) -> None:
                   f"{db(wiener, label, data_range)} | {db(hard, label, data_range)} |", flush=True)
 
 
-def ct_table(model: HyperDM, recon, entry: dict) -> None:
-    print("| FBP simulated at | i0 per detector bin | FBP | mean, bilinear | mean, bicubic |")
-    print("| --- | --- | --- | --- | --- |")
+def flagged(calibration: Calibration | None, cond: torch.Tensor, mean: torch.Tensor, case: dict) -> str:
+    """``k / Z``: the slices the input check flags, from ``mean [Z, 1, S, S]`` (model units) and ``cond``."""
+    if calibration is None:
+        return ""
+    mean = (mean * case["gain"].view(-1, 1, 1, 1) + case["offset"].view(-1, 1, 1, 1))[:, 0].permute(1, 2, 0)[None]
+    check = calibration.input_check(input_departure(cond, mean, case["gain"]))
+    return f" {check['slices_unlike_calibration']} / {mean.shape[-1]} |"
+
+
+def ct_table(model: HyperDM, recon, entry: dict, calibration: Calibration | None) -> None:
+    check = (" input check: slices flagged |", " --- |") if calibration is not None else ("", "")
+    print(f"| FBP simulated at | i0 per detector bin | FBP | mean, bilinear | mean, bicubic |{check[0]}")
+    print(f"| --- | --- | --- | --- | --- |{check[1]}")
     for i0 in MEASUREMENT_NOISE["ct"][1]:
         data = {**model.data, "i0": i0, "noise": "poisson"}
         case = load_case(entry, data, "simulate", int(model.data["img_size"]))
@@ -88,7 +100,8 @@ def ct_table(model: HyperDM, recon, entry: dict) -> None:
             mean = model_grid_mean(model, recon, cond, case)
             print(f"| {where} | {i0:.0e} | {db(fbp, label, 2000.0)} | "
                   f"{db(upsampled(mean, case, size, 'bilinear'), label, 2000.0)} | "
-                  f"{db(upsampled(mean, case, size, 'bicubic'), label, 2000.0)} |", flush=True)
+                  f"{db(upsampled(mean, case, size, 'bicubic'), label, 2000.0)} |"
+                  f"{flagged(calibration, cond, mean, case)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,13 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--M", type=int, default=4)
     parser.add_argument("--N", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--calibration", help="a calibration JSON with input departures (CT: the input check column)")
     parser.add_argument("overrides", nargs="*", help="key.subkey=value, e.g. data.dataset_dir=study/knee_24")
     args = parser.parse_args(argv)
     config = str(BUNDLE_CONFIGS / "knee_singlecoil.yaml") if args.task == "mri" else None
     model = HyperDM.from_bundle(args.ckpt, config=config, **parse_overrides(args.overrides))
     entry = build_datalist(model.data)["test"][0]
     entry = {"image": entry["image"], "case_id": entry["case_id"]}
-    (mri_table if args.task == "mri" else ct_table)(model, model.reconstructor(args.M, args.N, args.steps), entry)
+    recon = model.reconstructor(args.M, args.N, args.steps)
+    if args.task == "mri":
+        mri_table(model, recon, entry)
+    else:
+        ct_table(model, recon, entry, Calibration.load(args.calibration) if args.calibration else None)
     return 0
 
 

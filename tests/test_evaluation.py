@@ -14,6 +14,7 @@ import torch
 from conftest import SMALL_MODEL
 from monai.bundle import ConfigParser
 
+from hyper_dm.calibration import LEVELS, Calibration
 from hyper_dm.data.config import MEASUREMENT_NOISE
 from hyper_dm.data.synthetic import insert_bright_lesion, insert_dense_disc, write_fastmri_knee_like, write_luna16_like
 from hyper_dm.physics.mri import center_crop, ifft2c
@@ -57,8 +58,11 @@ def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
     small = ["model.channels=[16,16,16]", "model.attention_levels=[false,false,false]", "model.norm_num_groups=8",
              "model.num_head_channels=8"]
     out = tmp_path / "report"
+    # a calibration whose 99 slices never moved their input: every slice evaluated here is flagged
+    unmoved = Calibration(scales={str(q): 1.0 for q in LEVELS}, n_pixels=1, n_cases=1, departures=[1e-12] * 99)
     assert evaluate.main(["--ckpt", str(tmp_path / "knee.pt"), "--config", str(configs / "knee_singlecoil.yaml"),
                           "--out", str(out), "--M", "2", "--N", "2", "--steps", "2",
+                          "--calibration", str(unmoved.save(tmp_path / "calibration.json")),
                           f"data.dataset_dir={tmp_path / 'knee'}", *small]) == 0
     text = (out / "report.md").read_text()
     for setting in ("4x", "8x"):
@@ -68,6 +72,8 @@ def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
     assert [(n["setting"], n["level"]) for n in report["noise"]] == [
         (s, level) for s in ("4x", "8x") for level in MEASUREMENT_NOISE["mri"][1]]
     assert all(np.isfinite(n["mean_au"]) and n["mean_au"] > 0 for n in report["noise"])
+    assert all(n["slices_flagged"] == n["slices"] == 2 for n in report["noise"])  # one test file of 2 slices
+    assert "| 90% calibrated | slices flagged |" in text and "The input check flags 2 of 2 slices" in text
     worse = {r["setting"]: r["input"]["nmse"] for r in report["rows"]}
     assert worse["8x"] > worse["4x"]  # the 8x input lost more of k-space
     assert (out / "calibration.png").stat().st_size > 0 and (out / "ood_object.png").stat().st_size > 0

@@ -520,3 +520,29 @@ def test_knee_draws_are_made_consistent_with_the_measured_kspace(tmp_path):
     assert float(consistent["total"].mean()) < 0.5 * float(plain["total"].mean())  # and no longer in question
     assert float(consistent["eu"].min()) >= 0 and float(consistent["au"].min()) >= 0
     torch.testing.assert_close(consistent["total"], consistent["eu"] + consistent["au"])
+
+
+def test_the_shipped_calibration_flags_a_photon_starved_fbp_made_at_the_scanners_pitch(tmp_path):
+    """The input check with the trained model and calibration of bundle/models, on a series it never saw: its FBP
+    made on the model grid's 5.9 mm detector bins (what the model trained on) passes at every dose; the same series'
+    FBP made at its own 0.74 mm pitch with 1e3 photons per bin (photon-starved: there the mean falls to 15 dB and the
+    maps understate the error about 500x, docs/recipes.md) is flagged on every slice."""
+    from hyper_dm.calibration import Calibration, input_departure
+
+    (mhd,) = write_luna16_like(tmp_path, n_series=1, seed=11, size_xy=512, n_slices=(3, 3),
+                               spacing_xy_mm=(0.74, 0.74), n_subsets=1)
+    model = HyperDM.from_bundle(REPO / "bundle" / "models" / "model.pt")
+    calibration = Calibration.load(REPO / "bundle" / "models" / "calibration.json")
+    reconstruct = model.reconstructor(2, 2, 10)
+    size = int(model.data["img_size"])
+
+    def check(i0: float, grid: int) -> dict:
+        case = load_case({"image": str(mhd), "case_id": "s"}, {**model.data, "i0": i0, "noise": "poisson"},
+                         "simulate", grid)
+        mean = reconstruct(case["cond"], case["gain"], case["offset"], out_size=(size, size))["mean"]
+        return calibration.input_check(input_departure(case["cond"], mean, case["gain"]))
+
+    for i0 in (1e5, 1e3):
+        assert not check(i0, size)["flagged_slices"], i0
+    starved = check(1e3, 512)
+    assert starved["input_unlike_calibration"] and starved["flagged_slices"] == [0, 1, 2], starved

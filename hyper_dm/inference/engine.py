@@ -34,14 +34,11 @@ from .inputs import case_id_of, find_cases
 from .loading import InputMode, load_case, to_source_layout
 from .reconstructor import VolumeReconstructor, resize_slices
 
-__all__ = ["CalibrationFitter", "CaseDataset", "VolumeEvaluator", "calibration_dataset", "case_entries",
-           "case_metrics", "input_entries", "load_calibration", "run_inference"]
+__all__ = ["CalibrationFitter", "CaseDataset", "VolumeEvaluator", "calibration_dataset",
+           "case_entries", "case_metrics", "input_entries", "load_calibration", "run_inference"]
 
 logger = logging.getLogger("hyper_dm.inference")
 
-INPUT_CHECK_ALPHA = 0.01
-"""A slice whose input-departure p-value is at or below this is flagged as unlike the calibration data (with ``n``
-calibration slices the smallest p-value is ``1 / (n + 1)``: 0.01 needs at least 99 of them)."""
 _METRIC_PIXELS = 1 << 21  # AUSE / UCE on at most this many pixels (a fixed stride), the rest on all
 
 
@@ -214,7 +211,7 @@ class VolumeEvaluator(Evaluator):
             data_range = self.data_range or float(2 * case["gain"].mean())
             metrics = {"case_id": case["case_id"], "n_slices": int(volume.shape[-1]),
                        **case_metrics(raw, label.float(), data_range, self.calibration, noise),
-                       **{k: v for k, v in (input_check or {}).items() if k != "flagged_slices"}}
+                       **{k: v for k, v in (input_check or {}).items() if k not in ("flagged_slices", "alpha")}}
             residuals = standardised_residuals(raw["mean"], raw["total"], label.float(), float(case["gain"].mean()))
         k = volume.shape[-1] // 2
         preview = {name: raw[name][0, ..., k].numpy() for name in ("mean", "eu", "au")}
@@ -234,25 +231,19 @@ class VolumeEvaluator(Evaluator):
 
 
     def _input_check(self, case_id: str, departure: torch.Tensor) -> dict | None:
-        """How unlike the calibration slices the case's input is (:meth:`Calibration.departure_p`): slices at
-        ``p <= INPUT_CHECK_ALPHA`` (or, with fewer than 99 calibration slices, beyond all of them) are flagged, and
-        the case is reported, with a warning, when its median slice is; ``None`` without a calibration that records
-        departures."""
+        """The case's :meth:`Calibration.input_check`, logged as a warning when the input is unlike the calibration
+        data; ``None`` without a calibration that records departures."""
         if self.calibration is None or not self.calibration.departures:
             return None
-        p = self.calibration.departure_p(departure)
-        alpha = max(INPUT_CHECK_ALPHA, 1 / (len(self.calibration.departures) + 1))
-        flagged = (p <= alpha).nonzero().flatten().tolist()
-        check = {"input_departure_median": float(departure.median()), "input_departure_p": float(p.median()),
-                 "input_unlike_calibration": bool(p.median() <= alpha), "slices_unlike_calibration": len(flagged),
-                 "flagged_slices": flagged}
+        check = self.calibration.input_check(departure)
         if check["input_unlike_calibration"]:
             logger.warning("case %s: the reconstruction moved its input's coarse content further than on the "
                            "calibration slices (median departure %.3g model units, calibrated up to %.3g; %d of %d "
                            "slices at p <= %.3g): the input is unlike what the model was trained and calibrated on "
                            "(another reconstruction pitch or kernel, photon starvation, metal?), and its uncertainty "
                            "maps likely understate the error", case_id, check["input_departure_median"],
-                           self.calibration.departures[-1], len(flagged), departure.numel(), alpha)
+                           self.calibration.departures[-1], check["slices_unlike_calibration"], departure.numel(),
+                           check["alpha"])
         return check
 
 

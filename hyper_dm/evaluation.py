@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .calibration import INPUT_CHECK_ALPHA, Calibration, input_departure
+from .calibration import Calibration, input_departure
 from .data import build_datalist, resolve_data_config
 from .data.config import MEASUREMENT_NOISE
 from .data.synthetic import insert_bright_lesion, insert_dense_disc
@@ -108,7 +108,8 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
         if not checks:
             return {}
         check = calibration.input_check(input_departure(case["cond"], raw["mean"], case["gain"]))
-        return {"slices_flagged": check["slices_unlike_calibration"], "slices": int(raw["mean"].shape[-1])}
+        return {"slices_flagged": check["slices_unlike_calibration"], "slices": int(raw["mean"].shape[-1]),
+                "check_alpha": check["alpha"]}
 
     noise_of = lambda case: reconstructor.noise_levels(case["cond"], case["gain"], case["offset"])  # noqa: E731
     rows, reliab, sparsity, ood, noise, timings = [], [], [], [], [], []
@@ -273,7 +274,7 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
     text += [f"Calibrated columns: split-conformal, {fitted.describe()}." if fitted else
              "Calibrated columns: no calibration file given.", "",
              *([f"Slices flagged: the input check of inference, a slice whose input the reconstruction moved at "
-                f"least as far as all but a fraction {max(INPUT_CHECK_ALPHA, 1 / (len(fitted.departures) + 1)):.3g} "
+                f"least as far as all but a fraction {rows[0]['check_alpha']:.3g} "
                 f"of the {len(fitted.departures)} calibration slices did (`Calibration.input_check`).", ""]
                if checked else []),
              "![calibration](calibration.png)", "",

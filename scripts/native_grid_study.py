@@ -2,7 +2,8 @@
 
     python scripts/native_grid_study.py --task mri --ckpt study/knee_n3/knee_model.pt data.dataset_dir=study/knee_24 \
         model.noise_level_input=true
-    python scripts/native_grid_study.py --task ct --ckpt bundle/models/model.pt data.dataset_dir=study/luna16_32
+    python scripts/native_grid_study.py --task ct --ckpt bundle/models/model.pt \
+        --calibration bundle/models/calibration.json data.dataset_dir=study/luna16_32
 
 MRI (first test file, each k-space noise level of the report, 4x and 8x): the zero-filled input against the model's
 mean upsampled bilinear and bicubic, then the product's mean (every draw upsampled bicubic and moved towards the

@@ -211,3 +211,16 @@ def test_command_line_values_are_literals_unless_expressions_are_allowed():
         command_overrides(args)
     args = parser().parse_args(["infer", "--allow-expressions", "--outdir", "$'x' + 'y'"])
     assert command_overrides(args) == {"inference_cfg#outdir": "$'x' + 'y'"}
+
+
+def test_every_shipped_large_file_is_present_with_the_listed_md5():
+    """What the model zoo's CI checks after downloading: each ``large_files.yml`` entry exists in the bundle with its
+    md5 (a refitted calibration or retrained model without its new digest fails here)."""
+    import hashlib
+
+    entries = yaml.safe_load((REPO / "bundle" / "large_files.yml").read_text())["large_files"]
+    assert {"models/model.pt", "models/calibration.json"} <= {e["path"] for e in entries}
+    for entry in entries:
+        path = REPO / "bundle" / entry["path"]
+        assert path.is_file(), entry["path"]
+        assert entry["hash_type"] == "md5" and hashlib.md5(path.read_bytes()).hexdigest() == entry["hash_val"], path

@@ -219,7 +219,8 @@ def test_every_shipped_large_file_is_present_with_the_listed_md5():
     import hashlib
 
     entries = yaml.safe_load((REPO / "bundle" / "large_files.yml").read_text())["large_files"]
-    assert {"models/model.pt", "models/calibration.json"} <= {e["path"] for e in entries}
+    assert {"models/model.pt", "models/calibration.json", "models/knee/model.pt", "models/knee/calibration.json"} <= {
+        e["path"] for e in entries}
     for entry in entries:
         path = REPO / "bundle" / entry["path"]
         assert path.is_file(), entry["path"]

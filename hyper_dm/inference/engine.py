@@ -151,7 +151,9 @@ class VolumeEvaluator(Evaluator):
             zero-filled magnitude), resized to the case's in-plane grid as the mean is (bilinear up, area down).
 
     With a reference, ``engine.state.output["residuals"]`` holds the case's standardised residuals ``[Z, P]`` and
-    ``noise_level`` the noise the network reads from each slice ``[Z]`` (see :class:`CalibrationFitter`).
+    ``noise_level`` the noise the network reads from each slice ``[Z]`` (see :class:`CalibrationFitter`);
+    ``departure`` is each slice's :func:`~hyper_dm.calibration.input_departure` ``[Z]``, and with a calibration that
+    records departures ``input_check`` holds :meth:`~hyper_dm.calibration.Calibration.input_check` (else ``None``).
     """
 
     def __init__(self, device: torch.device | str, val_data_loader: Iterable, reconstructor: VolumeReconstructor,

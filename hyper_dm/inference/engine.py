@@ -34,8 +34,8 @@ from .inputs import case_id_of, find_cases
 from .loading import InputMode, load_case, to_source_layout
 from .reconstructor import VolumeReconstructor, resize_slices
 
-__all__ = ["CalibrationFitter", "CaseDataset", "VolumeEvaluator", "calibration_dataset",
-           "case_entries", "case_metrics", "input_entries", "load_calibration", "run_inference"]
+__all__ = ["CalibrationFitter", "CaseDataset", "VolumeEvaluator", "calibration_dataset", "case_entries",
+           "case_metrics", "input_entries", "load_calibration", "run_inference"]
 
 logger = logging.getLogger("hyper_dm.inference")
 

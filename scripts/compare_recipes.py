@@ -7,7 +7,8 @@ Three steps; the last two run on a GPU where one is available (they need torch a
     python scripts/compare_recipes.py report --runs study/ --out docs/recipes.md
 
 ``prepare`` writes, on the model grid (model units, HU / 1000; stored in float16): training slices with
-``--realisations`` noisy FBP conditions each (photon count drawn in ``data#i0_range`` as the bundle trains),
+``--realisations`` noisy FBP conditions each (photon count drawn in ``data#i0_range`` as the bundle trains) and
+``--source_pitch`` more made at each series' own pitch (``data#fbp_pitch: source``, as a scanner reconstructs),
 validation slices (for the conformal scale), test slices at the three photon counts of ``hyper_dm.evaluation``,
 and the test slices with an unfamiliar object (``hyper_dm.data.synthetic.insert_dense_disc``) with its mask.
 
@@ -113,6 +114,10 @@ def prepare_ct(args: argparse.Namespace) -> None:
     train = build_dataset(data, "training")
     targets = torch.stack([item["target"] for item in train])
     conds = torch.stack([torch.stack([item["cond"] for item in train]) for _ in range(args.realisations)])
+    if args.source_pitch:  # FBPs as a scanner makes them: the same slices and order, another measurement
+        train = build_dataset({**data, "fbp_pitch": "source"}, "training")
+        conds = torch.cat([conds, torch.stack([torch.stack([item["cond"] for item in train])
+                                               for _ in range(args.source_pitch)])])
 
     def cases(split: str, i0: float = photon_counts[0], limit: int | None = None) -> dict:
         rows = {"target": [], "cond": []}
@@ -543,6 +548,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--series", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--realisations", type=int, default=4)
+    p.add_argument("--source_pitch", type=int, default=0, metavar="R",
+                   help="CT: R more conditions per training slice, FBPs made at the series' own pitch "
+                        "(data#fbp_pitch source)")
     p.add_argument("--task", choices=("ct", "mri"), default="ct")
     p.add_argument("--kspace_noise_range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="MRI: the k-space noise std range drawn per slice (default: data#kspace_noise_range)")

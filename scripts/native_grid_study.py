@@ -12,7 +12,9 @@ its sampled columns replaced by the measurement (hard data consistency). CT (fir
 of the report): the model fed the FBP simulated on its own grid (the benchmark's measurement) and the FBP simulated
 at the series' own pixel pitch (what a scanner reconstructs, read as a measured FBP volume would be), each against
 that FBP; the photon count is per detector bin of that pitch. With ``--calibration``, the CT table also says how
-many slices the input check flags (:meth:`hyper_dm.calibration.Calibration.input_check`, as inference does).
+many slices the input check flags (:meth:`hyper_dm.calibration.Calibration.input_check`, as inference does) and
+what share of the source-grid pixels the calibrated 90% intervals cover (the product's maps: the bicubic mean and
+the bilinear total variance, the std scaled per noise bin).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from hyper_dm.data.config import MEASUREMENT_NOISE
 from hyper_dm.data.datasets import build_datalist
 from hyper_dm.evaluation import MRI_ACCELERATIONS
 from hyper_dm.inference import HyperDM, load_case
-from hyper_dm.uncertainty import psnr
+from hyper_dm.inference.reconstructor import resize_slices
+from hyper_dm.uncertainty import gaussian_coverage, psnr
 
 
 def db(estimate: torch.Tensor, reference: torch.Tensor, data_range: float) -> str:
@@ -43,11 +46,13 @@ def slices(volume: torch.Tensor) -> torch.Tensor:
     return volume[0].permute(2, 0, 1)[:, None].float()
 
 
-def model_grid_mean(model: HyperDM, recon, cond: torch.Tensor, case: dict) -> torch.Tensor:
-    """The mean on the model grid in model units ``[Z, 1, S, S]``."""
+def model_grid(model: HyperDM, recon, cond: torch.Tensor, case: dict) -> dict[str, torch.Tensor]:
+    """The mean and total variance on the model grid in model units (squared), ``[Z, 1, S, S]`` each."""
     size = int(model.data["img_size"])
-    mean = slices(recon(cond, case["gain"], case["offset"], out_size=(size, size))["mean"])
-    return (mean - case["offset"].view(-1, 1, 1, 1)) / case["gain"].view(-1, 1, 1, 1)
+    out = recon(cond, case["gain"], case["offset"], out_size=(size, size))
+    gain = case["gain"].view(-1, 1, 1, 1)
+    return {"mean": (slices(out["mean"]) - case["offset"].view(-1, 1, 1, 1)) / gain,
+            "total": slices(out["total"]) / gain**2}
 
 
 def upsampled(mean: torch.Tensor, case: dict, size: tuple[int, int], mode: str) -> torch.Tensor:
@@ -67,7 +72,7 @@ def mri_table(model: HyperDM, recon, entry: dict) -> None:
             case = load_case(entry, {**model.data, **acquisition, "kspace_noise": level}, "simulate",
                              int(model.data["img_size"]))
             label, data_range = slices(case["label"])[:, 0], float(2 * case["gain"].mean())
-            mean = model_grid_mean(model, recon, case["cond"], case)
+            mean = model_grid(model, recon, case["cond"], case)["mean"]
             bilinear, bicubic = (upsampled(mean, case, label.shape[-2:], mode)[:, 0]
                                  for mode in ("bilinear", "bicubic"))
             wiener = slices(recon.reconstruct_case(case)["mean"])[:, 0]  # the product: every draw made consistent
@@ -77,32 +82,42 @@ def mri_table(model: HyperDM, recon, entry: dict) -> None:
                   f"{db(wiener, label, data_range)} | {db(hard, label, data_range)} |", flush=True)
 
 
-def flagged(calibration: Calibration | None, cond: torch.Tensor, mean: torch.Tensor, case: dict) -> str:
-    """``k / Z``: the slices the input check flags, from ``mean [Z, 1, S, S]`` (model units) and ``cond``."""
+def calibrated(calibration: Calibration | None, recon, cond: torch.Tensor, grid: dict, case: dict,
+               label: torch.Tensor) -> str:
+    """The calibration columns from the model-grid ``grid`` (:func:`model_grid`) of ``cond``: ``k / Z`` slices the
+    input check flags, and the coverage of the calibrated 90% intervals on the grid of ``label [Z, 1, X, Y]``."""
     if calibration is None:
         return ""
-    mean = (mean * case["gain"].view(-1, 1, 1, 1) + case["offset"].view(-1, 1, 1, 1))[:, 0].permute(1, 2, 0)[None]
+    gain = case["gain"].view(-1, 1, 1, 1)
+    mean = (grid["mean"] * gain + case["offset"].view(-1, 1, 1, 1))[:, 0].permute(1, 2, 0)[None]
     check = calibration.input_check(input_departure(cond, mean, case["gain"]))
-    return f" {check['slices_unlike_calibration']} / {mean.shape[-1]} |"
+    scale = calibration.scale_at(recon.noise_levels(cond, case["gain"], case["offset"])).float().view(-1, 1, 1, 1)
+    variance = resize_slices(grid["total"], tuple(label.shape[-2:])) * (gain * scale) ** 2
+    covered = gaussian_coverage(upsampled(grid["mean"], case, tuple(label.shape[-2:]), "bicubic"), variance, label,
+                                [0.9])[0.9]
+    return f" {check['slices_unlike_calibration']} / {mean.shape[-1]} | {covered:.3f} |"
 
 
-def ct_table(model: HyperDM, recon, entry: dict, calibration: Calibration | None) -> None:
-    check = (" input check: slices flagged |", " --- |") if calibration is not None else ("", "")
+def ct_table(model: HyperDM, recon, entry: dict, calibration: Calibration | None, every: int = 1) -> None:
+    """The CT table on every ``every``-th slice of the series."""
+    check = (" input check: slices flagged | calibrated 90% coverage |", " --- | --- |") \
+        if calibration is not None else ("", "")
     print(f"| FBP simulated at | i0 per detector bin | FBP | mean, bilinear | mean, bicubic |{check[0]}")
     print(f"| --- | --- | --- | --- | --- |{check[1]}")
     for i0 in MEASUREMENT_NOISE["ct"][1]:
         data = {**model.data, "i0": i0, "noise": "poisson"}
         case = load_case(entry, data, "simulate", int(model.data["img_size"]))
+        at_source_pitch = load_case(entry, {**data, "fbp_pitch": "source"}, "simulate", 0)["cond"][..., ::every]
+        case = {**case, **{k: case[k][..., ::every] for k in ("cond", "label", "gain", "offset")}}
         label = slices(case["label"])
         size = tuple(label.shape[-2:])
-        at_source_pitch = load_case(entry, data, "simulate", size[0])["cond"]  # simulated on the source's own grid
         for where, cond in (("the model grid", case["cond"]), ("the source's pitch", at_source_pitch)):
             fbp = F.interpolate(slices(cond), size=size, mode="bilinear", align_corners=False)
-            mean = model_grid_mean(model, recon, cond, case)
+            grid = model_grid(model, recon, cond, case)
             print(f"| {where} | {i0:.0e} | {db(fbp, label, 2000.0)} | "
-                  f"{db(upsampled(mean, case, size, 'bilinear'), label, 2000.0)} | "
-                  f"{db(upsampled(mean, case, size, 'bicubic'), label, 2000.0)} |"
-                  f"{flagged(calibration, cond, mean, case)}", flush=True)
+                  f"{db(upsampled(grid['mean'], case, size, 'bilinear'), label, 2000.0)} | "
+                  f"{db(upsampled(grid['mean'], case, size, 'bicubic'), label, 2000.0)} |"
+                  f"{calibrated(calibration, recon, cond, grid, case, label)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--N", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--calibration", help="a calibration JSON with input departures (CT: the input check column)")
+    parser.add_argument("--every", type=int, default=1, help="CT: every k-th slice of the series")
     parser.add_argument("overrides", nargs="*", help="key.subkey=value, e.g. data.dataset_dir=study/knee_24")
     args = parser.parse_args(argv)
     config = str(BUNDLE_CONFIGS / "knee_singlecoil.yaml") if args.task == "mri" else None
@@ -123,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "mri":
         mri_table(model, recon, entry)
     else:
-        ct_table(model, recon, entry, Calibration.load(args.calibration) if args.calibration else None)
+        ct_table(model, recon, entry, Calibration.load(args.calibration) if args.calibration else None, args.every)
     return 0
 
 

@@ -6,6 +6,7 @@ The bundle run is a subprocess exactly as users type it.
 
 import hashlib
 import json
+import locale
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from conftest import SMALL_MODEL
 from ignite.engine import Events
+from monai.data import MetaTensor
 
 from hyper_dm.data.config import resolve_data_config
 from hyper_dm.data.synthetic import write_challenge_like, write_fastmri_knee_like, write_luna16_like
@@ -34,8 +36,19 @@ DATA = {"task": "ct", "img_size": 32}
 
 
 def write_dicom_series(volume_zyx: np.ndarray, folder: Path, spacing, origin, series_uid: str, prefix="s") -> None:
-    """Axial int16 DICOM slices (one file each) of ``volume_zyx`` [z, y, x] HU, LPS origin in mm."""
+    """Axial int16 DICOM slices (one file each) of ``volume_zyx`` [z, y, x] HU, LPS origin in mm.
+
+    GDCM's writer sets the process's C locale; the caller's is put back, or later tests would decode their
+    subprocesses' UTF-8 output as ASCII."""
     folder.mkdir(parents=True, exist_ok=True)
+    ctype = locale.setlocale(locale.LC_CTYPE)
+    try:
+        _write_dicom_slices(volume_zyx, folder, spacing, origin, series_uid, prefix)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, ctype)
+
+
+def _write_dicom_slices(volume_zyx: np.ndarray, folder: Path, spacing, origin, series_uid: str, prefix: str) -> None:
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(volume_zyx.shape[0]):
@@ -99,8 +112,7 @@ def test_ct_volume_keeps_its_geometry_through_orientation_and_back(tmp_path, lun
     source = sorted(luna.rglob("*.mhd"))[0]
     nifti = oblique_nifti(source, tmp_path / "oblique.nii.gz")
     entry = find_cases(tmp_path / "oblique.nii.gz", "ct")[0]
-    case = load_case(entry, {**DATA, "hu_window": [-1000.0, 1000.0], "n_views": 24, "noise": "poisson",
-                             "i0": 1e5, "sigma": 0.01, "split_seed": 0}, InputMode.SIMULATE, 32)
+    case = load_case(entry, resolve_data_config({**DATA, "i0": 1e5}), InputMode.SIMULATE, 32)
     assert case["volume"].shape[1:] == (nifti.shape[0], nifti.shape[1], nifti.shape[2])
     assert case["cond"].shape == (1, 32, 32, nifti.shape[2]) and case["label"].shape == case["volume"].shape
     back = to_source_layout(case["label"], case["volume"])
@@ -179,8 +191,6 @@ def test_reconstructor_returns_the_source_grid_and_the_exact_decomposition(check
 
 
 def test_writer_writes_whole_cases_or_nothing(tmp_path, monkeypatch):
-    from monai.data import MetaTensor
-
     from hyper_dm.engines import writer as writer_module
 
     volume = MetaTensor(torch.rand(1, 6, 5, 4), affine=torch.diag(torch.tensor([-2.0, -2.0, 3.0, 1.0])))
@@ -252,8 +262,6 @@ def test_one_run_at_a_time_per_output_folder_and_a_killed_run_frees_it(tmp_path)
 
 
 def test_skip_mode_covers_faults_found_while_sampling(checkpoint):
-    from monai.data import MetaTensor
-
     from hyper_dm.inference import VolumeEvaluator
 
     model = HyperDM.from_bundle(checkpoint, device="cpu", **SMALL_MODEL)
@@ -527,25 +535,34 @@ def test_the_shipped_calibration_flags_a_photon_starved_fbp_made_at_the_scanners
     made on the model grid's 5.9 mm detector bins (what the model trained on) passes at every dose; the same series'
     FBP made at its own 0.74 mm pitch with 1e3 photons per bin (photon-starved: there the mean falls to 15 dB and the
     maps understate the error about 500x, docs/recipes.md) is flagged on every slice."""
-    from hyper_dm.calibration import Calibration, input_departure
-
     (mhd,) = write_luna16_like(tmp_path, n_series=1, seed=11, size_xy=512, n_slices=(3, 3),
                                spacing_xy_mm=(0.74, 0.74), n_subsets=1)
-    model = HyperDM.from_bundle(REPO / "bundle" / "models" / "model.pt")
-    calibration = Calibration.load(REPO / "bundle" / "models" / "calibration.json")
-    reconstruct = model.reconstructor(2, 2, 10)
-    size = int(model.data["img_size"])
+    model = HyperDM.from_bundle(REPO / "bundle" / "models" / "model.pt")  # calibration.json beside it
+    assert model.calibration is not None and model.calibration.departures
 
-    def check(i0: float, grid: int) -> dict:
+    def reconstruct(i0: float, grid: int) -> dict:
+        """The FBP at ``grid`` pixels across, given to the Python API as a measured HU volume."""
         case = load_case({"image": str(mhd), "case_id": "s"}, {**model.data, "i0": i0, "noise": "poisson"},
                          "simulate", grid)
-        mean = reconstruct(case["cond"], case["gain"], case["offset"], out_size=(size, size))["mean"]
-        return calibration.input_check(input_departure(case["cond"], mean, case["gain"]))
+        return model.reconstruct(MetaTensor(case["cond"], affine=case["volume"].affine), M=2, N=2, steps=10)
 
     for i0 in (1e5, 1e3):
-        assert not check(i0, size)["flagged_slices"], i0
-    starved = check(1e3, 512)
-    assert starved["input_unlike_calibration"] and starved["flagged_slices"] == [0, 1, 2], starved
+        assert not reconstruct(i0, int(model.data["img_size"]))["input_check"]["flagged_slices"], i0
+    starved = reconstruct(1e3, 512)
+    assert starved["input_check"]["input_unlike_calibration"], starved["input_check"]
+    assert starved["input_check"]["flagged_slices"] == [0, 1, 2], starved["input_check"]
+    calibrated, total = starved["total_std_calibrated"], starved["total"]
+    assert calibrated.shape == (1, 512, 512, 3) and torch.allclose(calibrated.affine, starved["mean"].affine)
+    ratio = calibrated[total > 0] / total[total > 0].sqrt()
+    assert float(ratio.min()) >= min(s["0.9"] for s in model.calibration.noise_scales) - 1e-3  # each slice its bin
+    assert float(ratio.max()) <= max(s["0.9"] for s in model.calibration.noise_scales) + 1e-3
+
+
+def test_from_bundle_names_a_missing_calibration(checkpoint, tmp_path):
+    with pytest.raises(BadInputError, match="nowhere.json: does not exist"):
+        HyperDM.from_bundle(checkpoint, device="cpu", calibration=tmp_path / "nowhere.json", **SMALL_MODEL)
+    model = HyperDM.from_bundle(checkpoint, device="cpu", **SMALL_MODEL)  # none beside it: raw maps only
+    assert model.calibration is None
 
 
 def test_the_shipped_knee_model_reconstructs_a_challenge_file_after_a_clone(tmp_path):

@@ -36,6 +36,7 @@ import psutil  # noqa: E402  (MONAI Label's dependencies)
 import requests  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
+from hyper_dm.calibration import Calibration  # noqa: E402
 from hyper_dm.data.synthetic import write_luna16_like  # noqa: E402
 from hyper_dm.integrations.monailabel.service import lock_path  # noqa: E402
 from hyper_dm.integrations.monailabel.summary import body_mask  # noqa: E402
@@ -44,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 APP = REPO / "hyper_dm" / "integrations" / "monailabel" / "app_folder"
 OVERLAY = yaml.safe_dump({**SMALL_MODEL, "data#img_size": 32, "diffusion#ddim_steps": 2})  # a small, fast model
-MAPS = ("mean", "eu", "au", "total")
+MAPS = ("mean", "eu", "au", "total", "total_std_calibrated")
 START_TIMEOUT_S = 180
 
 
@@ -85,6 +86,9 @@ def setup(tmp_path_factory) -> dict:
     parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / "inference.yaml"), str(root / "small.yaml")])
     parser["device"] = "$torch.device('cpu')"
     torch.save({"hypernet": parser.get_parsed_content("network").state_dict()}, root / "model.pt")
+    # found beside the checkpoint: std x 3 for 90% intervals; departures so small that every input is flagged
+    Calibration(scales={"0.5": 1.0, "0.9": 3.0, "0.95": 4.0}, n_pixels=1, n_cases=1,
+                departures=[1e-6, 1e-6, 1e-6]).save(root / "calibration.json")
     return {"root": root, "studies": studies, "ckpt": root / "model.pt", "overlay": root / "small.yaml"}
 
 
@@ -175,10 +179,14 @@ def test_maps_of_a_study_lie_on_its_grid_and_add_up(server, tmp_path):
     eu, au, total = (maps[n].get_fdata() for n in ("eu", "au", "total"))
     assert eu.min() >= 0 and au.min() >= 0 and eu.max() > 0
     np.testing.assert_allclose(total, eu + au, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(maps["total_std_calibrated"].get_fdata(), 3.0 * np.sqrt(total), rtol=1e-4, atol=1e-3)
     assert -1000 <= maps["mean"].get_fdata().min() and maps["mean"].get_fdata().max() <= 1000  # the HU window
     params = infer(server, "hyperdm_au", "chest1", output="json").json()
     assert params["cached"] is True and (params["M"], params["N"], params["steps"]) == (2, 2, 2)
     assert params["units"] == "HU^2" and params["summary"]["mean_eu_body"] > 0
+    assert params["input_check"]["input_unlike_calibration"] is True, params  # the calibration's tiny departures
+    assert params["input_check"]["slices_unlike_calibration"] == 8 and params["maps"]["total_std_calibrated"]
+    assert infer(server, "hyperdm_total_std_calibrated", "chest1", output="json").json()["units"] == "HU"
     assert max(rss) < 4 * 2**30
 
 

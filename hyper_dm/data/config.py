@@ -21,6 +21,9 @@ Keys (the defaults are the ``data`` section of the bundle's ``common.yaml``, see
 ``i0_range``           CT: ``[low, high]``: training draws i0 log-uniformly per slice, so AU learns the noise
                        level from the image; ``None``: training uses ``i0`` too
 ``sigma``              CT: std of additive noise on the line integrals (Gaussian)
+``fbp_pitch``          CT: where simulated FBPs are made: ``"model"``, on the S x S grid (detector bins of its
+                       pitch); ``"source"``, at the series' own pixel pitch as a scanner reconstructs (``i0`` per bin
+                       of that pitch), clipped to ``hu_window`` and area-averaged to S x S as inference reads it
 ``mask_type``          MRI: ``"random"`` or ``"equispaced"`` (fastMRI mask functions)
 ``center_fractions``   MRI: fully sampled central fraction(s) of the phase-encode columns
 ``accelerations``      MRI: acceleration(s), same length as ``center_fractions``
@@ -54,7 +57,8 @@ MEASUREMENT_NOISE = {"ct": ("i0", (1e5, 1e4, 1e3)), "mri": ("kspace_noise", (0.0
 calibration fits on: CT photon counts (highest dose first), MRI k-space noise std / magnitude scale."""
 
 _CHOICES = {"task": ("ct", "mri"), "on_bad_file": ("raise", "skip"), "noise": ("poisson", "gaussian", "none"),
-            "mask_type": ("random", "equispaced"), "mri_norm": ("volume_max", "slice_max")}
+            "mask_type": ("random", "equispaced"), "mri_norm": ("volume_max", "slice_max"),
+            "fbp_pitch": ("model", "source")}
 
 
 def resolve_data_config(data: Mapping) -> dict:

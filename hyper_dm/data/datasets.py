@@ -44,7 +44,8 @@ __all__ = ["SPLITS", "build_datalist", "build_dataset", "physics_key", "slice_en
 
 logger = logging.getLogger(__name__)
 
-_PHYSICS_KEYS = {"ct": ("img_size", "hu_window", "n_views", "noise", "i0", "i0_range", "sigma", "split_seed"),
+_PHYSICS_KEYS = {"ct": ("img_size", "hu_window", "n_views", "noise", "i0", "i0_range", "sigma", "fbp_pitch",
+                       "split_seed"),
                  "mri": ("img_size", "mask_type", "center_fractions", "accelerations", "mri_norm", "kspace_noise",
                          "kspace_noise_range", "split_seed")}
 

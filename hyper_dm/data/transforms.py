@@ -6,6 +6,8 @@ Per-slice item (see :func:`hyper_dm.data.datasets.slice_entries`): ``image`` (pa
 
     CT : LoadLuna16Sliced (HU clipped to the window) -> Resized(target) -> ScaleIntensityRanged(target)
          -> CTSinogramd -> [Rand]CTMeasurementd -> ScaleIntensityRanged(cond)
+         (``fbp_pitch: source``: ScaleIntensityRanged(target) -> CTSinogramd on the source grid -> Resized(target)
+         -> [Rand]CTMeasurementd, whose FBP on the source grid is clipped and area-averaged to S x S)
     MRI: LoadFastMRISliced -> Resized(target) -> ScaleMagnituded(target) -> [Rand]MRIUndersampled
          -> Resized(cond) -> ScaleMagnituded(cond)
 
@@ -26,6 +28,7 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -107,34 +110,42 @@ class ScaleMagnituded(MapTransform):
 
 
 class CTSinogramd(MapTransform):
-    """Noise-free sinogram ``sino`` ``[n_det, n_views]`` of ``target`` ``[1, S, S]`` (model range -> HU -> mu).
+    """Noise-free sinogram ``sino`` ``[n_det, n_views]`` of ``target`` ``[1, n, n]`` (model range -> HU -> mu), and
+    the grid it was taken on: ``sino_grid`` (n) and ``sino_pitch_mm``.
 
-    The pixel size comes from the item's ``pixel_mm`` (mm, resized grid).
+    The pixel size comes from the item's ``pixel_mm`` (mm, the ``img_size`` grid), scaled to the target's own grid.
     """
 
-    def __init__(self, ct: ParallelBeamCT, hu_window: Sequence[float], key: str = "target") -> None:
+    def __init__(self, ct: ParallelBeamCT, hu_window: Sequence[float], img_size: int, key: str = "target") -> None:
         super().__init__(keys=[key])
-        self.ct = ct
+        self.ct, self.img_size = ct, img_size
         self.hu_window = tuple(float(v) for v in hu_window)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         image = torch.as_tensor(d[self.keys[0]]).numpy()[0]
+        if image.shape[0] != image.shape[1]:
+            raise ValueError(f"{d.get('image')}: CT slices must be square to project, got {image.shape}")
+        pitch = float(d["pixel_mm"]) * self.img_size / image.shape[0]
         mu = hu_to_mu(to_hu(image.astype(np.float64), self.hu_window))
-        d["sino"] = torch.from_numpy(self.ct.project(mu, float(d["pixel_mm"])))
+        d["sino"] = torch.from_numpy(self.ct.project(mu, pitch))
+        d["sino_grid"], d["sino_pitch_mm"] = image.shape[0], pitch
         return d
 
 
 class CTMeasurementd(MapTransform):
-    """Noisy measurement of ``sino`` and its FBP: ``cond`` ``[1, S, S]`` float32 in HU; ``sino`` is removed.
+    """Noisy measurement of ``sino`` and its FBP on the sinogram's grid: ``cond`` ``[1, S, S]`` float32 in HU,
+    clipped to ``hu_window`` and area-averaged to S x S when the grid is finer (a scanner's FBP as inference reads
+    it); ``sino`` and its grid keys are removed.
 
     Deterministic: the noise is drawn from ``np.random.default_rng(d["seed"])``.
     """
 
-    def __init__(self, ct: ParallelBeamCT, img_size: int) -> None:
+    def __init__(self, ct: ParallelBeamCT, img_size: int, hu_window: Sequence[float]) -> None:
         super().__init__(keys=["sino"])
         self.ct = ct
         self.img_size = img_size
+        self.hu_window = tuple(float(v) for v in hu_window)
 
     def _rng(self, d: Mapping) -> np.random.Generator | np.random.RandomState:
         return np.random.default_rng(int(d["seed"]))
@@ -144,10 +155,12 @@ class CTMeasurementd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
-        sino = d.pop("sino").numpy()
+        sino, grid, pitch = d.pop("sino").numpy(), int(d.pop("sino_grid")), float(d.pop("sino_pitch_mm"))
         noisy = self.ct.add_noise(sino, self._rng(d), self._i0())
-        fbp_mu = self.ct.fbp(noisy, float(d["pixel_mm"]), self.img_size)
-        d["cond"] = torch.from_numpy(mu_to_hu(fbp_mu).astype(np.float32))[None]
+        fbp = torch.from_numpy(mu_to_hu(self.ct.fbp(noisy, pitch, grid)).astype(np.float32))[None]
+        if grid != self.img_size:
+            fbp = F.interpolate(fbp.clamp(*self.hu_window)[None], size=(self.img_size,) * 2, mode="area")[0]
+        d["cond"] = fbp
         return d
 
 
@@ -155,8 +168,9 @@ class RandCTMeasurementd(Randomizable, CTMeasurementd):
     """:class:`CTMeasurementd` with fresh noise from the transform's random state on every call (training); with
     ``i0_range = (low, high)`` the photon count of each call is drawn log-uniformly in it."""
 
-    def __init__(self, ct: ParallelBeamCT, img_size: int, i0_range: Sequence[float] | None = None) -> None:
-        super().__init__(ct, img_size)
+    def __init__(self, ct: ParallelBeamCT, img_size: int, hu_window: Sequence[float],
+                 i0_range: Sequence[float] | None = None) -> None:
+        super().__init__(ct, img_size, hu_window)
         self.i0_range = None if i0_range is None else tuple(float(v) for v in i0_range)
         self.i0: float | None = None
 
@@ -246,18 +260,19 @@ def _plain_tensors() -> EnsureTyped:
 
 
 def ct_transforms(data: Mapping, train: bool) -> Compose:
-    """CT chain for a resolved data config (``img_size``, ``hu_window``, ``n_views``, ``noise``, ``i0``, ``sigma``)."""
+    """CT chain for a resolved data config (``img_size``, ``hu_window``, ``n_views``, ``noise``, ``i0``, ``sigma``,
+    ``fbp_pitch``)."""
     lo, hi = data["hu_window"]
     size = int(data["img_size"])
     ct = ParallelBeamCT(n_views=int(data["n_views"]), noise=data["noise"], i0=float(data["i0"]),
                         sigma=float(data["sigma"]))
     window = {"a_min": lo, "a_max": hi, "b_min": -1.0, "b_max": 1.0, "clip": True}
+    resize = Resized(keys="target", spatial_size=(size, size), mode="area")
+    project = [ScaleIntensityRanged(keys="target", **window), CTSinogramd(ct, (lo, hi), size)]
     return Compose([
         LoadLuna16Sliced(hu_window=(lo, hi)),
-        Resized(keys="target", spatial_size=(size, size), mode="area"),
-        ScaleIntensityRanged(keys="target", **window),
-        CTSinogramd(ct, (lo, hi)),
-        RandCTMeasurementd(ct, size, data["i0_range"]) if train else CTMeasurementd(ct, size),
+        *([*project, resize] if data["fbp_pitch"] == "source" else [resize, *project]),
+        RandCTMeasurementd(ct, size, (lo, hi), data["i0_range"]) if train else CTMeasurementd(ct, size, (lo, hi)),
         ScaleIntensityRanged(keys="cond", **window),
         IntensityMapd("ct", (lo, hi)),
         _plain_tensors(),

@@ -6,9 +6,11 @@ Public API::
     load_case(entry, data, mode, img_size) -> loaded case dict        # MONAI readers, MetaTensor geometry
     VolumeReconstructor(network, sampler, img_size, M, N)(cond, gain, offset) -> {mean, eu, au, total}
     HyperDM.from_bundle(...).reconstruct(volume, M=..., N=...)        # one call from Python
+    apply_calibration(raw, case, reconstructor, calibration)          # calibrated std + input check of one case
     CaseDataset, VolumeEvaluator, case_entries, case_metrics          # the bundle's inference workflow
 """
 
+from .calibrated import apply_calibration, load_calibration
 from .engine import (
     CalibrationFitter,
     CaseDataset,
@@ -16,7 +18,6 @@ from .engine import (
     calibration_dataset,
     case_entries,
     case_metrics,
-    load_calibration,
     run_inference,
 )
 from .inputs import find_cases
@@ -26,6 +27,6 @@ from .reconstructor import OUTPUTS, VolumeReconstructor
 
 __all__ = [
     "OUTPUTS", "CalibrationFitter", "CaseDataset", "HyperDM", "InputMode", "VolumeEvaluator", "VolumeReconstructor",
-    "calibration_dataset", "case_entries", "case_metrics", "find_cases", "load_calibration", "load_case",
-    "load_hypernet_state", "run_inference", "to_source_layout",
+    "apply_calibration", "calibration_dataset", "case_entries", "case_metrics", "find_cases", "load_calibration",
+    "load_case", "load_hypernet_state", "run_inference", "to_source_layout",
 ]

@@ -22,7 +22,7 @@ from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
 from torch.utils.data import ConcatDataset
 
-from ..calibration import LEVELS, Calibration, fit_calibration, input_departure, standardised_residuals
+from ..calibration import LEVELS, Calibration, fit_calibration, standardised_residuals
 from ..data.config import MEASUREMENT_NOISE, resolve_data_config
 from ..data.datasets import build_datalist
 from ..data.validation import BadFileLog, BadInputError
@@ -30,12 +30,13 @@ from ..engines.distributed import from_rank0, gather, rank_and_world
 from ..engines.writer import CaseWriter
 from ..io import safe_stem, sha256_file
 from ..uncertainty import ause, gaussian_coverage, gaussian_crps, psnr, ssim, uce
+from .calibrated import apply_calibration
 from .inputs import case_id_of, find_cases
 from .loading import InputMode, load_case, to_source_layout
 from .reconstructor import VolumeReconstructor, resize_slices
 
 __all__ = ["CalibrationFitter", "CaseDataset", "VolumeEvaluator", "calibration_dataset", "case_entries",
-           "case_metrics", "input_entries", "load_calibration", "run_inference"]
+           "case_metrics", "input_entries", "run_inference"]
 
 logger = logging.getLogger("hyper_dm.inference")
 
@@ -194,21 +195,12 @@ class VolumeEvaluator(Evaluator):
                 raise BadInputError(case.get("image", case["case_id"]), f"the reconstructed {name} holds "
                                     f"{int((~torch.isfinite(image)).sum())} NaN/infinite values (input out of range?)")
         label = case.get("label")
-        metrics = residuals = noise = None
-        if self.calibration is not None or label is not None:
-            noise = self.reconstructor.noise_levels(case["cond"], case["gain"], case["offset"])
+        metrics = residuals = None
         if self.write_cond:  # [1, x, y, Z] -> [1, X, Y, Z]
             slices = resize_slices(case["cond"][0].permute(2, 0, 1)[:, None].float(), tuple(volume.shape[1:3]))
             raw["cond"] = slices[:, 0].permute(1, 2, 0)[None].contiguous()
-        if self.calibration is not None:
-            raw["total_std_calibrated"] = self.calibration.scale_at(noise).float() * raw["total"].clamp_min(0).sqrt()
-            low, high = self.calibration.noise_range or (0.0, float("inf"))
-            if not low <= float(noise.median()) <= high:
-                logger.warning("case %s: its median measurement noise %.3g (model units) is outside the calibrated "
-                               "range %.3g-%.3g; its slices take the nearest noise bin's scale", case["case_id"],
-                               float(noise.median()), low, high)
-        departure = input_departure(case["cond"], raw["mean"], case["gain"])
-        input_check = self._input_check(case["case_id"], departure)
+        checks = apply_calibration(raw, case, self.reconstructor, self.calibration)
+        noise, input_check = checks["noise_level"], checks["input_check"]
         if label is not None:
             data_range = self.data_range or float(2 * case["gain"].mean())
             metrics = {"case_id": case["case_id"], "n_slices": int(volume.shape[-1]),
@@ -225,28 +217,11 @@ class VolumeEvaluator(Evaluator):
                     volume.shape[-1], tuple(volume.shape[1:3]), seconds, seconds / volume.shape[-1],
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         engine.state.output = {"case_id": case["case_id"], "metrics": metrics, "preview": preview, "seconds": seconds,
-                               "residuals": residuals, "noise_level": noise, "departure": departure,
+                               "residuals": residuals, "noise_level": noise, "departure": checks["departure"],
                                "input_check": input_check,
                                "volumes": {name: to_source_layout(image, volume) for name, image in raw.items()}}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # runs `postprocessing` on engine.state.output
         return engine.state.output
-
-
-    def _input_check(self, case_id: str, departure: torch.Tensor) -> dict | None:
-        """The case's :meth:`Calibration.input_check`, logged as a warning when the input is unlike the calibration
-        data; ``None`` without a calibration that records departures."""
-        if self.calibration is None or not self.calibration.departures:
-            return None
-        check = self.calibration.input_check(departure)
-        if check["input_unlike_calibration"]:
-            logger.warning("case %s: the reconstruction moved its input's coarse content further than on the "
-                           "calibration slices (median departure %.3g model units, calibrated up to %.3g; %d of %d "
-                           "slices at p <= %.3g): the input is unlike what the model was trained and calibrated on "
-                           "(another reconstruction pitch or kernel, photon starvation, metal?), and its uncertainty "
-                           "maps likely understate the error", case_id, check["input_departure_median"],
-                           self.calibration.departures[-1], check["slices_unlike_calibration"], departure.numel(),
-                           check["alpha"])
-        return check
 
 
 def run_inference(evaluator: VolumeEvaluator, writer: CaseWriter | None = None) -> list[tuple[str, str]]:
@@ -283,22 +258,6 @@ def run_inference(evaluator: VolumeEvaluator, writer: CaseWriter | None = None) 
         if world > 1 and any(writer.output_dir.glob("*/*_metrics.json")):
             writer.update_table()  # the ranks rebuilt it concurrently: each copy may miss another rank's last case
     return skipped
-
-
-def load_calibration(path: str | None, checkpoint: str | None = None) -> Calibration | None:
-    """The calibration at ``path`` (``None`` if ``path`` is ``None`` or absent, logged); a calibration fitted for
-    another checkpoint than ``checkpoint`` is used with a warning."""
-    if path is None or not Path(path).is_file():
-        logger.info("no calibration file%s: writing raw uncertainty maps only (fit one with the 'calibrate' run id)",
-                    f" at {path}" if path else "")
-        return None
-    calibration = Calibration.load(path)
-    if checkpoint and Path(checkpoint).is_file() and calibration.checkpoint_sha256 \
-            and calibration.checkpoint_sha256 != sha256_file(checkpoint):
-        logger.warning("%s was fitted for another checkpoint than %s; refit it with the 'calibrate' run id", path,
-                       checkpoint)
-    logger.info("calibrated std = scale x raw std, from %s: %s", path, calibration.describe())
-    return calibration
 
 
 def calibration_dataset(data: Mapping, noise_levels: Sequence[float], on_bad_file: str = "raise") -> ConcatDataset:

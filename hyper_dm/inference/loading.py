@@ -116,7 +116,8 @@ def _check_ct_acquisition(entry: Mapping, data: Mapping) -> None:
 
 
 def _simulate_ct(hu: torch.Tensor, data: Mapping, img_size: int, pixel_mm: float, case_id: str) -> torch.Tensor:
-    """Sparse-view FBP ``[1, S, S, Z]`` HU of each axial slice of ``hu [1, X, Y, Z]`` on the model grid."""
+    """Sparse-view FBP ``[1, S, S, Z]`` HU of each axial slice of ``hu [1, X, Y, Z]`` on an S x S grid of
+    ``pixel_mm`` pixels (the model grid, or the source's own with ``fbp_pitch: source``)."""
     ct = ParallelBeamCT(n_views=int(data["n_views"]), noise=data["noise"], i0=float(data["i0"]),
                         sigma=float(data["sigma"]))
     slices = F.interpolate(hu[0].permute(2, 0, 1)[:, None], size=(img_size, img_size), mode="area")[:, 0]
@@ -139,9 +140,10 @@ def _load_ct(entry: Mapping, data: Mapping, mode: InputMode, img_size: int) -> d
         _check_ct_acquisition(entry, data)
         case.update(cond=volume.as_tensor().clamp(lo, hi), label=None)
     else:
-        pixel_mm = float(np.mean(np.asarray(volume.pixdim[:2]) * np.asarray(volume.shape[1:3]) / img_size))
+        grid = max(volume.shape[1:3]) if data["fbp_pitch"] == "source" else img_size  # the FBP's own grid
+        pixel_mm = float(np.mean(np.asarray(volume.pixdim[:2]) * np.asarray(volume.shape[1:3]) / grid))
         label = volume.as_tensor().clamp(lo, hi)
-        case.update(cond=_simulate_ct(label, data, img_size, pixel_mm, entry["case_id"]).clamp(lo, hi), label=label)
+        case.update(cond=_simulate_ct(label, data, grid, pixel_mm, entry["case_id"]).clamp(lo, hi), label=label)
     return case
 
 

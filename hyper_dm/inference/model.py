@@ -5,6 +5,7 @@ Example::
     >>> model = HyperDM.from_bundle("bundle/models/model.pt", config="bundle/configs/ct_luna16.yaml")
     >>> out = model.reconstruct("patient7.nii.gz", M=8, N=8)                  # a file, DICOM folder or .h5
     >>> out["mean"].shape, out["eu"].affine                                     # [1, X, Y, Z] HU, source geometry
+    >>> out["total_std_calibrated"], out["input_check"]                         # with calibration.json beside model.pt
     >>> out = model.reconstruct(fbp_volume, M=8, N=8)                          # MetaTensor [1, X, Y, Z] HU (measured)
 
 The same loader, reconstructor and metrics run in ``python -m monai.bundle run inference``, the scripts and the
@@ -21,15 +22,17 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
+from ..calibration import Calibration
 from ..config import config_files_for
 from ..data.config import resolve_data_config
 from ..data.intensity import physical_map
 from ..data.validation import BadInputError
 from ..engines.checkpoint import read_checkpoint
 from ..io import safe_stem
+from .calibrated import apply_calibration, load_calibration
 from .inputs import case_id_of
 from .loading import InputMode, load_case, to_source_layout
-from .reconstructor import OUTPUTS, VolumeReconstructor
+from .reconstructor import VolumeReconstructor
 
 __all__ = ["HyperDM", "load_hypernet_state"]
 
@@ -52,26 +55,33 @@ def load_hypernet_state(path: str | Path, map_location: str | torch.device = "cp
 class HyperDM:
     """A trained Hyper-DM model with its bundle settings: ``reconstruct`` is the whole method in one call.
 
-    Build it with :meth:`from_bundle`; ``parser`` is the resolved bundle config (``data``, ``diffusion``, ...).
+    Build it with :meth:`from_bundle`; ``parser`` is the resolved bundle config (``data``, ``diffusion``, ...);
+    ``calibration`` (a fitted :class:`~hyper_dm.calibration.Calibration` or ``None``) calibrates every
+    reconstruction and checks its input, as the bundle's inference does.
     """
 
-    def __init__(self, parser: ConfigParser) -> None:
+    def __init__(self, parser: ConfigParser, calibration: Calibration | None = None) -> None:
         self.parser = parser
         self.data = resolve_data_config(parser.get_parsed_content("data"))
         self.network = parser.get_parsed_content("network")
+        self.calibration = calibration
 
     @classmethod
     def from_bundle(cls, ckpt: str | Path, config: str | None = None, device: str | torch.device | None = None,
-                    **overrides: Any) -> HyperDM:
+                    calibration: str | Path | None = None, **overrides: Any) -> HyperDM:
         """Load ``ckpt`` into the network the bundle configs define (``common.yaml`` + ``inference.yaml`` + the
         overlay ``config``; ``overrides`` as bundle ids, e.g. ``{"diffusion#ddim_steps": 10}``). A checkpoint
-        whose config record differs from these configs' ``checkpoint_config`` is an error naming the key."""
+        whose config record differs from these configs' ``checkpoint_config`` is an error naming the key.
+        ``calibration``: the calibration JSON (default: ``calibration.json`` beside ``ckpt``, used if present)."""
         parser = ConfigParser()
         parser.read_config(config_files_for("infer", config))
         parser.update(overrides)
         if device is not None:
             parser["device"] = f"$torch.device('{torch.device(device)}')"
-        model = cls(parser)
+        if calibration is not None and not Path(calibration).is_file():
+            raise BadInputError(calibration, "does not exist: give a calibration JSON written by the 'calibrate' "
+                                             "run id, or none to use calibration.json beside the checkpoint")
+        model = cls(parser, load_calibration(calibration or Path(ckpt).with_name("calibration.json"), ckpt))
         record = parser.get_parsed_content("checkpoint_config")
         model.network.load_state_dict(load_hypernet_state(ckpt, next(model.network.parameters()).device, record))
         return model
@@ -87,9 +97,12 @@ class HyperDM:
                                    n_draws=int(N), slice_batch=int(settings["slice_batch"]), seed=int(seed))
 
     def reconstruct(self, volume: str | Path | MetaTensor, M: int = 4, N: int = 4, steps: int | None = None,
-                    mode: str = "measured", seed: int = 0) -> dict[str, MetaTensor]:
+                    mode: str = "measured", seed: int = 0) -> dict[str, Any]:
         """Reconstruct a volume; returns ``mean``, ``eu``, ``au``, ``total`` ``[1, X, Y, Z]`` MetaTensors in
-        physical units (variances squared) with the input's geometry and voxel layout.
+        physical units (variances squared) with the input's geometry and voxel layout. With a calibration, also
+        ``total_std_calibrated`` (physical units) and ``input_check`` (a dict, see
+        :meth:`~hyper_dm.calibration.Calibration.input_check`; ``None`` without calibration departures); a warning
+        is logged when the input fails the check or its noise lies outside the calibrated range.
 
         ``volume``: a file or DICOM folder (read as the bundle's inference reads it, ``mode`` ``measured`` or
         ``simulate``), or a MetaTensor ``[X, Y, Z]`` / ``[1, X, Y, Z]`` already in the model's slice layout holding
@@ -101,8 +114,11 @@ class HyperDM:
             case = load_case(entry, self.data, InputMode.parse(mode), int(self.data["img_size"]))
         else:
             case = self._case_from_tensor(volume)
-        raw = self.reconstructor(M, N, steps, seed).reconstruct_case(case)
-        return {name: to_source_layout(raw[name], case["volume"]) for name in OUTPUTS}
+        reconstructor = self.reconstructor(M, N, steps, seed)
+        raw = reconstructor.reconstruct_case(case)
+        input_check = apply_calibration(raw, case, reconstructor, self.calibration)["input_check"]
+        return {**{name: to_source_layout(image, case["volume"]) for name, image in raw.items()},
+                "input_check": input_check}
 
     def _case_from_tensor(self, volume: torch.Tensor) -> dict:
         volume = volume if isinstance(volume, MetaTensor) else MetaTensor(volume)

@@ -1,6 +1,7 @@
 """The MONAI Label app: Hyper-DM reconstructions with uncertainty maps, and studies ranked by epistemic uncertainty.
 
-Models (infer tasks): ``hyperdm_mean``, ``hyperdm_eu``, ``hyperdm_au``, ``hyperdm_total`` (see infer.py).
+Models (infer tasks): ``hyperdm_mean``, ``hyperdm_eu``, ``hyperdm_au``, ``hyperdm_total``, and
+``hyperdm_total_std_calibrated`` where the model has a calibration (see infer.py).
 Scoring method ``hyperdm_eu`` and strategy ``hyperdm_eu`` (see scoring.py); MONAI Label's ``random`` and ``first``
 strategies stay available. Settings come from ``--conf`` (see conf.py). Started by ``hyper-dm-label`` or by
 ``monailabel start_server --app <app folder>`` (docs/monailabel.md).
@@ -28,7 +29,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from .conf import LabelConf, RequestError
-from .infer import MODEL_NAMES, HyperDMInferTask, http_error
+from .infer import CALIBRATED, MODEL_NAMES, HyperDMInferTask, http_error
 from .safety import check_bind, server_host
 from .scoring import SCORE_KEY, EpistemicScoring
 from .service import ReconstructionService, lock_path
@@ -60,14 +61,16 @@ class HyperDMApp(MONAILabelApp):
     def init_infers(self) -> dict[str, HyperDMInferTask]:
         """The maps ``--conf models`` names: ``hyperdm`` (default) for all, or a comma list such as
         ``hyperdm_mean,hyperdm_eu``."""
+        served = self.service.model_names
         wanted = str(self.conf.get("models", "hyperdm"))
-        names = list(MODEL_NAMES.values()) if wanted in ("hyperdm", "all") else wanted.split(",")
-        unknown = sorted(set(names) - set(MODEL_NAMES.values()))
+        names = list(served.values()) if wanted in ("hyperdm", "all") else wanted.split(",")
+        unknown = sorted(set(names) - set(served.values()))
         if unknown:
-            raise ValueError(f"--conf models {wanted!r}: unknown {unknown}; use hyperdm (all maps) or a comma list "
-                             f"of {list(MODEL_NAMES.values())}")
-        return {model: HyperDMInferTask(self.service, output) for output, model in MODEL_NAMES.items()
-                if model in names}
+            missing = " (needs calibration.json beside the checkpoint, or --conf calibration)" \
+                if MODEL_NAMES[CALIBRATED] in unknown else ""
+            raise ValueError(f"--conf models {wanted!r}: unknown {unknown}{missing}; use hyperdm (all maps) or a "
+                             f"comma list of {list(served.values())}")
+        return {model: HyperDMInferTask(self.service, output) for output, model in served.items() if model in names}
 
     def init_scoring_methods(self) -> dict[str, EpistemicScoring]:
         return {SCORE_KEY: EpistemicScoring(self.service)}

@@ -4,6 +4,8 @@ Settings, all optional except ``ckpt``::
 
     ckpt        the trained HyperNetwork (``model.pt`` or a training checkpoint)
     config      a bundle overlay, e.g. bundle/configs/knee_singlecoil.yaml (default: CT, common.yaml alone)
+    calibration the calibration JSON (default: calibration.json beside ckpt, used if present): adds the
+                hyperdm_total_std_calibrated map and the input check of every reply
     input_mode  measured (default: a study is the sparse-view FBP volume / undersampled k-space) | simulate
     M, N, steps defaults of a request (4, 4 and the bundle's diffusion#ddim_steps)
     max_M, max_N, max_steps   the most a request may ask for (16, 16, 100)
@@ -52,6 +54,7 @@ class LabelConf:
 
     ckpt: str
     config: str | None = None
+    calibration: str | None = None
     input_mode: str = "measured"
     M: int = 4
     N: int = 4

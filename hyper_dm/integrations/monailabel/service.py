@@ -22,21 +22,25 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
-from monai.data import MetaTensor
 
 from ...data.validation import BadInputError
-from ...inference import HyperDM
+from ...inference import OUTPUTS, HyperDM
 from .conf import LabelConf, RequestError, Sampling
 
-__all__ = ["RETRY_AFTER_S", "ReconstructionService", "lock_path"]
+__all__ = ["CALIBRATED", "MODEL_NAMES", "RETRY_AFTER_S", "ReconstructionService", "lock_path"]
 
 logger = logging.getLogger("hyper_dm.monailabel")
 
 RETRY_AFTER_S = 30
 """Seconds a refused request is told to wait (the ``Retry-After`` header)."""
+CALIBRATED = "total_std_calibrated"
+"""The calibrated map, served where the model has a calibration."""
+MODEL_NAMES = {name: f"hyperdm_{name}" for name in (*OUTPUTS, CALIBRATED)}
+"""MONAI Label model name of each output map."""
 
 
 def lock_path(studies: str | os.PathLike) -> Path:
@@ -52,17 +56,20 @@ class ReconstructionService:
     def __init__(self, conf: LabelConf, lock_file: str | os.PathLike) -> None:
         self.conf = conf
         device = conf.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = HyperDM.from_bundle(conf.ckpt, conf.config, device=device)
+        self.model = HyperDM.from_bundle(conf.ckpt, conf.config, device=device, calibration=conf.calibration)
         self.task = str(self.model.data["task"])
         self.default_steps = int(self.model.parser.get_parsed_content("diffusion#ddim_steps"))
+        self.model_names = {output: name for output, name in MODEL_NAMES.items()
+                            if output != CALIBRATED or self.model.calibration is not None}
+        """The maps this model serves: MONAI Label model name of each."""
         self.lock = FileLock(str(lock_file))
-        self._last: tuple[tuple, dict[str, MetaTensor]] | None = None
+        self._last: tuple[tuple, dict[str, Any]] | None = None
 
     def reconstruct(self, path: str, sampling: Sampling, wait: bool = False, name: str | None = None
-                    ) -> tuple[dict[str, MetaTensor], bool]:
-        """``mean``/``eu``/``au``/``total`` ``[1, X, Y, Z]`` of the study at ``path`` and whether they came from the
-        kept last result. ``wait``: wait for a running reconstruction instead of refusing (429). ``name`` is how
-        errors call the study (default: the file name).
+                    ) -> tuple[dict[str, Any], bool]:
+        """:meth:`HyperDM.reconstruct` of the study at ``path`` (its maps ``[1, X, Y, Z]`` and ``input_check``) and
+        whether it came from the kept last result. ``wait``: wait for a running reconstruction instead of refusing
+        (429). ``name`` is how errors call the study (default: the file name).
 
         Raises :class:`RequestError`: 429 while another reconstruction runs, 422 for a file that is not a volume
         this model reconstructs.

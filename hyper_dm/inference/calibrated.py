@@ -1,0 +1,71 @@
+"""A fitted calibration applied to one reconstructed case, the same in every place that reconstructs.
+
+The bundle's inference workflow, :meth:`HyperDM.reconstruct` and the MONAI Label app all call
+:func:`apply_calibration`: it adds the calibrated std map, reads the measurement noise the calibration bins on,
+runs the input check, and warns (naming the case) when the input lies outside what the calibration saw.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..calibration import Calibration, input_departure
+from ..io import sha256_file
+from .reconstructor import VolumeReconstructor
+
+__all__ = ["apply_calibration", "load_calibration"]
+
+logger = logging.getLogger("hyper_dm.inference")
+
+
+def load_calibration(path: str | Path | None, checkpoint: str | Path | None = None) -> Calibration | None:
+    """The calibration at ``path`` (``None`` if ``path`` is ``None`` or absent, logged); a calibration fitted for
+    another checkpoint than ``checkpoint`` is used with a warning."""
+    if path is None or not Path(path).is_file():
+        logger.info("no calibration file%s: writing raw uncertainty maps only (fit one with the 'calibrate' run id)",
+                    f" at {path}" if path else "")
+        return None
+    calibration = Calibration.load(path)
+    if checkpoint and Path(checkpoint).is_file() and calibration.checkpoint_sha256 \
+            and calibration.checkpoint_sha256 != sha256_file(checkpoint):
+        logger.warning("%s was fitted for another checkpoint than %s; refit it with the 'calibrate' run id", path,
+                       checkpoint)
+    logger.info("calibrated std = scale x raw std, from %s: %s", path, calibration.describe())
+    return calibration
+
+
+def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor: VolumeReconstructor,
+                      calibration: Calibration | None) -> dict:
+    """Calibrate the reconstruction ``raw`` (``mean``, ``total``, ... ``[1, X, Y, Z]``, physical units) of ``case``
+    (:func:`~hyper_dm.inference.load_case`'s dict) in place, and say how far its input is from the calibration's.
+
+    With a calibration, ``raw`` gains ``total_std_calibrated`` (physical units, not squared): the raw total std
+    times the scale of each slice's noise bin. Returns ``noise_level`` ``[Z]`` (model units, what the network reads
+    from each slice), ``departure`` ``[Z]`` (:func:`~hyper_dm.calibration.input_departure`) and ``input_check``
+    (:meth:`Calibration.input_check`; ``None`` without a calibration that records departures).
+    """
+    name = case.get("case_id", "the volume")
+    noise = reconstructor.noise_levels(case["cond"], case["gain"], case["offset"])
+    departure = input_departure(case["cond"], raw["mean"], case["gain"])
+    if calibration is None:
+        return {"noise_level": noise, "departure": departure, "input_check": None}
+    raw["total_std_calibrated"] = calibration.scale_at(noise).float() * raw["total"].clamp_min(0).sqrt()
+    low, high = calibration.noise_range or (0.0, float("inf"))
+    if not low <= float(noise.median()) <= high:
+        logger.warning("case %s: its median measurement noise %.3g (model units) is outside the calibrated range "
+                       "%.3g-%.3g; its slices take the nearest noise bin's scale", name, float(noise.median()), low,
+                       high)
+    check = calibration.input_check(departure) if calibration.departures else None
+    if check is not None and check["input_unlike_calibration"]:
+        logger.warning("case %s: the reconstruction moved its input's coarse content further than on the "
+                       "calibration slices (median departure %.3g model units, calibrated up to %.3g; %d of %d "
+                       "slices at p <= %.3g): the input is unlike what the model was trained and calibrated on "
+                       "(another reconstruction pitch or kernel, photon starvation, metal?), and its uncertainty "
+                       "maps likely understate the error", name, check["input_departure_median"],
+                       calibration.departures[-1], check["slices_unlike_calibration"], departure.numel(),
+                       check["alpha"])
+    return {"noise_level": noise, "departure": departure, "input_check": check}

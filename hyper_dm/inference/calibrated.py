@@ -48,7 +48,7 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
     from each slice), ``departure`` ``[Z]`` (:func:`~hyper_dm.calibration.input_departure`) and ``input_check``
     (:meth:`Calibration.input_check`; ``None`` without a calibration that records departures).
     """
-    name = case.get("case_id", "the volume")
+    name = f"case {case['case_id']}" if "case_id" in case else "the volume"
     noise = reconstructor.noise_levels(case["cond"], case["gain"], case["offset"])
     departure = input_departure(case["cond"], raw["mean"], case["gain"])
     if calibration is None:
@@ -56,12 +56,12 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
     raw["total_std_calibrated"] = calibration.scale_at(noise).float() * raw["total"].clamp_min(0).sqrt()
     low, high = calibration.noise_range or (0.0, float("inf"))
     if not low <= float(noise.median()) <= high:
-        logger.warning("case %s: its median measurement noise %.3g (model units) is outside the calibrated range "
+        logger.warning("%s: its median measurement noise %.3g (model units) is outside the calibrated range "
                        "%.3g-%.3g; its slices take the nearest noise bin's scale", name, float(noise.median()), low,
                        high)
     check = calibration.input_check(departure) if calibration.departures else None
     if check is not None and check["input_unlike_calibration"]:
-        logger.warning("case %s: the reconstruction moved its input's coarse content further than on the "
+        logger.warning("%s: the reconstruction moved its input's coarse content further than on the "
                        "calibration slices (median departure %.3g model units, calibrated up to %.3g; %d of %d "
                        "slices at p <= %.3g): the input is unlike what the model was trained and calibrated on "
                        "(another reconstruction pitch or kernel, photon starvation, metal?), and its uncertainty "

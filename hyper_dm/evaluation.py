@@ -177,7 +177,7 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
     """``report.md`` / ``report.json`` and their PNG plots in ``out`` (one section per measurement setting),
     from :func:`evaluate`'s ``results`` on ``data``; ``command`` is how the figures were made (quoted in the report),
     ``label`` a line on the model and its training budget. Every file is written atomically. Returns report.md."""
-    out = Path(out)
+    out, data = Path(out), resolve_data_config(data)
     out.mkdir(parents=True, exist_ok=True)
     rows, reliab, sparsity, ood, noise = (results[k] for k in ("rows", "reliability", "sparsity", "ood", "noise"))
     ct = data["task"] == "ct"
@@ -222,7 +222,8 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                                   for name in ("input", "mean", "eu", "au")])
     fmt = (lambda v: f"{v:.1f}") if ct else (lambda v: f"{v:.3g}")  # noqa: E731
     input_name = "FBP" if ct else "zero-filled"
-    physics = (f"{data['n_views']} views, i0 {data['i0']:.0e}" if ct else
+    pitch = "the series' own pitch" if data["fbp_pitch"] == "source" else "the model grid"
+    physics = (f"{data['n_views']} views, i0 {data['i0']:.0e} per detector bin, FBP made on {pitch}" if ct else
                f"{data['mask_type']} masks, " + ", ".join(f"{k} (center {v['center_fractions'][0]})"
                                                                for k, v in MRI_ACCELERATIONS.items()))
     text = [f"# Hyper-DM evaluation: {'sparse-view CT' if ct else 'accelerated single-coil knee MRI'}", "",

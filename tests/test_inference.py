@@ -108,6 +108,24 @@ def test_find_cases_in_files_folders_datalists_and_dicom(tmp_path, luna):
         find_cases(tmp_path / "missing.nii.gz", "ct")
 
 
+def test_calibration_covers_each_fbp_pitch_asked_for(luna):
+    """``inference_cfg#calibration_fbp_pitches``: the calibration set holds the validation cases once per photon
+    count and FBP pitch, the source-pitch FBPs on the series' own grid (the reconstructor averages them down)."""
+    from hyper_dm.inference import calibration_dataset
+
+    data = resolve_data_config({**DATA, "dataset_dir": str(luna)})
+    one = calibration_dataset(data, [1e5, 1e3])
+    both = calibration_dataset(data, [1e5, 1e3], fbp_pitches=["model", "source"])
+    assert len(both) == 2 * len(one) > 0
+    ids = [d.data[0]["case_id"] for d in both.datasets]
+    assert ids[0].endswith("_i0100000_model_pitch") and ids[-1].endswith("_i01000_source_pitch"), ids
+    model_pitch, source_pitch = both[0], both[len(both) - 1]
+    assert model_pitch["cond"].shape[1:3] == (32, 32)
+    assert source_pitch["cond"].shape[1:3] == source_pitch["volume"].shape[1:3] == (96, 96)
+    with pytest.raises(ValueError, match="fbp_pitch must be one of"):
+        calibration_dataset(data, [1e5], fbp_pitches=["native"])
+
+
 def test_ct_volume_keeps_its_geometry_through_orientation_and_back(tmp_path, luna):
     source = sorted(luna.rglob("*.mhd"))[0]
     nifti = oblique_nifti(source, tmp_path / "oblique.nii.gz")

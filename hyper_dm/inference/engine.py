@@ -260,17 +260,22 @@ def run_inference(evaluator: VolumeEvaluator, writer: CaseWriter | None = None) 
     return skipped
 
 
-def calibration_dataset(data: Mapping, noise_levels: Sequence[float], on_bad_file: str = "raise") -> ConcatDataset:
+def calibration_dataset(data: Mapping, noise_levels: Sequence[float], on_bad_file: str = "raise",
+                        fbp_pitches: Sequence[str] | None = None) -> ConcatDataset:
     """The validation split simulated at each measurement noise level (CT: photon count ``i0``; MRI: k-space noise
-    std ``kspace_noise``), as :class:`CaseDataset` s one after the other; case ids get the level as a suffix."""
+    std ``kspace_noise``) and, for CT, with its FBPs made at each of ``fbp_pitches`` (default: ``data#fbp_pitch``
+    alone), as :class:`CaseDataset` s one after the other; case ids get the level (and pitch) as a suffix."""
     data = resolve_data_config(data)
     key = MEASUREMENT_NOISE[data["task"]][0]
     if not noise_levels:
         raise ValueError(f"inference_cfg#calibration_noise_levels: give at least one {key} value, got {noise_levels}")
+    pitches = [data["fbp_pitch"]] if data["task"] != "ct" or not fbp_pitches else list(fbp_pitches)
+    settings = [resolve_data_config({**data, key: level, "fbp_pitch": pitch})
+                for pitch in pitches for level in noise_levels]
     cases = build_datalist(data)["validation"]
-    return ConcatDataset([CaseDataset([{"image": c["image"], "case_id": f"{c['case_id']}_{key}{level:g}"}
-                                       for c in cases], {**data, key: level}, "simulate", on_bad_file)
-                          for level in noise_levels])
+    suffix = lambda s: f"_{key}{s[key]:g}" + (f"_{s['fbp_pitch']}_pitch" if len(pitches) > 1 else "")  # noqa: E731
+    return ConcatDataset([CaseDataset([{"image": c["image"], "case_id": c["case_id"] + suffix(s)} for c in cases],
+                                      s, "simulate", on_bad_file) for s in settings])
 
 
 class CalibrationFitter:

@@ -106,8 +106,9 @@ def ct_table(model: HyperDM, recon, entry: dict, calibration: Calibration | None
     print(f"| --- | --- | --- | --- | --- |{check[1]}")
     for i0 in MEASUREMENT_NOISE["ct"][1]:
         data = {**model.data, "i0": i0, "noise": "poisson"}
-        case = load_case(entry, data, "simulate", int(model.data["img_size"]))
-        at_source_pitch = load_case(entry, {**data, "fbp_pitch": "source"}, "simulate", 0)["cond"][..., ::every]
+        grid = int(model.data["img_size"])
+        case = load_case(entry, data, "simulate", grid)
+        at_source_pitch = load_case(entry, {**data, "fbp_pitch": "source"}, "simulate", grid)["cond"][..., ::every]
         case = {**case, **{k: case[k][..., ::every] for k in ("cond", "label", "gain", "offset")}}
         label = slices(case["label"])
         size = tuple(label.shape[-2:])

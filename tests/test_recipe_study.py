@@ -81,4 +81,3 @@ def test_estimator_study_compares_common_and_independent_draw_noise(recipes, tmp
     assert all("eu_object_over_body" in r for r in rows if r["input"] == "object")
     au = {(r["input"], r["noise"], r["N"]): r["mean_au_hu2"] for r in rows}
     assert au[("object", "common", 6)] != au[("object", "independent", 6)]  # other noise, other draws
-

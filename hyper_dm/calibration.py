@@ -18,18 +18,20 @@ a photon-starved scan, metal), and then the maps understate the error however th
 therefore also keeps the :func:`input_departure` of every calibration slice: how far the reconstruction moved the
 coarse content of its input. A new slice's conformal p-value (:meth:`Calibration.departure_p`) is the fraction of
 calibration slices that departed at least as far; an in-distribution slice gets ``p <= alpha`` with probability at
-most ``alpha``.
+most ``alpha``. With noise bins the reference is the slice's own bin: a photon-starved scan legitimately moves
+further than a clean one, and a clean slice that moves as far as a starved one is unlike the calibration data.
 
 Example::
 
     >>> calibration = fit_calibration(residuals, noise_levels, bins=3, departures=departures)  # [Z, P], [Z], [Z]
     >>> calibration.save("bundle/models/calibration.json")
     >>> std = calibration.scale_at(noise) * total.sqrt()          # noise [Z]: calibrated std [1, X, Y, Z]
-    >>> p = calibration.departure_p(input_departure(cond, mean, gain))  # [Z]: small where unlike calibration
+    >>> p = calibration.departure_p(input_departure(cond, mean, gain), noise)  # [Z]: small where unlike calibration
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections.abc import Sequence
@@ -90,7 +92,8 @@ class Calibration:
 
     ``scales``: over all slices. ``noise_scales``: the same per noise bin (empty: one bin), the bins split at
     ``noise_edges`` (ascending, model units); ``noise_range``: the lowest and highest noise level calibrated on.
-    ``departures``: the :func:`input_departure` of every calibration slice, ascending (empty: not recorded).
+    ``departures``: the :func:`input_departure` of every calibration slice, ascending (empty: not recorded);
+    ``noise_departures``: the same per noise bin (empty: one reference for all slices).
     """
 
     scales: dict[str, float]
@@ -103,11 +106,16 @@ class Calibration:
     noise_scales: list[dict[str, float]] = field(default_factory=list)
     noise_range: list[float] = field(default_factory=list)
     departures: list[float] = field(default_factory=list)
+    noise_departures: list[list[float]] = field(default_factory=list)
 
     @property
     def scale(self) -> float:
         """The std multiplier of ``reference_level`` over all slices."""
         return self.scales[str(self.reference_level)]
+
+    def _bins(self, noise_level: torch.Tensor) -> torch.Tensor:
+        """The noise bin of each slice of noise level ``[Z]`` (model units): ``[Z]`` int64."""
+        return torch.bucketize(noise_level.double(), torch.tensor(self.noise_edges, dtype=torch.float64))
 
     def scale_at(self, noise_level: torch.Tensor | None, level: float | None = None) -> torch.Tensor:
         """Std multipliers of ``level`` (default ``reference_level``) for slices of noise level ``[Z]`` (model
@@ -116,24 +124,34 @@ class Calibration:
         key = str(self.reference_level if level is None else level)
         if not self.noise_scales or noise_level is None:
             return torch.tensor(self.scales[key], dtype=torch.float64)
-        bins = torch.bucketize(noise_level.double(), torch.tensor(self.noise_edges, dtype=torch.float64))
-        return torch.tensor([s[key] for s in self.noise_scales], dtype=torch.float64)[bins]
+        return torch.tensor([s[key] for s in self.noise_scales], dtype=torch.float64)[self._bins(noise_level)]
 
-    def departure_p(self, departure: torch.Tensor) -> torch.Tensor:
-        """Conformal p-values ``[Z]`` of slices' :func:`input_departure` ``[Z]``: ``(1 + #{calibration slices that
-        departed at least as far}) / (n + 1)``; small where the input is unlike every calibration slice."""
+    def _departure_references(self, noise_level: torch.Tensor | None, z: int) -> list[list[float]]:
+        """The calibration departures each of ``z`` slices is compared with: its noise bin's, where recorded."""
         if not self.departures:
             raise ValueError("this calibration holds no input departures; refit it with the 'calibrate' run id")
-        reference = torch.tensor(self.departures, dtype=torch.float64)
-        below = torch.searchsorted(reference, departure.double(), right=False)
-        return (1 + reference.numel() - below).double() / (reference.numel() + 1)
+        if not self.noise_departures or noise_level is None:
+            return [self.departures] * z
+        return [self.noise_departures[b] or self.departures for b in self._bins(noise_level).tolist()]
 
-    def input_check(self, departure: torch.Tensor, alpha: float = INPUT_CHECK_ALPHA) -> dict:
-        """The input check of a case from its slices' :func:`input_departure` ``[Z]``: slices at ``p <= alpha`` (or,
-        with fewer than ``1 / alpha - 1`` calibration slices, beyond all of them) are flagged, and the case is
-        ``input_unlike_calibration`` when its median slice is."""
-        p = self.departure_p(departure)
-        alpha = max(alpha, 1 / (len(self.departures) + 1))
+    def departure_p(self, departure: torch.Tensor, noise_level: torch.Tensor | None = None) -> torch.Tensor:
+        """Conformal p-values ``[Z]`` of slices' :func:`input_departure` ``[Z]``: ``(1 + #{calibration slices that
+        departed at least as far}) / (n + 1)``, among the calibration slices of each slice's noise bin where
+        ``noise_level [Z]`` is given and the bins' departures are recorded; small where unlike calibration."""
+        references = self._departure_references(noise_level, departure.numel())
+        return torch.tensor([(1 + len(r) - bisect.bisect_left(r, d)) / (len(r) + 1)
+                             for r, d in zip(references, departure.double().tolist(), strict=True)],
+                            dtype=torch.float64)
+
+    def input_check(self, departure: torch.Tensor, noise_level: torch.Tensor | None = None,
+                    alpha: float = INPUT_CHECK_ALPHA) -> dict:
+        """The input check of a case from its slices' :func:`input_departure` ``[Z]`` and noise levels ``[Z]``
+        (see :meth:`departure_p`): slices at ``p <= alpha`` (or, with fewer than ``1 / alpha - 1`` reference
+        slices, beyond all of them) are flagged, and the case is ``input_unlike_calibration`` when its median slice
+        is."""
+        p = self.departure_p(departure, noise_level)
+        fewest = min(len(r) for r in self._departure_references(noise_level, departure.numel()))
+        alpha = max(alpha, 1 / (fewest + 1))
         flagged = (p <= alpha).nonzero().flatten().tolist()
         return {"input_departure_median": float(departure.median()), "input_departure_p": float(p.median()),
                 "input_unlike_calibration": bool(p.median() <= alpha), "slices_unlike_calibration": len(flagged),
@@ -171,6 +189,9 @@ class Calibration:
             if calibration.noise_scales and len(calibration.noise_scales) != len(calibration.noise_edges) + 1:
                 raise ValueError(f"{len(calibration.noise_scales)} noise bins but {len(calibration.noise_edges)} "
                                  "edges (expected one edge fewer than bins)")
+            if calibration.noise_departures and len(calibration.noise_departures) != len(calibration.noise_scales):
+                raise ValueError(f"{len(calibration.noise_departures)} noise bins of input departures but "
+                                 f"{len(calibration.noise_scales)} of scales")
         except (OSError, TypeError, KeyError, ValueError) as e:
             raise ValueError(f"{path}: not a usable Hyper-DM calibration file ({e}); refit it with the 'calibrate' "
                              "run id or set inference_cfg#calibration to null") from e
@@ -195,9 +216,10 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
     raw = {str(level): float((r <= _z(level)).double().mean()) for level in levels}
     calibration = Calibration(scales=_scales(r, levels), n_pixels=r.numel(), n_cases=len(residuals),
                               checkpoint_sha256=checkpoint_sha256, reference_level=reference_level, raw_coverage=raw)
-    if departures:
-        ordered = torch.cat([d.double().flatten() for d in departures]).sort().values
-        calibration.departures = [float(f"{d:.4g}") for d in ordered.tolist()]
+    rounded = lambda d: [float(f"{x:.4g}") for x in d.sort().values.tolist()]  # noqa: E731
+    departure = torch.cat([d.double().flatten() for d in departures]) if departures else None
+    if departure is not None:
+        calibration.departures = rounded(departure)
     if bins > 1:
         noise = torch.cat([n.double().flatten() for n in noise_levels])
         order = noise.argsort()
@@ -209,4 +231,8 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
         calibration.noise_scales = [_scales(torch.cat([per_slice[i] for i in m]).sort().values, levels) if m
                                     else dict(calibration.scales) for m in members]  # a bin of ties only: overall
         calibration.noise_range = [float(noise.min()), float(noise.max())]
+        if departure is not None:
+            if departure.numel() != noise.numel():
+                raise ValueError(f"{departure.numel()} input departures for {noise.numel()} slices' noise levels")
+            calibration.noise_departures = [rounded(departure[m]) for m in members]
     return calibration

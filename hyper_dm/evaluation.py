@@ -33,7 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .calibration import Calibration, input_departure
-from .data import build_datalist, resolve_data_config
+from .data import resolve_data_config, split_cases
 from .data.config import MEASUREMENT_NOISE
 from .data.synthetic import insert_bright_lesion, insert_dense_disc
 from .inference import VolumeReconstructor, case_metrics, load_case
@@ -102,19 +102,19 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
     noise_key, noise_levels = MEASUREMENT_NOISE[data["task"]]
     run = reconstructor.reconstruct_case
     checks = calibration is not None and bool(calibration.departures)
+    noise_of = lambda case: reconstructor.noise_levels(case["cond"], case["gain"], case["offset"])  # noqa: E731
 
     def flagged(case: dict, raw: dict) -> dict:
         """The slices the input check flags, as inference reports them (``{}`` without departures)."""
         if not checks:
             return {}
-        check = calibration.input_check(input_departure(case["cond"], raw["mean"], case["gain"]))
+        check = calibration.input_check(input_departure(case["cond"], raw["mean"], case["gain"]), noise_of(case))
         return {"slices_flagged": check["slices_unlike_calibration"], "slices": int(raw["mean"].shape[-1]),
                 "check_alpha": check["alpha"]}
 
-    noise_of = lambda case: reconstructor.noise_levels(case["cond"], case["gain"], case["offset"])  # noqa: E731
     rows, reliab, sparsity, ood, noise, timings = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for entry in build_datalist(data)["test"][:cases]:
+        for entry in split_cases(data, "test")[:cases]:
             entry = {"image": entry["image"], "case_id": entry["case_id"]}
             for setting, overrides in settings.items():
                 setting_data = {**data, **overrides}

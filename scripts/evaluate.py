@@ -13,14 +13,15 @@ import sys
 
 from hyper_dm.config import parse_overrides
 from hyper_dm.evaluation import evaluate, write_report
-from hyper_dm.inference import HyperDM, load_calibration
+from hyper_dm.inference import HyperDM
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--config", help="a task overlay (e.g. bundle/configs/ct_luna16.yaml)")
-    parser.add_argument("--calibration", help="calibration.json fitted by the 'calibrate' run id")
+    parser.add_argument("--calibration", help="calibration.json fitted by the 'calibrate' run id (default: the one "
+                                              "beside --ckpt, if there is one)")
     parser.add_argument("--out", default="docs")
     parser.add_argument("--M", type=int, default=4)
     parser.add_argument("--N", type=int, default=4)
@@ -29,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=None, help="evaluate the first K test cases (default: all)")
     parser.add_argument("overrides", nargs="*", help="key.subkey=value, e.g. data.dataset_dir=/data/LUNA16")
     args = parser.parse_args(argv)
-    model = HyperDM.from_bundle(args.ckpt, config=args.config, **parse_overrides(args.overrides))
-    results = evaluate(model.reconstructor(args.M, args.N, args.steps), model.data,
-                       load_calibration(args.calibration, args.ckpt), args.cases)
+    model = HyperDM.from_bundle(args.ckpt, config=args.config, calibration=args.calibration,
+                                **parse_overrides(args.overrides))
+    results = evaluate(model.reconstructor(args.M, args.N, args.steps), model.data, model.calibration, args.cases)
     command = " ".join(["python scripts/evaluate.py", f"--ckpt {args.ckpt}",
                         *([f"--config {args.config}"] if args.config else []),
                         *([f"--calibration {args.calibration}"] if args.calibration else []),

@@ -90,8 +90,9 @@ def calibrated(calibration: Calibration | None, recon, cond: torch.Tensor, grid:
         return ""
     gain = case["gain"].view(-1, 1, 1, 1)
     mean = (grid["mean"] * gain + case["offset"].view(-1, 1, 1, 1))[:, 0].permute(1, 2, 0)[None]
-    check = calibration.input_check(input_departure(cond, mean, case["gain"]))
-    scale = calibration.scale_at(recon.noise_levels(cond, case["gain"], case["offset"])).float().view(-1, 1, 1, 1)
+    noise = recon.noise_levels(cond, case["gain"], case["offset"])
+    check = calibration.input_check(input_departure(cond, mean, case["gain"]), noise)
+    scale = calibration.scale_at(noise).float().view(-1, 1, 1, 1)
     variance = resize_slices(grid["total"], tuple(label.shape[-2:])) * (gain * scale) ** 2
     covered = gaussian_coverage(upsampled(grid["mean"], case, tuple(label.shape[-2:]), "bicubic"), variance, label,
                                 [0.9])[0.9]

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from hyper_dm.data import (
+    BadInputError,
     build_datalist,
     build_dataset,
     physical_map,
     resolve_data_config,
+    split_cases,
     to_hu,
     to_magnitude,
 )
@@ -61,6 +63,22 @@ def test_hash_split_is_stable_when_files_come_and_go(tmp_path):
     written = tmp_path / "lists" / "mine.json"
     build_datalist(data, write_to=written)
     assert sum(len(v) for v in read_datalist(written).values()) == 11
+
+
+def test_an_empty_split_is_refused_naming_the_key(tmp_path):
+    """One series, all of it for training: asking for validation or test cases names the folder and the key."""
+    write_luna16_like(tmp_path, n_series=1, seed=3, size_xy=16, n_slices=(1, 1))
+    (tmp_path / "datalist.json").unlink()
+    data = {"task": "ct", "dataset_dir": str(tmp_path), "img_size": 16, "train_frac": 1.0, "val_frac": 0.0}
+    assert len(split_cases(data, "training")) == 1
+    with pytest.raises(BadInputError, match=r"no validation cases \(1 training, 0 validation, 0 test\).*data#val_frac"):
+        build_dataset(data, "validation")
+    with pytest.raises(BadInputError, match=r"no test cases.*data#train_frac \+ data#val_frac") as error:
+        split_cases(data, "test")
+    assert error.value.path == tmp_path
+    build_datalist(data, write_to=tmp_path / "datalist.json")  # a datalist with an empty split: its own advice
+    with pytest.raises(BadInputError, match="datalist.json lists none there"):
+        split_cases(data, "validation")
 
 
 def test_ct_samples(ct_data):

@@ -399,6 +399,26 @@ def test_input_departure_passes_noise_sees_a_shift_and_gets_a_conformal_p_value(
         older.departure_p(probe)
 
 
+def test_input_check_compares_a_slice_with_the_calibration_slices_of_its_noise_bin(tmp_path):
+    """Noisy slices legitimately move their input further: a quiet slice that moves as far as a noisy one is
+    flagged against the quiet bin's departures, though the pooled departures would pass it."""
+    from hyper_dm.calibration import Calibration, fit_calibration
+
+    noise = torch.tensor([0.01] * 20 + [0.1] * 20)  # model units: 20 quiet, 20 noisy calibration slices
+    departures = torch.cat([torch.linspace(0.01, 0.05, 20), torch.linspace(0.1, 0.5, 20)])
+    calibration = fit_calibration([torch.ones(40, 10)], [noise], bins=2, departures=[departures])
+    assert len(calibration.noise_departures) == 2 and calibration.noise_departures[0][-1] == 0.05
+    quiet, moved = torch.tensor([0.01, 0.01, 0.01]), torch.tensor([0.03, 0.3, 0.3])
+    pooled = calibration.input_check(moved)
+    assert pooled["slices_unlike_calibration"] == 0 and pooled["alpha"] == pytest.approx(1 / 41)
+    binned = Calibration.load(calibration.save(tmp_path / "c.json")).input_check(moved, quiet)
+    assert binned["flagged_slices"] == [1, 2] and binned["input_unlike_calibration"]
+    assert binned["alpha"] == pytest.approx(1 / 21)
+    noisy = calibration.input_check(moved, torch.full((3,), 0.1))  # in the noisy bin 0.3 is ordinary
+    assert noisy["slices_unlike_calibration"] == 0 and noisy["input_departure_p"] > 0.5
+    assert calibration.departure_p(moved, quiet).tolist() == pytest.approx([11 / 21, 1 / 21, 1 / 21])
+
+
 def test_noise_binned_calibration_covers_every_noise_level_where_one_scale_cannot(tmp_path):
     """Slices at three noise levels whose true error is 2x, 4x and 8x the predicted std: one global scale
     over-covers the quiet slices and under-covers the noisy ones; one scale per noise bin reaches 90% at each."""
@@ -471,16 +491,20 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     # the input check: the calibration keeps every slice's departure; the benchmark's own input passes it
     departures = fitted["departures"]
     assert len(departures) > 3 and len(departures) % 3 == 0 and departures == sorted(departures) and departures[0] > 0
+    by_bin = fitted["noise_departures"]  # the same slices, per noise bin
+    assert len(by_bin) == 3 and sorted(sum(by_bin, [])) == departures
     manifest = json.loads((case / f"{case.name}_manifest.json").read_text())
     assert metrics["input_unlike_calibration"] is False and metrics["input_departure_p"] > 0.01
     assert manifest["input_check"]["slices_unlike_calibration"] == len(manifest["input_check"]["flagged_slices"])
     # a calibration whose inputs the model followed ten times closer: every slice of the same input departs further
     fitted["departures"] = [d / 10 for d in departures]
+    fitted["noise_departures"] = [[d / 10 for d in b] for b in by_bin]
     (tmp_path / "calibration.json").write_text(json.dumps(fitted))
     run = bundle_inference(*common, "--inference_cfg#outdir", str(tmp_path / "again"))
     assert run.returncode == 0, run.stderr[-3000:]
     check = json.loads((tmp_path / "again" / case.name / f"{case.name}_manifest.json").read_text())["input_check"]
-    assert check["input_unlike_calibration"] is True and check["input_departure_p"] == 1 / (len(departures) + 1)
+    assert check["input_unlike_calibration"] is True
+    assert check["input_departure_p"] in {1 / (len(b) + 1) for b in by_bin}
     assert check["flagged_slices"] == list(range(total.shape[-1]))
     assert f"case {case.name}: the reconstruction moved its input's coarse content further" in run.stdout + run.stderr
 

@@ -2,6 +2,7 @@
 
 - :func:`build_datalist`: case-level entries (a CT series or an MRI file) split into ``training`` /
   ``validation`` / ``test`` by patient, never by slice: the folder's ``datalist.json`` or a hash of the patient id.
+- :func:`split_cases`: one split's cases, refused with the keys to change when it has none.
 - :func:`build_dataset`: per-slice samples through the MONAI chains of :mod:`.transforms`, cached.
 
 A sample is a dict::
@@ -38,9 +39,9 @@ from . import fastmri_knee, luna16
 from .config import dataset_root, resolve_data_config
 from .datalist import DATALIST_NAME, SPLITS, read_datalist, split_of, write_datalist
 from .transforms import ct_transforms, mri_transforms, stable_seed
-from .validation import BadFileLog
+from .validation import BadFileLog, BadInputError
 
-__all__ = ["SPLITS", "build_datalist", "build_dataset", "physics_key", "slice_entries"]
+__all__ = ["SPLITS", "build_datalist", "build_dataset", "physics_key", "slice_entries", "split_cases"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,30 @@ def build_datalist(data: Mapping, bad_files: BadFileLog | None = None, write_to:
     return datalist
 
 
+_SPLIT_KEYS = {"training": "data#train_frac", "validation": "data#val_frac",
+               "test": "data#train_frac + data#val_frac (the test split gets the rest)"}
+
+
+def split_cases(data: Mapping, split: str) -> list[dict]:
+    """The cases of ``split`` (:func:`build_datalist`'s entries); a split with none is a
+    :class:`~.validation.BadInputError` naming the dataset folder and what decides the split."""
+    if split not in SPLITS:
+        raise KeyError(f"split must be one of {SPLITS}, got {split!r}")
+    cfg = resolve_data_config(data)
+    datalist = build_datalist(cfg)
+    if datalist[split]:
+        return datalist[split]
+    root = dataset_root(cfg)
+    counts = ", ".join(f"{len(v)} {k}" for k, v in datalist.items())
+    if (root / DATALIST_NAME).is_file():
+        fix = f"its {DATALIST_NAME} lists none there: add some, or remove the file to split by patient"
+    else:
+        fix = (f"each patient goes to one split by data#split_seed ({cfg['split_seed']}), data#train_frac "
+               f"({cfg['train_frac']}) and data#val_frac ({cfg['val_frac']}): change {_SPLIT_KEYS[split]}, or add "
+               "series")
+    raise BadInputError(root, f"no {split} cases ({counts}); {fix}")
+
+
 def slice_entries(cases: list[dict], data: Mapping) -> list[dict]:
     """Per-slice items of ``cases`` in case then slice order, with the physics ``seed`` of each.
 
@@ -124,10 +149,8 @@ def build_dataset(data: Mapping, split: str) -> Dataset:
     (``monai.data.CacheDataset``, filled when the dataset is built); otherwise ``monai.data.PersistentDataset`` under
     ``<cache_dir>/<task>-<split>-<physics_key>``, so changing any physics parameter starts a new cache.
     """
-    if split not in SPLITS:
-        raise KeyError(f"split must be one of {SPLITS}, got {split!r}")
     cfg = resolve_data_config(data)
-    items = slice_entries(build_datalist(cfg)[split], cfg)
+    items = slice_entries(split_cases(cfg, split), cfg)
     transform = (ct_transforms if cfg["task"] == "ct" else mri_transforms)(cfg, train=split == "training")
     if cfg["cache_dir"] is None:
         return CacheDataset(items, transform, num_workers=int(cfg["cache_workers"]), progress=False)

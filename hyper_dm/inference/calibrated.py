@@ -59,7 +59,7 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
         logger.warning("%s: its median measurement noise %.3g (model units) is outside the calibrated range "
                        "%.3g-%.3g; its slices take the nearest noise bin's scale", name, float(noise.median()), low,
                        high)
-    check = calibration.input_check(departure) if calibration.departures else None
+    check = calibration.input_check(departure, noise) if calibration.departures else None
     if check is not None and check["input_unlike_calibration"]:
         logger.warning("%s: the reconstruction moved its input's coarse content further than on the "
                        "calibration slices (median departure %.3g model units, calibrated up to %.3g; %d of %d "

@@ -24,7 +24,7 @@ from torch.utils.data import ConcatDataset
 
 from ..calibration import LEVELS, Calibration, fit_calibration, standardised_residuals
 from ..data.config import MEASUREMENT_NOISE, resolve_data_config
-from ..data.datasets import build_datalist
+from ..data.datasets import split_cases
 from ..data.validation import BadFileLog, BadInputError
 from ..engines.distributed import from_rank0, gather, rank_and_world
 from ..engines.writer import CaseWriter
@@ -48,7 +48,7 @@ def input_entries(data: Mapping, source: str | None) -> list[dict]:
     ``data#dataset_dir``."""
     data = resolve_data_config(data)
     if source is None:
-        return [{"image": c["image"], "case_id": c["case_id"]} for c in build_datalist(data)["test"]]
+        return [{"image": c["image"], "case_id": c["case_id"]} for c in split_cases(data, "test")]
     return find_cases(source, data["task"])
 
 
@@ -272,7 +272,7 @@ def calibration_dataset(data: Mapping, noise_levels: Sequence[float], on_bad_fil
     pitches = [data["fbp_pitch"]] if data["task"] != "ct" or not fbp_pitches else list(fbp_pitches)
     settings = [resolve_data_config({**data, key: level, "fbp_pitch": pitch})
                 for pitch in pitches for level in noise_levels]
-    cases = build_datalist(data)["validation"]
+    cases = split_cases(data, "validation")
     suffix = lambda s: f"_{key}{s[key]:g}" + (f"_{s['fbp_pitch']}_pitch" if len(pitches) > 1 else "")  # noqa: E731
     return ConcatDataset([CaseDataset([{"image": c["image"], "case_id": c["case_id"] + suffix(s)} for c in cases],
                                       s, "simulate", on_bad_file) for s in settings])

@@ -12,10 +12,11 @@ Three steps; the last two run on a GPU where one is available (they need torch a
 validation slices (for the conformal scale), test slices at the three photon counts of ``hyper_dm.evaluation``,
 and the test slices with an unfamiliar object (``hyper_dm.data.synthetic.insert_dense_disc``) with its mask.
 
-``train`` trains one recipe (:data:`RECIPES`) for a wall-clock budget under a cosine learning-rate schedule over
-that budget, records EU on the unfamiliar object at five points of the run, and writes ``<recipe>.json`` (figures)
-and ``<recipe>.pt`` (HyperNetwork state). ``report`` tabulates every run and the deep-ensemble baseline (the
-members ``v_quadratic``, ``v_quadratic_s1``, ... : EU is the spread across members, one weight set each).
+``train`` trains one recipe (:data:`RECIPES`) for a wall-clock budget (or ``--max_steps``, which makes runs sharing
+the cores comparable) under a cosine learning-rate schedule over that budget, records EU on the unfamiliar object
+at five points of the run, and writes ``<recipe>.json`` (figures) and ``<recipe>.pt`` (HyperNetwork state).
+``report`` tabulates every run and the deep-ensemble baseline (the members ``v_quadratic``, ``v_quadratic_s1``,
+... : EU is the spread across members, one weight set each).
 ``ablation`` evaluates one trained recipe over M and N in {2, 4, 8, 16}; ``estimator`` measures how the draw noise
 enters EU (common against independent noise per weight set). The recipe ``regression`` is the
 deterministic baseline: the same backbone and HyperNetwork (one weight set) trained by plain MSE from the FBP
@@ -216,11 +217,13 @@ def train(args: argparse.Namespace) -> None:
         step, elapsed, curve, track = state["step"], state["elapsed"], state["curve"], state["track"]
         print(f"{args.recipe}: resumed {state_path} at step {step} ({elapsed / 60:.1f} of {args.minutes} min)")
     start = time.perf_counter() - elapsed
-    checkpoints = [t for k in range(1, args.track_points + 1) if (t := budget * k / args.track_points) > elapsed]
+    # the fraction of the budget spent: of the steps where --max_steps is given, else of the minutes
+    spent = (lambda: step / args.max_steps) if args.max_steps else (lambda: (time.perf_counter() - start) / budget)
+    checkpoints = [f for k in range(1, args.track_points + 1) if (f := k / args.track_points) > spent()]
     saved = time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < budget:
+    while time.perf_counter() - start < budget and spent() < 1:
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
+            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * spent()))
         idx = torch.randint(0, targets.shape[0], (args.batch,), generator=generator, device=device)
         real = torch.randint(0, conds.shape[0], (args.batch,), generator=generator, device=device)
         target, cond = targets[idx], conds[real, idx]
@@ -235,7 +238,7 @@ def train(args: argparse.Namespace) -> None:
         optimizer.step()
         curve.append(terms["mse"].item())
         step += 1
-        if checkpoints and time.perf_counter() - start >= checkpoints[0]:
+        if checkpoints and spent() >= checkpoints[0]:
             checkpoints.pop(0)
             if not recipe.get("regression") and "ood" in study:
                 track.append({"minutes": round((time.perf_counter() - start) / 60, 2), "step": step,
@@ -251,7 +254,8 @@ def train(args: argparse.Namespace) -> None:
     with atomic_write(out / f"{args.recipe}.pt") as tmp:
         torch.save(hyper.state_dict(), tmp)
     mse = [sum(curve[i:i + 100]) / len(curve[i:i + 100]) for i in range(0, len(curve), 100)]
-    run = {"recipe": args.recipe, "settings": recipe, "steps": step, "batch": args.batch, "minutes": args.minutes,
+    minutes = round((time.perf_counter() - start) / 60, 1)
+    run = {"recipe": args.recipe, "settings": recipe, "steps": step, "batch": args.batch, "minutes": minutes,
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "mse_per_100_steps": mse,
            "track": track}
     (out / f"{args.recipe}.run.json").write_text(json.dumps(run, indent=1))  # survives a cut evaluation
@@ -571,6 +575,7 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
         if name == "train":
             p.add_argument("--minutes", type=float, default=5.0)
+            p.add_argument("--max_steps", type=int, default=0, help="a step budget (the minutes still cap the run)")
             p.add_argument("--batch", type=int, default=32)
             p.add_argument("--lr", type=float, default=1e-3)
             p.add_argument("--track_slices", type=int, default=8)

@@ -81,3 +81,14 @@ def test_estimator_study_compares_common_and_independent_draw_noise(recipes, tmp
     assert all("eu_object_over_body" in r for r in rows if r["input"] == "object")
     au = {(r["input"], r["noise"], r["N"]): r["mean_au_hu2"] for r in rows}
     assert au[("object", "common", 6)] != au[("object", "independent", 6)]  # other noise, other draws
+
+
+def test_a_step_budget_stops_at_its_step_and_tracks_at_its_fractions(recipes, tmp_path):
+    """Runs sharing the cores train the same number of steps with ``--max_steps`` (the minutes only cap it)."""
+    tiny_study(tmp_path / "data.pt")
+    recipes.main(["train", "--data", str(tmp_path / "data.pt"), "--recipe", "v_quadratic_s1", "--minutes", "5",
+                  "--max_steps", "4", "--batch", "2", "--M", "2", "--N", "2", "--steps", "2", "--track_slices", "1",
+                  "--track_points", "2", "--skip_eval", "--out", str(tmp_path / "runs")])
+    run = json.loads((tmp_path / "runs" / "v_quadratic_s1.run.json").read_text())
+    assert run["steps"] == 4 and [t["step"] for t in run["track"]] == [2, 4]
+    assert run["minutes"] < 5

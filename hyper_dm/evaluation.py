@@ -275,8 +275,10 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
     text += [f"Calibrated columns: split-conformal, {fitted.describe()}." if fitted else
              "Calibrated columns: no calibration file given.", "",
              *([f"Slices flagged: the input check of inference, a slice whose input the reconstruction moved at "
-                f"least as far as all but a fraction {rows[0]['check_alpha']:.3g} "
-                f"of the {len(fitted.departures)} calibration slices did (`Calibration.input_check`).", ""]
+                f"least as far as all but a fraction {rows[0]['check_alpha']:.3g} of the "
+                + (f"calibration slices of its noise bin ({' / '.join(str(len(d)) for d in fitted.noise_departures)}"
+                   " per bin)" if fitted.noise_departures else f"{len(fitted.departures)} calibration slices")
+                + " did (`Calibration.input_check`).", ""]
                if checked else []),
              "![calibration](calibration.png)", "",
              "![object](ood_object.png)", ""]

@@ -577,20 +577,23 @@ def test_the_shipped_ct_model_tells_the_truth_on_a_scanners_photon_starved_fbp(t
     512 at 0.74 mm): the FBP a scanner makes at that pitch with 1e3 photons per bin (where the model before 0.9.0
     fell to 15 dB and its calibrated intervals covered 2%, docs/recipes.md) gets a mean far closer to the truth than
     the FBP, calibrated intervals that cover the truth, and passes the input check, as the model-grid FBP does; at
-    1e2 photons per bin, below anything trained or calibrated on, every slice is flagged."""
+    1e2 photons per bin, below anything trained or calibrated on, every slice is flagged, and so is the quiet
+    model-grid FBP 300 HU too bright (a level the pooled calibration slices would have accepted, p 0.17)."""
     (mhd,) = write_luna16_like(tmp_path, n_series=1, seed=11, size_xy=512, n_slices=(3, 3),
                                spacing_xy_mm=(0.74, 0.74), n_subsets=1)
     model = HyperDM.from_bundle(REPO / "bundle" / "models" / "model.pt")  # calibration.json beside it
     assert model.calibration is not None and model.calibration.departures
 
-    def reconstruct(i0: float, pitch: str) -> tuple[dict, dict]:
-        """The FBP made at ``pitch``, given to the Python API as a measured HU volume, and its case."""
+    def reconstruct(i0: float, pitch: str, offset_hu: float = 0.0) -> tuple[dict, dict]:
+        """The FBP made at ``pitch`` (plus ``offset_hu``), given to the Python API as a measured HU volume, and its
+        case."""
         case = load_case({"image": str(mhd), "case_id": "s"},
                          {**model.data, "i0": i0, "noise": "poisson", "fbp_pitch": pitch}, "simulate", 64)
-        cond = MetaTensor(case["cond"], affine=case["volume"].affine)
+        cond = MetaTensor(case["cond"] + offset_hu, affine=case["volume"].affine)
         return model.reconstruct(cond, M=2, N=2, steps=10), case
 
     assert not reconstruct(1e5, "model")[0]["input_check"]["flagged_slices"]
+    assert reconstruct(1e5, "model", 300.0)[0]["input_check"]["flagged_slices"] == [0, 1, 2]
     starved, case = reconstruct(1e3, "source")
     assert not starved["input_check"]["input_unlike_calibration"], starved["input_check"]
     rmse = lambda x: float((x - case["label"]).pow(2).mean().sqrt())  # noqa: E731  HU

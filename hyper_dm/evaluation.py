@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 from .calibration import Calibration, input_departure
 from .data import resolve_data_config, split_cases
-from .data.config import MEASUREMENT_NOISE
+from .data.config import FASTMRI_CENTER_FRACTIONS, MEASUREMENT_NOISE
 from .data.synthetic import insert_bright_lesion, insert_dense_disc
 from .inference import VolumeReconstructor, case_metrics, load_case
 from .io import atomic_write
@@ -42,8 +42,8 @@ from .uncertainty import ause, psnr, sparsification_curves, ssim
 
 __all__ = ["MRI_ACCELERATIONS", "evaluate", "write_report"]
 
-MRI_ACCELERATIONS = {"4x": {"accelerations": [4], "center_fractions": [0.08]},
-                     "8x": {"accelerations": [8], "center_fractions": [0.04]}}  # fastMRI's pairs
+MRI_ACCELERATIONS = {f"{a}x": {"accelerations": [a], "center_fractions": [c]}
+                     for a, c in FASTMRI_CENTER_FRACTIONS.items()}
 NOISE_FIGURES = ("mean_au", "mean_eu", "mean_total", "rmse", "coverage_90", "coverage_90_calibrated")  # per level
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 

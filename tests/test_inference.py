@@ -126,6 +126,26 @@ def test_calibration_covers_each_fbp_pitch_asked_for(luna):
         calibration_dataset(data, [1e5], fbp_pitches=["native"])
 
 
+def test_calibration_covers_each_mri_acceleration_asked_for(tmp_path):
+    """``inference_cfg#calibration_accelerations``: the validation files once per k-space noise level and fastMRI
+    mask (4x with an 8% centre, 8x with 4%): the 8x cases see half the columns; an acceleration fastMRI has no
+    mask for is refused naming the key."""
+    from hyper_dm.inference import calibration_dataset
+
+    write_fastmri_knee_like(tmp_path, n_files=3, seed=4, n_slices=(2, 2))
+    data = resolve_data_config({"task": "mri", "dataset_dir": str(tmp_path), "img_size": 32})
+    both = calibration_dataset(data, [0.0, 0.1], accelerations=[4, 8])
+    assert len(both) == 2 * len(calibration_dataset(data, [0.0, 0.1])) > 0
+    ids = [d.data[0]["case_id"] for d in both.datasets]
+    assert ids[0].endswith("_kspace_noise0_4x") and ids[-1].endswith("_kspace_noise0.1_8x"), ids
+    masks = [(d.settings["accelerations"], d.settings["center_fractions"]) for d in both.datasets]
+    assert masks == [([4], [0.08])] * 2 + [([8], [0.04])] * 2
+    columns = [float(both[i]["kspace_mask"].mean()) for i in (0, len(both) - 1)]  # sampled fraction
+    assert columns[1] < 0.7 * columns[0], columns
+    with pytest.raises(ValueError, match=r"calibration_accelerations: \[6\] not among fastMRI's \[4, 8\]"):
+        calibration_dataset(data, [0.0], accelerations=[4, 6])
+
+
 def test_ct_volume_keeps_its_geometry_through_orientation_and_back(tmp_path, luna):
     source = sorted(luna.rglob("*.mhd"))[0]
     nifti = oblique_nifti(source, tmp_path / "oblique.nii.gz")

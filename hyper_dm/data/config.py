@@ -48,11 +48,13 @@ from pathlib import Path
 
 from ..config import BUNDLE_CONFIGS, COMMON_CONFIG, bundle_section
 
-__all__ = ["MEASUREMENT_NOISE", "dataset_root", "resolve_data_config"]
+__all__ = ["FASTMRI_CENTER_FRACTIONS", "MEASUREMENT_NOISE", "dataset_root", "resolve_data_config"]
 
 logger = logging.getLogger(__name__)
 
 MEASUREMENT_NOISE = {"ct": ("i0", (1e5, 1e4, 1e3)), "mri": ("kspace_noise", (0.0, 0.1, 0.3))}
+FASTMRI_CENTER_FRACTIONS = {4: 0.08, 8: 0.04}
+"""fastMRI's knee masks: the fully sampled centre fraction that goes with each acceleration."""
 """Per task, the ``data`` key of the measurement noise and the three levels that the evaluation report probes and
 calibration fits on: CT photon counts (highest dose first), MRI k-space noise std / magnitude scale."""
 

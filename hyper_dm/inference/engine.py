@@ -23,7 +23,7 @@ from monai.engines.utils import IterationEvents
 from torch.utils.data import ConcatDataset
 
 from ..calibration import LEVELS, Calibration, fit_calibration, standardised_residuals
-from ..data.config import MEASUREMENT_NOISE, resolve_data_config
+from ..data.config import FASTMRI_CENTER_FRACTIONS, MEASUREMENT_NOISE, resolve_data_config
 from ..data.datasets import split_cases
 from ..data.validation import BadFileLog, BadInputError
 from ..engines.distributed import from_rank0, gather, rank_and_world
@@ -261,21 +261,32 @@ def run_inference(evaluator: VolumeEvaluator, writer: CaseWriter | None = None) 
 
 
 def calibration_dataset(data: Mapping, noise_levels: Sequence[float], on_bad_file: str = "raise",
-                        fbp_pitches: Sequence[str] | None = None) -> ConcatDataset:
+                        fbp_pitches: Sequence[str] | None = None,
+                        accelerations: Sequence[int] | None = None) -> ConcatDataset:
     """The validation split simulated at each measurement noise level (CT: photon count ``i0``; MRI: k-space noise
-    std ``kspace_noise``) and, for CT, with its FBPs made at each of ``fbp_pitches`` (default: ``data#fbp_pitch``
-    alone), as :class:`CaseDataset` s one after the other; case ids get the level (and pitch) as a suffix."""
+    std ``kspace_noise``) and with each measurement: CT FBPs made at each of ``fbp_pitches``, MRI masks at each of
+    ``accelerations`` (with fastMRI's centre fraction; default: ``data#fbp_pitch`` / the data's masks alone), as
+    :class:`CaseDataset` s one after the other; case ids get the level (and pitch or acceleration) as a suffix."""
     data = resolve_data_config(data)
     key = MEASUREMENT_NOISE[data["task"]][0]
     if not noise_levels:
         raise ValueError(f"inference_cfg#calibration_noise_levels: give at least one {key} value, got {noise_levels}")
-    pitches = [data["fbp_pitch"]] if data["task"] != "ct" or not fbp_pitches else list(fbp_pitches)
-    settings = [resolve_data_config({**data, key: level, "fbp_pitch": pitch})
-                for pitch in pitches for level in noise_levels]
+    if data["task"] == "ct":
+        measurements = {f"_{p}_pitch": {"fbp_pitch": p} for p in fbp_pitches or [data["fbp_pitch"]]}
+    else:
+        unknown = sorted(set(accelerations or []) - set(FASTMRI_CENTER_FRACTIONS))
+        if unknown:
+            raise ValueError(f"inference_cfg#calibration_accelerations: {unknown} not among fastMRI's "
+                             f"{sorted(FASTMRI_CENTER_FRACTIONS)}")
+        measurements = {f"_{a}x": {"accelerations": [a], "center_fractions": [FASTMRI_CENTER_FRACTIONS[a]]}
+                        for a in accelerations or []} or {"": {}}
+    if len(measurements) == 1:
+        measurements = {"": next(iter(measurements.values()))}  # one measurement: no suffix
     cases = split_cases(data, "validation")
-    suffix = lambda s: f"_{key}{s[key]:g}" + (f"_{s['fbp_pitch']}_pitch" if len(pitches) > 1 else "")  # noqa: E731
-    return ConcatDataset([CaseDataset([{"image": c["image"], "case_id": c["case_id"] + suffix(s)} for c in cases],
-                                      s, "simulate", on_bad_file) for s in settings])
+    return ConcatDataset([
+        CaseDataset([{"image": c["image"], "case_id": f"{c['case_id']}_{key}{level:g}{suffix}"} for c in cases],
+                    resolve_data_config({**data, **overrides, key: level}), "simulate", on_bad_file)
+        for suffix, overrides in measurements.items() for level in noise_levels])
 
 
 class CalibrationFitter:

@@ -512,7 +512,8 @@ def report(args: argparse.Namespace) -> None:
         seconds = round(time.perf_counter() - start, 1)
         trained = [json.loads((runs / f"{name}.run.json").read_text()) for name in present]
         rows["ensemble"] = {"recipe": "ensemble", "settings": {"members": present},
-                            "steps": sum(r["steps"] for r in trained), "minutes": sum(r["minutes"] for r in trained),
+                            "steps": sum(r["steps"] for r in trained),
+                            "minutes": round(sum(r["minutes"] for r in trained), 1),
                             "evaluation": {"M": len(present), "N": args.N, "ddim_steps": args.steps,
                                            "seconds": seconds}, **figures}
         (runs / "ensemble.json").write_text(json.dumps(rows["ensemble"], indent=1))

@@ -86,6 +86,13 @@ def _scales(r: torch.Tensor, levels: Sequence[float]) -> dict[str, float]:
     return {str(level): float(r[min(n, math.ceil((n + 1) * level)) - 1]) / _z(level) for level in levels}
 
 
+def _p_values(departure: torch.Tensor, references: Sequence[list[float]]) -> torch.Tensor:
+    """``(1 + #{reference departures >= d}) / (n + 1)`` for each slice's departure ``d`` ``[Z]`` and its ascending
+    reference list: ``[Z]`` float64."""
+    return torch.tensor([(1 + len(r) - bisect.bisect_left(r, d)) / (len(r) + 1)
+                         for r, d in zip(references, departure.double().tolist(), strict=True)], dtype=torch.float64)
+
+
 @dataclass
 class Calibration:
     """Scales of the predicted std per central-interval level, fitted on ``n_pixels`` residuals of ``n_cases``.
@@ -138,10 +145,7 @@ class Calibration:
         """Conformal p-values ``[Z]`` of slices' :func:`input_departure` ``[Z]``: ``(1 + #{calibration slices that
         departed at least as far}) / (n + 1)``, among the calibration slices of each slice's noise bin where
         ``noise_level [Z]`` is given and the bins' departures are recorded; small where unlike calibration."""
-        references = self._departure_references(noise_level, departure.numel())
-        return torch.tensor([(1 + len(r) - bisect.bisect_left(r, d)) / (len(r) + 1)
-                             for r, d in zip(references, departure.double().tolist(), strict=True)],
-                            dtype=torch.float64)
+        return _p_values(departure, self._departure_references(noise_level, departure.numel()))
 
     def input_check(self, departure: torch.Tensor, noise_level: torch.Tensor | None = None,
                     alpha: float = INPUT_CHECK_ALPHA) -> dict:
@@ -149,9 +153,9 @@ class Calibration:
         (see :meth:`departure_p`): slices at ``p <= alpha`` (or, with fewer than ``1 / alpha - 1`` reference
         slices, beyond all of them) are flagged, and the case is ``input_unlike_calibration`` when its median slice
         is."""
-        p = self.departure_p(departure, noise_level)
-        fewest = min(len(r) for r in self._departure_references(noise_level, departure.numel()))
-        alpha = max(alpha, 1 / (fewest + 1))
+        references = self._departure_references(noise_level, departure.numel())
+        p = _p_values(departure, references)
+        alpha = max(alpha, 1 / (min(map(len, references)) + 1))
         flagged = (p <= alpha).nonzero().flatten().tolist()
         return {"input_departure_median": float(departure.median()), "input_departure_p": float(p.median()),
                 "input_unlike_calibration": bool(p.median() <= alpha), "slices_unlike_calibration": len(flagged),

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .calibration import Calibration, input_departure
+from .calibration import Calibration
 from .data import resolve_data_config, split_cases
 from .data.config import FASTMRI_CENTER_FRACTIONS, MEASUREMENT_NOISE
 from .data.synthetic import insert_bright_lesion, insert_dense_disc
-from .inference import VolumeReconstructor, case_metrics, load_case
+from .inference import VolumeReconstructor, apply_calibration, case_metrics, load_case
 from .io import atomic_write
 from .uncertainty import ause, psnr, sparsification_curves, ssim
 
@@ -101,16 +101,15 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
     settings = {"": {}} if ct else MRI_ACCELERATIONS  # name -> data overrides (the measurement)
     noise_key, noise_levels = MEASUREMENT_NOISE[data["task"]]
     run = reconstructor.reconstruct_case
-    checks = calibration is not None and bool(calibration.departures)
-    noise_of = lambda case: reconstructor.noise_levels(case["cond"], case["gain"], case["offset"])  # noqa: E731
 
-    def flagged(case: dict, raw: dict) -> dict:
-        """The slices the input check flags, as inference reports them (``{}`` without departures)."""
-        if not checks:
-            return {}
-        check = calibration.input_check(input_departure(case["cond"], raw["mean"], case["gain"]), noise_of(case))
-        return {"slices_flagged": check["slices_unlike_calibration"], "slices": int(raw["mean"].shape[-1]),
-                "check_alpha": check["alpha"]}
+    def checked(case: dict, raw: dict) -> tuple[torch.Tensor, dict]:
+        """The noise level ``[Z]`` of ``case``'s slices and the slices its input check flags, as inference finds
+        them (:func:`~hyper_dm.inference.apply_calibration`; ``{}`` without calibration departures)."""
+        applied = apply_calibration(raw, case, reconstructor, calibration)
+        check = applied["input_check"]
+        flags = {} if check is None else {"slices_flagged": check["slices_unlike_calibration"],
+                                          "slices": int(raw["mean"].shape[-1]), "check_alpha": check["alpha"]}
+        return applied["noise_level"], flags
 
     rows, reliab, sparsity, ood, noise, timings = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,7 +123,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 timings.append((time.perf_counter() - start) / case["volume"].shape[-1])
                 label = case["label"].float()
                 data_range = 2000.0 if ct else float(2 * case["gain"].mean())
-                case_noise = noise_of(case)
+                case_noise, flags = checked(case, raw)
                 metrics = case_metrics(raw, label, data_range, calibration, case_noise)
                 error = (raw["mean"] - label).abs().flatten()
                 total = raw["total"].flatten()
@@ -134,7 +133,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 slices = lambda x: x[0].permute(2, 0, 1)[:, None]  # noqa: E731
                 rows.append({"case_id": entry["case_id"], "setting": setting, "input": input_quality(case, data_range),
                              **metrics, "nmse": nmse(slices(raw["mean"]), slices(label)), "ause_random": random_ause,
-                             **flagged(case, raw)})
+                             **flags})
                 reliab.append(reliability(raw, label, calibration, case_noise))
                 sparsity.append([c.tolist() for c in sparsification_curves(total[::stride], error[::stride])])
 
@@ -152,7 +151,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 mid = eu.shape[-1] // 2
                 ood.append({"case_id": entry["case_id"], "setting": setting, "median_ratio": float(np.median(ratios)),
                             "eu_inside": float(eu[mask].mean()), "eu_body": float(eu[body & ~mask].mean()),
-                            **flagged(ood_case, ood_raw),
+                            **checked(ood_case, ood_raw)[1],
                             "maps": {"input": F.interpolate(ood_case["cond"][0, ..., mid][None, None],
                                                             size=eu.shape[:2], mode="bilinear")[0, 0].numpy(),
                                      "mean": ood_raw["mean"][0, ..., mid].numpy(), "eu": eu[..., mid],
@@ -163,11 +162,10 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                     noisy = load_case(entry, {**setting_data, noise_key: level, **({"noise": "poisson"} if ct else {})},
                                       "simulate", size)
                     noisy_raw = run(noisy)
-                    at_level = case_metrics(noisy_raw, noisy["label"].float(), data_range, calibration,
-                                            noise_of(noisy))
+                    noisy_noise, noisy_flags = checked(noisy, noisy_raw)
+                    at_level = case_metrics(noisy_raw, noisy["label"].float(), data_range, calibration, noisy_noise)
                     noise.append({"case_id": entry["case_id"], "setting": setting, "level": level,
-                                  **{k: v for k, v in at_level.items() if k in NOISE_FIGURES},
-                                  **flagged(noisy, noisy_raw)})
+                                  **{k: v for k, v in at_level.items() if k in NOISE_FIGURES}, **noisy_flags})
 
     return {"rows": rows, "reliability": reliab, "sparsity": sparsity, "ood": ood, "noise": noise,
             "seconds_per_slice": timings, "calibration": calibration}

@@ -280,11 +280,11 @@ def calibration_dataset(data: Mapping, noise_levels: Sequence[float], on_bad_fil
                              f"{sorted(FASTMRI_CENTER_FRACTIONS)}")
         measurements = {f"_{a}x": {"accelerations": [a], "center_fractions": [FASTMRI_CENTER_FRACTIONS[a]]}
                         for a in accelerations or []} or {"": {}}
-    if len(measurements) == 1:
-        measurements = {"": next(iter(measurements.values()))}  # one measurement: no suffix
+    named = len(measurements) > 1  # one measurement: no suffix
     cases = split_cases(data, "validation")
     return ConcatDataset([
-        CaseDataset([{"image": c["image"], "case_id": f"{c['case_id']}_{key}{level:g}{suffix}"} for c in cases],
+        CaseDataset([{"image": c["image"], "case_id": f"{c['case_id']}_{key}{level:g}{suffix if named else ''}"}
+                     for c in cases],
                     resolve_data_config({**data, **overrides, key: level}), "simulate", on_bad_file)
         for suffix, overrides in measurements.items() for level in noise_levels])
 

@@ -21,10 +21,16 @@ calibration slices that departed at least as far; an in-distribution slice gets 
 most ``alpha``. With noise bins the reference is the slice's own bin: a photon-starved scan legitimately moves
 further than a clean one, and a clean slice that moves as far as a starved one is unlike the calibration data.
 
+MRI masks of different accelerations leave different amounts open at the same noise level (an 8x input even reads a
+lower noise level than a 4x one), so a calibration fitted on several accelerations also holds one complete
+calibration per acceleration (:attr:`Calibration.accelerations`), each with its own noise bins and departures; a
+case takes the one nearest its own mask's acceleration (:meth:`Calibration.at_acceleration`).
+
 Example::
 
     >>> calibration = fit_calibration(residuals, noise_levels, bins=3, departures=departures)  # [Z, P], [Z], [Z]
     >>> calibration.save("bundle/models/calibration.json")
+    >>> calibration = calibration.at_acceleration(mask.size / mask.sum())  # MRI: the mask's [W] acceleration
     >>> std = calibration.scale_at(noise) * total.sqrt()          # noise [Z]: calibrated std [1, X, Y, Z]
     >>> p = calibration.departure_p(input_departure(cond, mean, gain), noise)  # [Z]: small where unlike calibration
 """
@@ -86,6 +92,11 @@ def _scales(r: torch.Tensor, levels: Sequence[float]) -> dict[str, float]:
     return {str(level): float(r[min(n, math.ceil((n + 1) * level)) - 1]) / _z(level) for level in levels}
 
 
+def _nearest(accelerations: Sequence[str], acceleration: float) -> str:
+    """The key of ``accelerations`` nearest ``acceleration`` on a log scale (4.9x is nearer 4x than 8x)."""
+    return min(accelerations, key=lambda a: abs(math.log(float(a) / acceleration)))
+
+
 def _p_values(departure: torch.Tensor, references: Sequence[list[float]]) -> torch.Tensor:
     """``(1 + #{reference departures >= d}) / (n + 1)`` for each slice's departure ``d`` ``[Z]`` and its ascending
     reference list: ``[Z]`` float64."""
@@ -100,7 +111,8 @@ class Calibration:
     ``scales``: over all slices. ``noise_scales``: the same per noise bin (empty: one bin), the bins split at
     ``noise_edges`` (ascending, model units); ``noise_range``: the lowest and highest noise level calibrated on.
     ``departures``: the :func:`input_departure` of every calibration slice, ascending (empty: not recorded);
-    ``noise_departures``: the same per noise bin (empty: one reference for all slices).
+    ``noise_departures``: the same per noise bin (empty: one reference for all slices). ``accelerations``: MRI, a
+    calibration per mask acceleration (key: the acceleration, e.g. ``"4"``; empty: one for every mask).
     """
 
     scales: dict[str, float]
@@ -114,11 +126,19 @@ class Calibration:
     noise_range: list[float] = field(default_factory=list)
     departures: list[float] = field(default_factory=list)
     noise_departures: list[list[float]] = field(default_factory=list)
+    accelerations: dict[str, Calibration] = field(default_factory=dict)
 
     @property
     def scale(self) -> float:
         """The std multiplier of ``reference_level`` over all slices."""
         return self.scales[str(self.reference_level)]
+
+    def at_acceleration(self, acceleration: float | None) -> Calibration:
+        """The calibration to apply to a case of mask ``acceleration`` (k-space columns per sampled column): the one
+        fitted at the nearest acceleration; this one without per-acceleration calibrations or ``acceleration``."""
+        if not self.accelerations or acceleration is None:
+            return self
+        return self.accelerations[_nearest(list(self.accelerations), acceleration)]
 
     def _bins(self, noise_level: torch.Tensor) -> torch.Tensor:
         """The noise bin of each slice of noise level ``[Z]`` (model units): ``[Z]`` int64."""
@@ -162,7 +182,10 @@ class Calibration:
                 "flagged_slices": flagged, "alpha": alpha}
 
     def describe(self) -> str:
-        """The ``reference_level`` scales in one line: overall, or per noise bin with the bins' ranges."""
+        """The ``reference_level`` scales in one line: overall, or per noise bin with the bins' ranges (and per
+        acceleration)."""
+        if self.accelerations:
+            return "; ".join(f"at {a}x acceleration, {c.describe()}" for a, c in self.accelerations.items())
         level = f"{self.reference_level:.0%}"
         if not self.noise_scales:
             return f"one {level} std scale {self.scale:.2f} for every slice"
@@ -186,28 +209,56 @@ class Calibration:
     def load(cls, path: str | Path) -> Calibration:
         """Read a calibration JSON; a malformed file is an error naming it."""
         try:
-            content = json.loads(Path(path).read_text())
-            calibration = cls(**content)
-            if not (calibration.scale > 0 and math.isfinite(calibration.scale)):
-                raise ValueError(f"scale {calibration.scale} is not a positive number")
-            if calibration.noise_scales and len(calibration.noise_scales) != len(calibration.noise_edges) + 1:
-                raise ValueError(f"{len(calibration.noise_scales)} noise bins but {len(calibration.noise_edges)} "
-                                 "edges (expected one edge fewer than bins)")
-            if calibration.noise_departures and len(calibration.noise_departures) != len(calibration.noise_scales):
-                raise ValueError(f"{len(calibration.noise_departures)} noise bins of input departures but "
-                                 f"{len(calibration.noise_scales)} of scales")
-        except (OSError, TypeError, KeyError, ValueError) as e:
+            return cls._from_dict(json.loads(Path(path).read_text()))
+        except (OSError, TypeError, KeyError, ValueError, AttributeError) as e:
             raise ValueError(f"{path}: not a usable Hyper-DM calibration file ({e}); refit it with the 'calibrate' "
                              "run id or set inference_cfg#calibration to null") from e
+
+    @classmethod
+    def _from_dict(cls, content: dict) -> Calibration:
+        """A checked calibration from its JSON form (its per-acceleration calibrations likewise)."""
+        nested = content.pop("accelerations", {})
+        calibration = cls(**content, accelerations={key: cls._from_dict(value) for key, value in nested.items()})
+        if not (calibration.scale > 0 and math.isfinite(calibration.scale)):
+            raise ValueError(f"scale {calibration.scale} is not a positive number")
+        if calibration.noise_scales and len(calibration.noise_scales) != len(calibration.noise_edges) + 1:
+            raise ValueError(f"{len(calibration.noise_scales)} noise bins but {len(calibration.noise_edges)} "
+                             "edges (expected one edge fewer than bins)")
+        if calibration.noise_departures and len(calibration.noise_departures) != len(calibration.noise_scales):
+            raise ValueError(f"{len(calibration.noise_departures)} noise bins of input departures but "
+                             f"{len(calibration.noise_scales)} of scales")
+        for key in nested:
+            if not float(key) > 0:
+                raise ValueError(f"acceleration {key!r} is not a positive number")
         return calibration
 
 
 def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[torch.Tensor] | None = None,
                     bins: int = 1, checkpoint_sha256: str = "", levels: Sequence[float] = LEVELS,
-                    reference_level: float = 0.9, departures: Sequence[torch.Tensor] = ()) -> Calibration:
+                    reference_level: float = 0.9, departures: Sequence[torch.Tensor] = (),
+                    accelerations: Sequence[float] = (), acceleration_groups: Sequence[float] = ()) -> Calibration:
     """Split-conformal std scales (see the module docstring) from per-case standardised residuals ``[Z, P]`` and,
     for ``bins > 1``, the cases' per-slice noise levels ``[Z]`` (at most one bin per slice); ``departures``: the
-    cases' per-slice :func:`input_departure` ``[Z]`` to keep."""
+    cases' per-slice :func:`input_departure` ``[Z]`` to keep. With two or more ``acceleration_groups`` (MRI: the
+    nominal accelerations calibrated on) each case joins the group nearest its mask's measured acceleration
+    (``accelerations``, one per case) and every group also gets a calibration of its own."""
+    if len(acceleration_groups) > 1:
+        if len(accelerations) != len(residuals):
+            raise ValueError(f"{len(acceleration_groups)} acceleration groups need one measured acceleration per "
+                             f"case, got {len(accelerations)} for {len(residuals)} cases")
+        fitted = fit_calibration(residuals, noise_levels, bins, checkpoint_sha256, levels, reference_level,
+                                 departures)
+        keys = [f"{a:g}" for a in acceleration_groups]
+        for key in keys:
+            members = [i for i, a in enumerate(accelerations) if _nearest(keys, a) == key]
+            if not members:
+                raise ValueError(f"no calibration case has a mask near {key}x acceleration (measured: "
+                                 f"{sorted(round(a, 2) for a in accelerations)})")
+            fitted.accelerations[key] = fit_calibration(
+                [residuals[i] for i in members], None if noise_levels is None else [noise_levels[i] for i in members],
+                bins, checkpoint_sha256, levels, reference_level,
+                [departures[i] for i in members] if departures else ())
+        return fitted
     if reference_level not in levels:
         raise ValueError(f"reference_level {reference_level} must be one of the levels {list(levels)}")
     if bins > 1 and (noise_levels is None or len(noise_levels) != len(residuals)):

@@ -102,14 +102,15 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
     noise_key, noise_levels = MEASUREMENT_NOISE[data["task"]]
     run = reconstructor.reconstruct_case
 
-    def checked(case: dict, raw: dict) -> tuple[torch.Tensor, dict]:
-        """The noise level ``[Z]`` of ``case``'s slices and the slices its input check flags, as inference finds
-        them (:func:`~hyper_dm.inference.apply_calibration`; ``{}`` without calibration departures)."""
+    def checked(case: dict, raw: dict) -> tuple[torch.Tensor, Calibration | None, dict]:
+        """The noise level ``[Z]`` of ``case``'s slices, the calibration applied to it and the slices its input check
+        flags, as inference finds them (:func:`~hyper_dm.inference.apply_calibration`; ``{}`` without calibration
+        departures)."""
         applied = apply_calibration(raw, case, reconstructor, calibration)
         check = applied["input_check"]
         flags = {} if check is None else {"slices_flagged": check["slices_unlike_calibration"],
                                           "slices": int(raw["mean"].shape[-1]), "check_alpha": check["alpha"]}
-        return applied["noise_level"], flags
+        return applied["noise_level"], applied["calibration"], flags
 
     rows, reliab, sparsity, ood, noise, timings = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,8 +124,8 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 timings.append((time.perf_counter() - start) / case["volume"].shape[-1])
                 label = case["label"].float()
                 data_range = 2000.0 if ct else float(2 * case["gain"].mean())
-                case_noise, flags = checked(case, raw)
-                metrics = case_metrics(raw, label, data_range, calibration, case_noise)
+                case_noise, applied, flags = checked(case, raw)
+                metrics = case_metrics(raw, label, data_range, applied, case_noise)
                 error = (raw["mean"] - label).abs().flatten()
                 total = raw["total"].flatten()
                 stride = max(1, error.numel() // (1 << 20))
@@ -134,7 +135,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 rows.append({"case_id": entry["case_id"], "setting": setting, "input": input_quality(case, data_range),
                              **metrics, "nmse": nmse(slices(raw["mean"]), slices(label)), "ause_random": random_ause,
                              **flags})
-                reliab.append(reliability(raw, label, calibration, case_noise))
+                reliab.append(reliability(raw, label, applied, case_noise))
                 sparsity.append([c.tolist() for c in sparsification_curves(total[::stride], error[::stride])])
 
                 # epistemic: an unfamiliar object, as a user's file
@@ -151,7 +152,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 mid = eu.shape[-1] // 2
                 ood.append({"case_id": entry["case_id"], "setting": setting, "median_ratio": float(np.median(ratios)),
                             "eu_inside": float(eu[mask].mean()), "eu_body": float(eu[body & ~mask].mean()),
-                            **checked(ood_case, ood_raw)[1],
+                            **checked(ood_case, ood_raw)[2],
                             "maps": {"input": F.interpolate(ood_case["cond"][0, ..., mid][None, None],
                                                             size=eu.shape[:2], mode="bilinear")[0, 0].numpy(),
                                      "mean": ood_raw["mean"][0, ..., mid].numpy(), "eu": eu[..., mid],
@@ -162,8 +163,8 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                     noisy = load_case(entry, {**setting_data, noise_key: level, **({"noise": "poisson"} if ct else {})},
                                       "simulate", size)
                     noisy_raw = run(noisy)
-                    noisy_noise, noisy_flags = checked(noisy, noisy_raw)
-                    at_level = case_metrics(noisy_raw, noisy["label"].float(), data_range, calibration, noisy_noise)
+                    noisy_noise, noisy_applied, noisy_flags = checked(noisy, noisy_raw)
+                    at_level = case_metrics(noisy_raw, noisy["label"].float(), data_range, noisy_applied, noisy_noise)
                     noise.append({"case_id": entry["case_id"], "setting": setting, "level": level,
                                   **{k: v for k, v in at_level.items() if k in NOISE_FIGURES}, **noisy_flags})
 
@@ -270,12 +271,15 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                  f"relative change of AU {(au[-1] - au[0]) / max(au[0], 1e-30):+.2f}, of EU "
                  f"{(eu[-1] - eu[0]) / max(eu[0], 1e-30):+.2f}.", ""]
     fitted = results.get("calibration")
+    references = lambda c: (f"{' / '.join(str(len(d)) for d in c.noise_departures)} per noise bin"  # noqa: E731
+                            if c.noise_departures else f"{len(c.departures)}")
+    alphas = " / ".join(f"{a:.3g}" for a in dict.fromkeys(r["check_alpha"] for r in rows if "check_alpha" in r))
     text += [f"Calibrated columns: split-conformal, {fitted.describe()}." if fitted else
              "Calibrated columns: no calibration file given.", "",
              *([f"Slices flagged: the input check of inference, a slice whose input the reconstruction moved at "
-                f"least as far as all but a fraction {rows[0]['check_alpha']:.3g} of the "
-                + (f"calibration slices of its noise bin ({' / '.join(str(len(d)) for d in fitted.noise_departures)}"
-                   " per bin)" if fitted.noise_departures else f"{len(fitted.departures)} calibration slices")
+                f"least as far as all but a fraction {alphas} of the calibration slices of its noise bin"
+                + (f" and acceleration ({'; '.join(f'{a}x: {references(c)}' for a, c in fitted.accelerations.items())})"
+                   if fitted.accelerations else f" ({references(fitted)})")
                 + " did (`Calibration.input_check`).", ""]
                if checked else []),
              "![calibration](calibration.png)", "",

@@ -58,8 +58,11 @@ def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
     small = ["model.channels=[16,16,16]", "model.attention_levels=[false,false,false]", "model.norm_num_groups=8",
              "model.num_head_channels=8"]
     out = tmp_path / "report"
-    # a calibration whose 99 slices never moved their input: every slice evaluated here is flagged
-    unmoved = Calibration(scales={str(q): 1.0 for q in LEVELS}, n_pixels=1, n_cases=1, departures=[1e-12] * 99)
+    # per acceleration: at 4x 99 calibration slices that never moved their input (every 4x slice evaluated here is
+    # flagged), at 8x 99 that moved it further than anything can (none is)
+    at = lambda d: Calibration(scales={str(q): 1.0 for q in LEVELS}, n_pixels=1, n_cases=1, departures=[d] * 99)  # noqa: E731
+    unmoved = Calibration(scales={str(q): 1.0 for q in LEVELS}, n_pixels=1, n_cases=1, departures=[1.0] * 99,
+                          accelerations={"4": at(1e-12), "8": at(1e12)})
     assert evaluate.main(["--ckpt", str(tmp_path / "knee.pt"), "--config", str(configs / "knee_singlecoil.yaml"),
                           "--out", str(out), "--M", "2", "--N", "2", "--steps", "2",
                           "--calibration", str(unmoved.save(tmp_path / "calibration.json")),
@@ -72,8 +75,10 @@ def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
     assert [(n["setting"], n["level"]) for n in report["noise"]] == [
         (s, level) for s in ("4x", "8x") for level in MEASUREMENT_NOISE["mri"][1]]
     assert all(np.isfinite(n["mean_au"]) and n["mean_au"] > 0 for n in report["noise"])
-    assert all(n["slices_flagged"] == n["slices"] == 2 for n in report["noise"])  # one test file of 2 slices
+    flagged = {(n["setting"], n["slices_flagged"], n["slices"]) for n in report["noise"]}  # one file of 2 slices
+    assert flagged == {("4x", 2, 2), ("8x", 0, 2)}, flagged  # each mask checked against its own acceleration
     assert "| 90% calibrated | slices flagged |" in text and "The input check flags 2 of 2 slices" in text
+    assert "and acceleration (4x: 99; 8x: 99)" in text
     worse = {r["setting"]: r["input"]["nmse"] for r in report["rows"]}
     assert worse["8x"] > worse["4x"]  # the 8x input lost more of k-space
     assert (out / "calibration.png").stat().st_size > 0 and (out / "ood_object.png").stat().st_size > 0

@@ -439,6 +439,36 @@ def test_input_check_compares_a_slice_with_the_calibration_slices_of_its_noise_b
     assert calibration.departure_p(moved, quiet).tolist() == pytest.approx([11 / 21, 1 / 21, 1 / 21])
 
 
+def test_a_calibration_per_mri_acceleration_gives_each_mask_its_own_scale_and_input_check(tmp_path):
+    """4x and 8x masks leave different amounts open: calibrated together, each case takes the calibration of the
+    acceleration nearest its mask's (measured, so 4.4x counts as 4x), with its own scales and input-check slices."""
+    from hyper_dm.calibration import Calibration, fit_calibration
+
+    rng = torch.Generator().manual_seed(0)
+    spread = {4: 3.0, 8: 1.5}  # true error std per unit of predicted std at each acceleration
+    measured = [4.4, 3.8, 8.6, 7.5]  # a random mask's acceleration scatters around its nominal one
+    residuals = [(torch.randn(4, 4096, generator=rng) * spread[4 if a < 6 else 8]).abs() for a in measured]
+    noise = [torch.full((4,), 0.02), torch.full((4,), 0.05)] * 2
+    departures = [torch.full((4,), 0.01), torch.full((4,), 0.012), torch.full((4,), 0.2), torch.full((4,), 0.25)]
+    calibration = fit_calibration(residuals, noise, bins=2, departures=departures, accelerations=measured,
+                                  acceleration_groups=[4, 8])
+    loaded = Calibration.load(calibration.save(tmp_path / "calibration.json"))
+    assert sorted(loaded.accelerations) == ["4", "8"] and loaded.accelerations["4"].n_cases == 2
+    assert loaded.at_acceleration(None) is loaded and loaded.at_acceleration(5.2) is loaded.accelerations["4"]
+    four, eight = loaded.at_acceleration(4.1), loaded.at_acceleration(9.0)
+    assert four.scale == pytest.approx(3.0, rel=0.05) and eight.scale == pytest.approx(1.5, rel=0.05)
+    assert eight.scale < loaded.scale < four.scale  # pooled: too wide for 8x, too narrow for 4x
+    assert "at 4x acceleration" in loaded.describe() and "at 8x acceleration" in loaded.describe()
+    moved = torch.tensor([0.1, 0.1])  # ordinary at 8x, far beyond every 4x calibration slice
+    assert four.input_check(moved, torch.tensor([0.02, 0.05]))["slices_unlike_calibration"] == 2
+    assert eight.input_check(moved, torch.tensor([0.02, 0.05]))["slices_unlike_calibration"] == 0
+    with pytest.raises(ValueError, match="no calibration case has a mask near 8x"):
+        fit_calibration(residuals[:2], noise[:2], departures=departures[:2], accelerations=measured[:2],
+                        acceleration_groups=[4, 8])
+    with pytest.raises(ValueError, match="one measured acceleration per case"):
+        fit_calibration(residuals, noise, accelerations=measured[:3], acceleration_groups=[4, 8])
+
+
 def test_noise_binned_calibration_covers_every_noise_level_where_one_scale_cannot(tmp_path):
     """Slices at three noise levels whose true error is 2x, 4x and 8x the predicted std: one global scale
     over-covers the quiet slices and under-covers the noisy ones; one scale per noise bin reaches 90% at each."""

@@ -44,15 +44,21 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
     (:func:`~hyper_dm.inference.load_case`'s dict) in place, and say how far its input is from the calibration's.
 
     With a calibration, ``raw`` gains ``total_std_calibrated`` (physical units, not squared): the raw total std
-    times the scale of each slice's noise bin. Returns ``noise_level`` ``[Z]`` (model units, what the network reads
-    from each slice), ``departure`` ``[Z]`` (:func:`~hyper_dm.calibration.input_departure`) and ``input_check``
-    (:meth:`Calibration.input_check`; ``None`` without a calibration that records departures).
+    times the scale of each slice's noise bin (MRI: in the calibration of the acceleration nearest the case's mask).
+    Returns ``noise_level`` ``[Z]`` (model units, what the network reads from each slice), ``departure`` ``[Z]``
+    (:func:`~hyper_dm.calibration.input_departure`), ``acceleration`` (MRI: k-space columns per sampled column;
+    CT: ``None``), ``calibration`` (the one applied) and ``input_check`` (:meth:`Calibration.input_check`; ``None``
+    without a calibration that records departures).
     """
     name = f"case {case['case_id']}" if "case_id" in case else "the volume"
     noise = reconstructor.noise_levels(case["cond"], case["gain"], case["offset"])
     departure = input_departure(case["cond"], raw["mean"], case["gain"])
+    mask = case.get("kspace_mask")
+    acceleration = None if mask is None else float(mask.size / max(int(mask.sum()), 1))
+    applied = {"noise_level": noise, "departure": departure, "acceleration": acceleration}
     if calibration is None:
-        return {"noise_level": noise, "departure": departure, "input_check": None}
+        return {**applied, "calibration": None, "input_check": None}
+    calibration = calibration.at_acceleration(acceleration)
     raw["total_std_calibrated"] = calibration.scale_at(noise).float() * raw["total"].clamp_min(0).sqrt()
     low, high = calibration.noise_range or (0.0, float("inf"))
     if not low <= float(noise.median()) <= high:
@@ -68,4 +74,4 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
                        "maps likely understate the error", name, check["input_departure_median"],
                        calibration.departures[-1], check["slices_unlike_calibration"], departure.numel(),
                        check["alpha"])
-    return {"noise_level": noise, "departure": departure, "input_check": check}
+    return {**applied, "calibration": calibration, "input_check": check}

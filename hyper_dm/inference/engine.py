@@ -204,7 +204,7 @@ class VolumeEvaluator(Evaluator):
         if label is not None:
             data_range = self.data_range or float(2 * case["gain"].mean())
             metrics = {"case_id": case["case_id"], "n_slices": int(volume.shape[-1]),
-                       **case_metrics(raw, label.float(), data_range, self.calibration, noise),
+                       **case_metrics(raw, label.float(), data_range, checks["calibration"], noise),
                        **{k: v for k, v in (input_check or {}).items() if k not in ("flagged_slices", "alpha")}}
             residuals = standardised_residuals(raw["mean"], raw["total"], label.float(), float(case["gain"].mean()))
         k = volume.shape[-1] // 2
@@ -218,6 +218,7 @@ class VolumeEvaluator(Evaluator):
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         engine.state.output = {"case_id": case["case_id"], "metrics": metrics, "preview": preview, "seconds": seconds,
                                "residuals": residuals, "noise_level": noise, "departure": checks["departure"],
+                               "acceleration": checks["acceleration"],
                                "input_check": input_check,
                                "volumes": {name: to_source_layout(image, volume) for name, image in raw.items()}}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # runs `postprocessing` on engine.state.output
@@ -292,13 +293,17 @@ def calibration_dataset(data: Mapping, noise_levels: Sequence[float], on_bad_fil
 class CalibrationFitter:
     """Ignite handler: collects each case's standardised residuals and per-slice noise levels and, when the run
     completes, fits and saves the split-conformal :class:`~hyper_dm.calibration.Calibration` with ``bins`` noise
-    bins to ``path`` (tied to ``checkpoint``'s digest)."""
+    bins to ``path`` (tied to ``checkpoint``'s digest); with two or more MRI ``accelerations`` also one per
+    acceleration, each case counted with the one nearest its mask's."""
 
-    def __init__(self, path: str, checkpoint: str | None = None, bins: int = 1) -> None:
+    def __init__(self, path: str, checkpoint: str | None = None, bins: int = 1,
+                 accelerations: Sequence[int] | None = None) -> None:
         self.path, self.checkpoint, self.bins = path, checkpoint, int(bins)
+        self.groups = list(accelerations or [])
         self.residuals: list[torch.Tensor] = []
         self.noise_levels: list[torch.Tensor] = []
         self.departures: list[torch.Tensor] = []
+        self.accelerations: list[float] = []
 
     def attach(self, engine: Evaluator) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
@@ -310,11 +315,13 @@ class CalibrationFitter:
             self.residuals.append(residuals)
             self.noise_levels.append(engine.state.output["noise_level"])
             self.departures.append(engine.state.output["departure"])
+            self.accelerations.append(engine.state.output["acceleration"])
 
     def fit(self, engine: Evaluator | None = None) -> Calibration:
         digest = sha256_file(self.checkpoint) if self.checkpoint and Path(self.checkpoint).is_file() else ""
         calibration = fit_calibration(self.residuals, self.noise_levels, self.bins, checkpoint_sha256=digest,
-                                      departures=self.departures)
+                                      departures=self.departures, accelerations=self.accelerations,
+                                      acceleration_groups=self.groups)
         calibration.save(self.path)
         logger.info("calibration from %d cases (%d pixels): std scales %s, raw coverage %s -> %s", calibration.n_cases,
                     calibration.n_pixels, {k: round(v, 3) for k, v in calibration.scales.items()},

@@ -112,7 +112,8 @@ class Calibration:
     ``noise_edges`` (ascending, model units); ``noise_range``: the lowest and highest noise level calibrated on.
     ``departures``: the :func:`input_departure` of every calibration slice, ascending (empty: not recorded);
     ``noise_departures``: the same per noise bin (empty: one reference for all slices). ``accelerations``: MRI, a
-    calibration per mask acceleration (key: the acceleration, e.g. ``"4"``; empty: one for every mask).
+    calibration per mask acceleration (key: the acceleration, e.g. ``"4"``; empty: one for every mask), each
+    holding its ``acceleration`` (``None``: fitted on every mask).
     """
 
     scales: dict[str, float]
@@ -127,6 +128,7 @@ class Calibration:
     departures: list[float] = field(default_factory=list)
     noise_departures: list[list[float]] = field(default_factory=list)
     accelerations: dict[str, Calibration] = field(default_factory=dict)
+    acceleration: float | None = None
 
     @property
     def scale(self) -> float:
@@ -254,10 +256,11 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
             if not members:
                 raise ValueError(f"no calibration case has a mask near {key}x acceleration (measured: "
                                  f"{sorted(round(a, 2) for a in accelerations)})")
-            fitted.accelerations[key] = fit_calibration(
+            fitted.accelerations[key] = group = fit_calibration(
                 [residuals[i] for i in members], None if noise_levels is None else [noise_levels[i] for i in members],
                 bins, checkpoint_sha256, levels, reference_level,
                 [departures[i] for i in members] if departures else ())
+            group.acceleration = float(key)
         return fitted
     if reference_level not in levels:
         raise ValueError(f"reference_level {reference_level} must be one of the levels {list(levels)}")

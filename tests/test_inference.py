@@ -7,6 +7,7 @@ The bundle run is a subprocess exactly as users type it.
 import hashlib
 import json
 import locale
+import math
 import os
 import subprocess
 import sys
@@ -456,6 +457,7 @@ def test_a_calibration_per_mri_acceleration_gives_each_mask_its_own_scale_and_in
     assert sorted(loaded.accelerations) == ["4", "8"] and loaded.accelerations["4"].n_cases == 2
     assert loaded.at_acceleration(None) is loaded and loaded.at_acceleration(5.2) is loaded.accelerations["4"]
     four, eight = loaded.at_acceleration(4.1), loaded.at_acceleration(9.0)
+    assert (four.acceleration, eight.acceleration, loaded.acceleration) == (4.0, 8.0, None)
     assert four.scale == pytest.approx(3.0, rel=0.05) and eight.scale == pytest.approx(1.5, rel=0.05)
     assert eight.scale < loaded.scale < four.scale  # pooled: too wide for 8x, too narrow for 4x
     assert "at 4x acceleration" in loaded.describe() and "at 8x acceleration" in loaded.describe()
@@ -669,11 +671,13 @@ def test_from_bundle_names_a_missing_calibration(checkpoint, tmp_path):
 def test_the_shipped_knee_model_reconstructs_a_challenge_file_after_a_clone(tmp_path):
     """bundle/models/knee: the trained knee model and its calibration (found beside it) on a challenge-style 4x file
     it never saw, as a user runs it: calibrated maps on the 320 x 320 grid, closer to the truth than zero-filled,
-    and an input check that passes."""
+    the 4x calibration and an input check that passes; a 6x file beside it, an acceleration never calibrated, takes
+    the nearest calibrated one with a warning naming it."""
     full = write_fastmri_knee_like(tmp_path / "full", n_files=1, seed=31, n_slices=(3, 3))[0]
     scan = write_challenge_like(full, tmp_path / "in" / "knee scan.h5", acceleration=4, seed=2)
+    write_challenge_like(full, tmp_path / "in" / "six.h5", acceleration=6, center_fraction=0.06, seed=2)
     run = subprocess.run([sys.executable, "scripts/infer.py", "--config", "bundle/configs/knee_singlecoil.yaml",
-                          "--ckpt", "bundle/models/knee/model.pt", "--input", str(scan), "--mode", "measured",
+                          "--ckpt", "bundle/models/knee/model.pt", "--input", str(scan.parent), "--mode", "measured",
                           "--outdir", str(tmp_path / "out"), "--M", "2", "--N", "2", "diffusion.ddim_steps=10"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -683,6 +687,12 @@ def test_the_shipped_knee_model_reconstructs_a_challenge_file_after_a_clone(tmp_
     assert mean.shape == calibrated.shape == (320, 320, 3) and (calibrated >= 0).all()
     check = json.loads((case / "knee_scan_manifest.json").read_text())["input_check"]
     assert check["input_unlike_calibration"] is False, check
+    assert check["calibration_acceleration"] == 4.0 and 3.5 < check["mask_acceleration"] < 4.6, check  # its mask's
+    six = json.loads((tmp_path / "out" / "six" / "six_manifest.json").read_text())["input_check"]
+    nearest = min((4.0, 8.0), key=lambda a: abs(math.log(a / six["mask_acceleration"])))  # ~5.7x: either side
+    assert six["calibration_acceleration"] == nearest and 5.0 < six["mask_acceleration"] < 7.0, six
+    warned = [line for line in run.stdout.splitlines() if "far from every calibrated acceleration" in line]
+    assert len(warned) == 1 and "case six:" in warned[0] and "(4x, 8x)" in warned[0], warned
     data = resolve_data_config({"task": "mri", "img_size": 64, "mri_norm": "volume_max", "mask_type": "random",
                                 "center_fractions": [0.08], "accelerations": [4], "split_seed": 0})
     truth = load_case({"image": str(full), "case_id": "f"}, data, "simulate", 64)["label"][0].numpy()

@@ -8,6 +8,7 @@ runs the input check, and warns (naming the case) when the input lies outside wh
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -47,8 +48,9 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
     times the scale of each slice's noise bin (MRI: in the calibration of the acceleration nearest the case's mask).
     Returns ``noise_level`` ``[Z]`` (model units, what the network reads from each slice), ``departure`` ``[Z]``
     (:func:`~hyper_dm.calibration.input_departure`), ``acceleration`` (MRI: k-space columns per sampled column;
-    CT: ``None``), ``calibration`` (the one applied) and ``input_check`` (:meth:`Calibration.input_check`; ``None``
-    without a calibration that records departures).
+    CT: ``None``), ``calibration`` (the one applied) and ``input_check`` (:meth:`Calibration.input_check`, with
+    ``mask_acceleration`` and ``calibration_acceleration`` where one calibration per acceleration was fitted;
+    ``None`` without a calibration that records departures).
     """
     name = f"case {case['case_id']}" if "case_id" in case else "the volume"
     noise = reconstructor.noise_levels(case["cond"], case["gain"], case["offset"])
@@ -58,7 +60,12 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
     applied = {"noise_level": noise, "departure": departure, "acceleration": acceleration}
     if calibration is None:
         return {**applied, "calibration": None, "input_check": None}
-    calibration = calibration.at_acceleration(acceleration)
+    pooled, calibration = calibration, calibration.at_acceleration(acceleration)
+    if calibration.acceleration is not None and abs(math.log(acceleration / calibration.acceleration)) > math.log(1.3):
+        logger.warning("%s: its mask samples one k-space column in %.2f, far from every calibrated acceleration "
+                       "(%s); it takes the %gx calibration, whose intervals may not hold for it", name, acceleration,
+                       ", ".join(f"{a}x" for a in pooled.accelerations),
+                       calibration.acceleration)
     raw["total_std_calibrated"] = calibration.scale_at(noise).float() * raw["total"].clamp_min(0).sqrt()
     low, high = calibration.noise_range or (0.0, float("inf"))
     if not low <= float(noise.median()) <= high:
@@ -66,6 +73,8 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
                        "%.3g-%.3g; its slices take the nearest noise bin's scale", name, float(noise.median()), low,
                        high)
     check = calibration.input_check(departure, noise) if calibration.departures else None
+    if check is not None and calibration.acceleration is not None:
+        check.update(mask_acceleration=round(acceleration, 2), calibration_acceleration=calibration.acceleration)
     if check is not None and check["input_unlike_calibration"]:
         logger.warning("%s: the reconstruction moved its input's coarse content further than on the "
                        "calibration slices (median departure %.3g model units, calibrated up to %.3g; %d of %d "

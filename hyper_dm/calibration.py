@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .io import atomic_write
+from .uncertainty import central_z
 
 __all__ = ["INPUT_CHECK_ALPHA", "LEVELS", "Calibration", "fit_calibration", "input_departure", "standardised_residuals"]
 
@@ -82,14 +83,10 @@ def input_departure(cond: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor, 
     return ((pooled(cond) - pooled(mean)) / gain.double().view(-1, 1, 1)).flatten(1).pow(2).mean(1).sqrt()
 
 
-def _z(level: float) -> float:
-    return math.sqrt(2) * torch.erfinv(torch.tensor(level, dtype=torch.float64)).item()
-
-
 def _scales(r: torch.Tensor, levels: Sequence[float]) -> dict[str, float]:
     """Split-conformal std scale per level from sorted residuals ``r``."""
     n = r.numel()
-    return {str(level): float(r[min(n, math.ceil((n + 1) * level)) - 1]) / _z(level) for level in levels}
+    return {str(level): float(r[min(n, math.ceil((n + 1) * level)) - 1]) / central_z(level) for level in levels}
 
 
 def _nearest(accelerations: Sequence[str], acceleration: float) -> str:
@@ -271,7 +268,7 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
     r = torch.cat(per_slice).sort().values if per_slice else torch.empty(0)
     if r.numel() == 0:
         raise ValueError("no residuals to calibrate on (no validation case with a reference?)")
-    raw = {str(level): float((r <= _z(level)).double().mean()) for level in levels}
+    raw = {str(level): float((r <= central_z(level)).double().mean()) for level in levels}
     calibration = Calibration(scales=_scales(r, levels), n_pixels=r.numel(), n_cases=len(residuals),
                               checkpoint_sha256=checkpoint_sha256, reference_level=reference_level, raw_coverage=raw)
     rounded = lambda d: [float(f"{x:.4g}") for x in d.sort().values.tolist()]  # noqa: E731

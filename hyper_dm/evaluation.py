@@ -38,7 +38,7 @@ from .data.config import FASTMRI_CENTER_FRACTIONS, MEASUREMENT_NOISE
 from .data.synthetic import insert_bright_lesion, insert_dense_disc
 from .inference import VolumeReconstructor, apply_calibration, case_metrics, load_case
 from .io import atomic_write
-from .uncertainty import ause, psnr, sparsification_curves, ssim
+from .uncertainty import ause, central_z, psnr, sparsification_curves, ssim
 
 __all__ = ["MRI_ACCELERATIONS", "evaluate", "write_report"]
 
@@ -69,12 +69,20 @@ def reliability(out: dict, label: torch.Tensor, calibration: Calibration | None,
     the reference level's scale of each slice's ``noise_level [Z]`` bin)."""
     error = (label - out["mean"]).abs().double()
     sigma = out["total"].double().clamp_min(0).sqrt()
-    z = [float(np.sqrt(2) * torch.erfinv(torch.tensor(level, dtype=torch.float64))) for level in LEVELS]
+    z = [central_z(level) for level in LEVELS]
     curves = {"raw": [float((error <= zi * sigma).double().mean()) for zi in z]}
     if calibration is not None:
         scaled = calibration.scale_at(noise_level) * sigma
         curves["calibrated"] = [float((error <= zi * scaled).double().mean()) for zi in z]
     return curves
+
+
+def inside_over_body(values: np.ndarray, inside: np.ndarray, body: np.ndarray) -> float:
+    """Median over slices of the mean of ``values [X, Y, Z]`` inside the object over its mean in the rest of the
+    ``body`` (both boolean masks like ``values``)."""
+    return float(np.median([values[..., k][inside[..., k]].mean()
+                            / max(values[..., k][body[..., k] & ~inside[..., k]].mean(), 1e-30)
+                            for k in range(values.shape[-1])]))
 
 
 def plot(path: Path, panels: list[tuple[str, callable]]) -> None:
@@ -143,19 +151,26 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 mask = (insert_dense_disc if ct else insert_bright_lesion)(entry["image"], object_file)
                 ood_case = load_case({"image": str(object_file), "case_id": "object"}, setting_data, "simulate", size)
                 ood_raw = run(ood_case)
+                ood_flags = checked(ood_case, ood_raw)[2]  # adds the calibrated std map where calibrated
                 # the mask lives in the loaded volume's (x, y, z) order (CT: LPS like LUNA16; MRI: the 320 grid)
                 eu = ood_raw["eu"][0].numpy()
                 reference = ood_case["label"][0].numpy()
                 body = reference > -990 if ct else reference > 0.1 * reference.max()  # tissue, not air
-                ratios = [float(eu[..., k][mask[..., k]].mean() / max(eu[..., k][body[..., k] & ~mask[..., k]].mean(),
-                                                                        1e-30)) for k in range(eu.shape[-1])]
+                error = np.abs(ood_raw["mean"][0].numpy() - reference)
+                std = ood_raw.get("total_std_calibrated", ood_raw["total"].sqrt())[0].numpy()
                 mid = eu.shape[-1] // 2
-                ood.append({"case_id": entry["case_id"], "setting": setting, "median_ratio": float(np.median(ratios)),
+                ood.append({"case_id": entry["case_id"], "setting": setting,
+                            "median_ratio": inside_over_body(eu, mask, body),
+                            "error_ratio": inside_over_body(error**2, mask, body),
+                            "total_ratio": inside_over_body(ood_raw["total"][0].numpy(), mask, body),
+                            "coverage_90_inside": float((error <= central_z(0.9) * std)[mask].mean()),
+                            "coverage_90_body": float((error <= central_z(0.9) * std)[body & ~mask].mean()),
                             "eu_inside": float(eu[mask].mean()), "eu_body": float(eu[body & ~mask].mean()),
-                            **checked(ood_case, ood_raw)[2],
+                            **ood_flags,
                             "maps": {"input": F.interpolate(ood_case["cond"][0, ..., mid][None, None],
                                                             size=eu.shape[:2], mode="bilinear")[0, 0].numpy(),
-                                     "mean": ood_raw["mean"][0, ..., mid].numpy(), "eu": eu[..., mid],
+                                     "mean": ood_raw["mean"][0, ..., mid].numpy(), "|error|": error[..., mid],
+                                     "std": std[..., mid], "eu": eu[..., mid],
                                      "au": ood_raw["au"][0, ..., mid].numpy()}})
 
                 # aleatoric: the same case at three measurement noise levels
@@ -213,12 +228,17 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
             ax.legend())),
     ])
 
-    def show(image: np.ndarray, cmap: str) -> callable:
-        return lambda ax: (ax.imshow(np.asarray(image).T, origin="lower", cmap=cmap), ax.set_axis_off())
+    def show(image: np.ndarray, cmap: str, vmax: float | None = None) -> callable:
+        return lambda ax: (ax.imshow(np.asarray(image).T, origin="lower", cmap=cmap, vmin=0 if vmax else None,
+                                     vmax=vmax), ax.set_axis_off())
 
     maps = ood[0]["maps"]
-    plot(out / "ood_object.png", [(name, show(maps[name], "gray" if name in ("input", "mean") else "magma"))
-                                  for name in ("input", "mean", "eu", "au")])
+    shared = float(np.percentile(maps["|error|"], 99.5))  # |error| and the std on one scale: where one exceeds
+    std_name = f"{'calibrated ' if calibrated else ''}std ({unit})"
+    plot(out / "ood_object.png", [("input", show(maps["input"], "gray")), ("mean", show(maps["mean"], "gray")),
+                                  (f"|error| ({unit})", show(maps["|error|"], "magma", shared)),
+                                  (std_name, show(maps["std"], "magma", shared)),
+                                  ("EU", show(maps["eu"], "magma")), ("AU", show(maps["au"], "magma"))])
     fmt = (lambda v: f"{v:.1f}") if ct else (lambda v: f"{v:.3g}")  # noqa: E731
     input_name = "FBP" if ct else "zero-filled"
     pitch = "the series' own pitch" if data["fbp_pitch"] == "source" else "the model grid"
@@ -235,6 +255,7 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
         nr = [n for n in noise_rows if n["setting"] == s]
         au, eu = [n["mean_au"] for n in nr], [n["mean_eu"] for n in nr]
         m = lambda key, sel=sel: avg(sel, key)  # noqa: E731
+        each = lambda key, digits=2, o=o: ", ".join(f"{x[key]:.{digits}f}" for x in o)  # noqa: E731  one per case
         i = lambda key, sel=sel: avg([r["input"] for r in sel], key)  # noqa: E731
         cal = ("| calibrated | " + " | ".join(f"{m(f'coverage_{q}_calibrated'):.3f}" for q in (50, 90, 95)) + " |"
                if calibrated else "| calibrated | (no calibration file given) | | |")
@@ -255,8 +276,11 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                   "and read back through the user path)." if ct else
                   "A bright striped 12 mm lesion added to the image behind each test file's k-space (written as a "
                   "fastMRI .h5 and read back through the user path).")
-                 + " Median over slices of mean EU inside it / mean EU in the rest of the body: "
-                 + ", ".join(f"{x['median_ratio']:.2f}" for x in o) + " (target >= 3)."
+                 + f" Median over slices of mean EU inside it / mean EU in the rest of the body: {each('median_ratio')}"
+                 f" (target >= 3). The same ratio of the squared error: {each('error_ratio')}; of the predicted total "
+                 f"variance: {each('total_ratio')}. {'Calibrated' if calibrated else 'Raw'} 90% intervals cover "
+                 f"{each('coverage_90_inside', 3)} of its pixels ({each('coverage_90_body', 3)} in the rest of the "
+                 "body)."
                  + (f" The input check flags {flags(o)} slices of the cases with the object (without it: "
                     f"{flags(sel)})." if checked else ""), "",
                  f"## {s + ' acceleration: ' if s else ''}aleatoric: measurement noise", "",

@@ -30,6 +30,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 __all__ = [
     "Decomposition",
     "UncertaintyAccumulator",
+    "central_z",
     "decompose",
     "psnr",
     "ssim",
@@ -217,16 +218,17 @@ def gaussian_crps(mean: torch.Tensor, variance: torch.Tensor, target: torch.Tens
     return torch.where(sigma > 0, score, error.abs())
 
 
+def central_z(level: float) -> float:
+    """The half-width, in standard deviations, of the central ``level`` interval of a Gaussian (0.9: 1.645)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"coverage level must be in (0, 1), got {level}")
+    return math.sqrt(2) * torch.erfinv(torch.tensor(level, dtype=torch.float64)).item()
+
+
 def gaussian_coverage(
     mean: torch.Tensor, variance: torch.Tensor, target: torch.Tensor, levels: Sequence[float] = (0.5, 0.9, 0.95)
 ) -> dict[float, float]:
     """Fraction of pixels whose ``target`` lies in the central ``level`` interval of ``N(mean, variance)``."""
     error = (target - mean).double().abs()
     sigma = variance.double().clamp_min(0).sqrt()
-    result = {}
-    for level in levels:
-        if not 0.0 < level < 1.0:
-            raise ValueError(f"coverage level must be in (0, 1), got {level}")
-        z = math.sqrt(2) * torch.erfinv(torch.tensor(level, dtype=torch.float64)).item()
-        result[level] = (error <= z * sigma).double().mean().item()
-    return result
+    return {level: (error <= central_z(level) * sigma).double().mean().item() for level in levels}

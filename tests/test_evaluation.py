@@ -108,5 +108,9 @@ def test_bundle_evaluate_run_writes_the_ct_report(tmp_path, checkpoint):
     assert all(0 <= n["coverage_90"] <= 1 and n["mean_total"] > 0 for n in report["noise"])
     assert "| squared error / predicted variance | 90% raw | 90% calibrated |" in text
     assert 0 < report["ood"][0]["eu_inside"] < float("inf")
+    inside = report["ood"][0]
+    assert inside["error_ratio"] > 0 and inside["total_ratio"] > 0 and 0 <= inside["coverage_90_inside"] <= 1
+    assert f"The same ratio of the squared error: {inside['error_ratio']:.2f}" in text
+    assert f"Raw 90% intervals cover {inside['coverage_90_inside']:.3f} of its pixels" in text
     assert (out / "calibration.png").stat().st_size > 0 and (out / "ood_object.png").stat().st_size > 0
     assert not list(out.glob(".*"))  # no temporary files left by the atomic writes

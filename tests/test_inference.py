@@ -129,8 +129,8 @@ def test_calibration_covers_each_fbp_pitch_asked_for(luna):
 
 def test_calibration_covers_each_mri_acceleration_asked_for(tmp_path):
     """``inference_cfg#calibration_accelerations``: the validation files once per k-space noise level and fastMRI
-    mask (4x with an 8% centre, 8x with 4%): the 8x cases see half the columns; an acceleration fastMRI has no
-    mask for is refused naming the key."""
+    mask (4x with an 8% centre, 8x with 4%): the 8x cases see half the columns; another acceleration gets the
+    centre fastMRI's pairs imply (0.32 / acceleration), and one of 1 or less is refused naming the key."""
     from hyper_dm.inference import calibration_dataset
 
     write_fastmri_knee_like(tmp_path, n_files=3, seed=4, n_slices=(2, 2))
@@ -143,8 +143,11 @@ def test_calibration_covers_each_mri_acceleration_asked_for(tmp_path):
     assert masks == [([4], [0.08])] * 2 + [([8], [0.04])] * 2
     columns = [float(both[i]["kspace_mask"].mean()) for i in (0, len(both) - 1)]  # sampled fraction
     assert columns[1] < 0.7 * columns[0], columns
-    with pytest.raises(ValueError, match=r"calibration_accelerations: \[6\] not among fastMRI's \[4, 8\]"):
-        calibration_dataset(data, [0.0], accelerations=[4, 6])
+    six = calibration_dataset(data, [0.0], accelerations=[6])  # not one of fastMRI's: centre 0.32 / 6
+    assert six.datasets[0].settings["center_fractions"] == [pytest.approx(0.32 / 6)]
+    assert 0.13 < float(six[0]["kspace_mask"].mean()) < 0.22  # about one column in six
+    with pytest.raises(ValueError, match=r"calibration_accelerations: acceleration 1 is not above 1"):
+        calibration_dataset(data, [0.0], accelerations=[4, 1])
 
 
 def test_ct_volume_keeps_its_geometry_through_orientation_and_back(tmp_path, luna):

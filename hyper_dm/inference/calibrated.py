@@ -63,7 +63,8 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
     pooled, calibration = calibration, calibration.at_acceleration(acceleration)
     if calibration.acceleration is not None and abs(math.log(acceleration / calibration.acceleration)) > math.log(1.3):
         logger.warning("%s: its mask samples one k-space column in %.2f, far from every calibrated acceleration "
-                       "(%s); it takes the %gx calibration, whose intervals may not hold for it", name, acceleration,
+                       "(%s); it takes the %gx calibration, whose intervals may not hold for it (add its acceleration "
+                       "to inference_cfg#calibration_accelerations and recalibrate)", name, acceleration,
                        ", ".join(f"{a}x" for a in pooled.accelerations),
                        calibration.acceleration)
     raw["total_std_calibrated"] = calibration.scale_at(noise).float() * raw["total"].clamp_min(0).sqrt()

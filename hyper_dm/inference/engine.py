@@ -23,7 +23,7 @@ from monai.engines.utils import IterationEvents
 from torch.utils.data import ConcatDataset
 
 from ..calibration import LEVELS, Calibration, fit_calibration, standardised_residuals
-from ..data.config import FASTMRI_CENTER_FRACTIONS, MEASUREMENT_NOISE, resolve_data_config
+from ..data.config import MEASUREMENT_NOISE, fastmri_center_fraction, resolve_data_config
 from ..data.datasets import split_cases
 from ..data.validation import BadFileLog, BadInputError
 from ..engines.distributed import from_rank0, gather, rank_and_world
@@ -266,7 +266,8 @@ def calibration_dataset(data: Mapping, noise_levels: Sequence[float], on_bad_fil
                         accelerations: Sequence[int] | None = None) -> ConcatDataset:
     """The validation split simulated at each measurement noise level (CT: photon count ``i0``; MRI: k-space noise
     std ``kspace_noise``) and with each measurement: CT FBPs made at each of ``fbp_pitches``, MRI masks at each of
-    ``accelerations`` (with fastMRI's centre fraction; default: ``data#fbp_pitch`` / the data's masks alone), as
+    ``accelerations`` (with :func:`~hyper_dm.data.config.fastmri_center_fraction`; default: ``data#fbp_pitch`` / the
+    data's masks alone), as
     :class:`CaseDataset` s one after the other; case ids get the level (and pitch or acceleration) as a suffix."""
     data = resolve_data_config(data)
     key = MEASUREMENT_NOISE[data["task"]][0]
@@ -275,12 +276,11 @@ def calibration_dataset(data: Mapping, noise_levels: Sequence[float], on_bad_fil
     if data["task"] == "ct":
         measurements = {f"_{p}_pitch": {"fbp_pitch": p} for p in fbp_pitches or [data["fbp_pitch"]]}
     else:
-        unknown = sorted(set(accelerations or []) - set(FASTMRI_CENTER_FRACTIONS))
-        if unknown:
-            raise ValueError(f"inference_cfg#calibration_accelerations: {unknown} not among fastMRI's "
-                             f"{sorted(FASTMRI_CENTER_FRACTIONS)}")
-        measurements = {f"_{a}x": {"accelerations": [a], "center_fractions": [FASTMRI_CENTER_FRACTIONS[a]]}
-                        for a in accelerations or []} or {"": {}}
+        try:
+            measurements = {f"_{a:g}x": {"accelerations": [a], "center_fractions": [fastmri_center_fraction(a)]}
+                            for a in accelerations or []} or {"": {}}
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"inference_cfg#calibration_accelerations: {e}") from e
     named = len(measurements) > 1  # one measurement: no suffix
     cases = split_cases(data, "validation")
     return ConcatDataset([

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from hyper_dm.diffusion import HyperDDIMSampler, LossConfig, make_ddim, make_ddpm, training_loss  # noqa: E402
 from hyper_dm.io import atomic_write  # noqa: E402
 from hyper_dm.networks import ConditionalUNet, HyperNetwork, apply_weight_sets  # noqa: E402
-from hyper_dm.uncertainty import ause, decompose, gaussian_coverage, psnr  # noqa: E402
+from hyper_dm.uncertainty import ause, central_z, decompose, gaussian_coverage, psnr  # noqa: E402
 
 HU = 1000.0  # HU per model unit (hu_window [-1000, 1000])
 _BASE = {"prediction_type": "sample", "timestep_sampling": "uniform", "mode": "standard", "seed": 0}
@@ -64,6 +64,7 @@ RECIPES = {
     "knee_v_quadratic": {**_V, "timestep_sampling": "quadratic"},  # with a knee study (prepare --task mri)
     "knee_v_quadratic_nl": {**_V, "timestep_sampling": "quadratic", "noise_level_input": True},
     **{f"v_quadratic_s{k}": {**_V, "timestep_sampling": "quadratic", "seed": k} for k in (1, 2, 3)},
+    "v_quadratic_offset2": {**_V, "timestep_sampling": "quadratic", "model": {"offset_scale": 2.0}},  # weight spread
 }
 ABLATION = (2, 4, 8, 16)
 ENSEMBLE = ("v_quadratic", "v_quadratic_s1", "v_quadratic_s2", "v_quadratic_s3")
@@ -162,8 +163,13 @@ def load_study(path: str) -> dict:
     return study
 
 
+def model_config(study: dict, recipe: dict) -> dict:
+    """The study's model section with the recipe's ``model`` overrides (e.g. the HyperNetwork's ``offset_scale``)."""
+    return {**study["model"], **recipe.get("model", {})}
+
+
 def build(study: dict, recipe: dict, device: torch.device) -> HyperNetwork:
-    model = study["model"]
+    model = model_config(study, recipe)
     backbone = ConditionalUNet(model["channels"], model["attention_levels"], model["num_res_blocks"],
                                model["norm_num_groups"], model["num_head_channels"],
                                noise_level_input=recipe.get("noise_level_input", False))
@@ -294,7 +300,7 @@ def export(args: argparse.Namespace) -> None:
                   "norm_num_groups", "num_head_channels")
     diffusion = bundle_section("diffusion")
     config = {"data": {"task": study.get("task", "ct"), "img_size": int(study["train"]["target"].shape[-1])},
-              "model": {**{k: study["model"][k] for k in model_keys},
+              "model": {**{k: model_config(study, recipe)[k] for k in model_keys},
                         "noise_level_input": recipe.get("noise_level_input", False)},
               "diffusion": {**{k: diffusion[k] for k in ("num_train_timesteps", "beta_start", "beta_end")},
                             "prediction_type": recipe["prediction_type"]}}
@@ -383,13 +389,14 @@ def evaluate_set(weight_list: list[dict], backbone: torch.nn.Module, split: dict
     return result
 
 
-def ood_ratio(res: dict) -> float:
-    """Median over slices of mean EU inside the object / mean EU in the rest of the body."""
+def ood_ratio(res: dict, values: torch.Tensor | None = None) -> float:
+    """Median over slices of the mean of ``values`` (default: EU) inside the object over its mean in the rest of the
+    body."""
     ratios = []
-    for eu, mask, target in zip(res["eu"], res["mask"], res["target"], strict=True):
+    for v, mask, target in zip(res["eu"] if values is None else values, res["mask"], res["target"], strict=True):
         body = (target > -0.99) & ~mask
         if mask.any() and body.any():
-            ratios.append(float(eu[mask].mean() / eu[body].mean().clamp_min(1e-20)))
+            ratios.append(float(v[mask].mean() / v[body].mean().clamp_min(1e-20)))
     return float(torch.tensor(ratios).median()) if ratios else float("nan")
 
 
@@ -398,7 +405,7 @@ def posterior_figures(weight_list: list[dict], backbone: torch.nn.Module, study:
     val = evaluate_set(weight_list, backbone, study["val"], recipe, args, limit=args.eval_slices)
     residual = ((val["target"] - val["mean"]).abs() / (val["eu"] + val["au"]).clamp_min(1e-12).sqrt()).flatten()
     k = min(residual.numel(), math.ceil((residual.numel() + 1) * 0.9))
-    scale = float(residual.sort().values[k - 1] / 1.6448536)  # split-conformal scale of the std at 90%
+    scale = float(residual.sort().values[k - 1]) / central_z(0.9)  # split-conformal scale of the std at 90%
     figures = {"conformal_scale_90": scale, "noise": []}
     test, counts = study["test"], study["photon_counts"]
     for i0 in counts:
@@ -429,6 +436,12 @@ def posterior_figures(weight_list: list[dict], backbone: torch.nn.Module, study:
     ood = evaluate_set(weight_list, backbone, study["ood"], recipe, args, limit=args.eval_slices)
     figures["ood_eu_ratio"] = ood_ratio(ood)
     figures["ood_rmse_inside_hu"] = float((ood["mean"] - ood["target"])[ood["mask"]].pow(2).mean().sqrt()) * HU
+    ood_total = ood["eu"] + ood["au"]
+    figures["ood_total_ratio"] = ood_ratio(ood, ood_total)
+    figures["ood_error_ratio"] = ood_ratio(ood, (ood["mean"] - ood["target"]).pow(2))
+    inside = ood["mask"]
+    figures["ood_coverage_90_calibrated"] = gaussian_coverage(ood["mean"][inside], ood_total[inside] * scale**2,
+                                                              ood["target"][inside], (0.9,))[0.9]
     return figures
 
 

@@ -157,14 +157,16 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 reference = ood_case["label"][0].numpy()
                 body = reference > -990 if ct else reference > 0.1 * reference.max()  # tissue, not air
                 error = np.abs(ood_raw["mean"][0].numpy() - reference)
-                std = ood_raw.get("total_std_calibrated", ood_raw["total"].sqrt())[0].numpy()
+                std = (ood_raw["total_std_calibrated"] if "total_std_calibrated" in ood_raw
+                       else ood_raw["total"].clamp_min(0).sqrt())[0].numpy()
+                covered = error <= central_z(0.9) * std  # inside its 90% interval
                 mid = eu.shape[-1] // 2
                 ood.append({"case_id": entry["case_id"], "setting": setting,
                             "median_ratio": inside_over_body(eu, mask, body),
                             "error_ratio": inside_over_body(error**2, mask, body),
                             "total_ratio": inside_over_body(ood_raw["total"][0].numpy(), mask, body),
-                            "coverage_90_inside": float((error <= central_z(0.9) * std)[mask].mean()),
-                            "coverage_90_body": float((error <= central_z(0.9) * std)[body & ~mask].mean()),
+                            "coverage_90_inside": float(covered[mask].mean()),
+                            "coverage_90_body": float(covered[body & ~mask].mean()),
                             "eu_inside": float(eu[mask].mean()), "eu_body": float(eu[body & ~mask].mean()),
                             **ood_flags,
                             "maps": {"input": F.interpolate(ood_case["cond"][0, ..., mid][None, None],

@@ -44,6 +44,20 @@ def test_masks_seeded_accelerated_and_centred(mask_type):
     assert any((o != keep).any() for o in others)
 
 
+def test_masks_seeded_from_concurrent_threads():
+    """CacheDataset fills its cache from threads sharing one mask function: each seed keeps its own mask."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    kspace = np.ones((4, 368), dtype=np.complex64)
+    mask_func = make_mask_func("random", [0.08], [4])
+    alone = [undersample(kspace, mask_func, seed=s)[1] for s in range(64)]
+    with ThreadPoolExecutor(8) as pool:
+        together = [list(pool.map(lambda s: undersample(kspace, mask_func, seed=s)[1], range(64))) for _ in range(5)]
+    for run in together:
+        for seed, keep in enumerate(run):
+            np.testing.assert_array_equal(keep, alone[seed], err_msg=f"seed {seed}")
+
+
 def test_zero_filled_full_sampling_is_the_cropped_magnitude():
     image = np.zeros((640, 368), dtype=np.complex64)
     image[200:440, 50:300] = 1 + 1j

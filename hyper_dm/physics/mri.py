@@ -7,7 +7,9 @@ the inverse transform center-cropped to ``[320, 320]``.
 
 Masks are fastMRI's own ``MaskFunc`` (``fastmri.data.subsample``): whole phase-encode columns (the last axis)
 are kept; ``center_fractions`` of the columns around DC are always kept and the rest are drawn to reach the
-acceleration. A mask is a pure function of ``seed``: the same seed gives the same mask.
+acceleration. A mask is a pure function of ``seed``: the same seed gives the same mask, from any thread (a
+``MaskFunc`` reseeds one shared ``RandomState`` per call, so :func:`undersample` holds a lock around it: otherwise
+``CacheDataset``'s threads would draw each other's masks).
 
 Measurement noise (:func:`add_kspace_noise`): white complex Gaussian noise on every k-space sample before the mask;
 with the orthonormal DFT its per-component std is also the noise std of each complex image pixel.
@@ -26,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Literal
 
@@ -75,6 +78,9 @@ def center_crop(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return x[..., top : top + shape[0], left : left + shape[1]]
 
 
+_MASK_LOCK = threading.Lock()
+
+
 def make_mask_func(mask_type: MaskType, center_fractions: Sequence[float], accelerations: Sequence[int]) -> MaskFunc:
     """fastMRI mask function (``"random"`` or ``"equispaced"``) for the given center fractions and accelerations."""
     if mask_type not in ("random", "equispaced"):
@@ -96,7 +102,8 @@ def undersample(kspace: np.ndarray, mask_func: MaskFunc, seed: int | tuple[int, 
     Returns:
         ``(masked_kspace [H, W] complex64, mask [W] bool)``.
     """
-    mask, _ = mask_func((1, kspace.shape[-1], 1), seed=seed)  # fastMRI shape convention [..., W, 2]
+    with _MASK_LOCK:  # the MaskFunc's RandomState is reseeded and drawn from in two steps
+        mask, _ = mask_func((1, kspace.shape[-1], 1), seed=seed)  # fastMRI shape convention [..., W, 2]
     keep = mask.reshape(-1).numpy().astype(bool)
     return (kspace * keep).astype(np.complex64), keep
 

@@ -59,6 +59,12 @@ RECIPES = {
                 "eu_term": "kl", "prior_std": 0.3, "probe": True},
     "v_eu_kl_low": {**_V, "timestep_sampling": "quadratic", "mode": "eu", "m_weights": 4, "lambda_eu": 0.003,
                     "eu_term": "kl", "prior_std": 0.3, "probe": True},
+    # fine-tuning the shipped CT model (noise-level input) with the KL term on the whole probe or inside its objects
+    "v_nl_eu_kl": {**_V, "timestep_sampling": "quadratic", "noise_level_input": True, "mode": "eu", "m_weights": 4,
+                   "lambda_eu": 0.003, "eu_term": "kl", "prior_std": 0.3, "probe": True},
+    "v_nl_eu_kl_inside": {**_V, "timestep_sampling": "quadratic", "noise_level_input": True, "mode": "eu",
+                          "m_weights": 4, "lambda_eu": 0.003, "eu_term": "kl", "prior_std": 0.3, "probe": True,
+                          "probe_mask": True},
     "v_au": {**_V, "timestep_sampling": "quadratic", "mode": "au", "n_noisy": 2, "sigma_noise": 0.05},
     "regression": {**_BASE, "regression": True},
     "knee_v_quadratic": {**_V, "timestep_sampling": "quadratic"},  # with a knee study (prepare --task mri)
@@ -177,11 +183,12 @@ def build(study: dict, recipe: dict, device: torch.device) -> HyperNetwork:
                         offset_scale=model["offset_scale"]).to(device)
 
 
-def random_objects(cond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``cond [B, 1, H, W]`` with one to three random ellipses of random value and stripe texture pasted in:
-    inputs off the training distribution where the KL term of mode ``eu`` keeps the weight sets apart."""
+def random_objects(cond: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cond [B, 1, H, W]`` with three random ellipses of random value and stripe texture pasted in: inputs off
+    the training distribution where the KL term of mode ``eu`` keeps the weight sets apart; and where they lie
+    (bool ``[B, 1, H, W]``, for recipes whose term acts inside the objects only, ``probe_mask``)."""
     b, _, h, w = cond.shape
-    out = cond.clone()
+    out, pasted = cond.clone(), torch.zeros_like(cond, dtype=torch.bool)
     yy, xx = torch.meshgrid(torch.arange(h, device=cond.device), torch.arange(w, device=cond.device),
                             indexing="ij")
     for _ in range(3):
@@ -191,7 +198,8 @@ def random_objects(cond: torch.Tensor, generator: torch.Generator) -> torch.Tens
         period = 2 + (r[:, 4] * 4).floor().view(b, 1, 1)
         value = (2 * r[:, 5] - 1).view(b, 1, 1) * (1 - ((xx // period) % 2) * r[:, 6].view(b, 1, 1))
         out[:, 0] = torch.where(inside <= 1, value, out[:, 0])
-    return out
+        pasted[:, 0] |= inside <= 1
+    return out, pasted
 
 
 def train(args: argparse.Namespace) -> None:
@@ -237,8 +245,9 @@ def train(args: argparse.Namespace) -> None:
             terms = {"mse": F.mse_loss(regression(hyper, cond, hyper(hyper.sample_z(1, generator))), target)}
             terms["loss"] = terms["mse"]
         else:
-            probe = random_objects(cond, generator) if recipe.get("probe") else None
-            terms = training_loss(hyper, hyper.target, scheduler, target, cond, loss_config, generator, probe)
+            probe, pasted = random_objects(cond, generator) if recipe.get("probe") else (None, None)
+            terms = training_loss(hyper, hyper.target, scheduler, target, cond, loss_config, generator, probe,
+                                  pasted if recipe.get("probe_mask") else None)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()

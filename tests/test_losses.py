@@ -139,6 +139,31 @@ def test_probe_cond_moves_the_diversity_term_and_not_the_mse(eu_term):
     assert here[key].item() != pytest.approx(plain[key].item(), rel=1e-3)  # its own draw of x_t and t
 
 
+@pytest.mark.parametrize("eu_term", ["l1", "kl"])
+def test_probe_mask_averages_the_diversity_term_over_the_marked_elements(eu_term):
+    torch.manual_seed(0)
+    backbone = ConditionalMLP(hidden=16, depth=2)
+    hyper = HyperNetwork(backbone, z_dim=4, hidden=16, rank=2)
+    target, cond = torch.rand(16, 1) * 2 - 1, torch.rand(16, 1) * 2 - 1
+    config = LossConfig(mode="eu", m_weights=3, lambda_eu=0.1, eu_term=eu_term)
+    run = lambda mask: training_loss(  # noqa: E731
+        hyper, backbone, make_ddpm(prediction_type="v_prediction"), target, cond, config,
+        torch.Generator().manual_seed(1), probe_cond=cond + 3.0, probe_mask=mask,
+    )
+    key = "kl" if eu_term == "kl" else "diversity"
+    first = torch.arange(16)[:, None] < 5
+    whole, every, a, b = run(None), run(torch.ones(16, 1, dtype=torch.bool)), run(first), run(~first)
+    assert every[key].item() == pytest.approx(whole[key].item(), rel=1e-6)
+    assert (5 * a[key] + 11 * b[key]).item() / 16 == pytest.approx(whole[key].item(), rel=1e-5)
+    assert a[key].item() != pytest.approx(b[key].item(), rel=1e-3)
+    assert a["mse"].item() == whole["mse"].item()
+    with pytest.raises(ValueError, match="probe_mask"):
+        run(torch.zeros(16, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="probe_mask"):
+        training_loss(hyper, backbone, make_ddpm(prediction_type="v_prediction"), target, cond, config,
+                      probe_mask=first)
+
+
 def test_timestep_samplings_follow_their_distributions():
     g = torch.Generator().manual_seed(0)
     a = make_ddpm(1000, 1e-4, 0.02, "v_prediction").alphas_cumprod

@@ -26,7 +26,9 @@ Opt-in options (defaults keep the behaviour above):
   evaluated instead of the batch's own, in one extra forward pass on the batch's targets noised afresh at
   uniform ``t`` (the x0 spread that EU inherits is decided at large ``t``, which quadratic sampling visits
   less). Away from the training inputs the MSE does not hold the weight sets together, so that is where EU
-  can grow.
+  can grow. ``probe_mask`` (same shape as the prediction but one channel, bool) restricts the term to the
+  elements where the probe departs from the training input (a pasted object), as noise-contrastive priors do
+  (Hafner et al. 2019): the spread is pushed towards the prior there and left to the MSE everywhere else.
 """
 
 from __future__ import annotations
@@ -108,10 +110,12 @@ def training_loss(
     config: LossConfig,
     generator: torch.Generator | None = None,
     probe_cond: torch.Tensor | None = None,
+    probe_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One iteration's loss for ``target [B, C, ...]`` given ``cond [B, C_cond, ...]``.
 
-    ``probe_cond [B, C_cond, ...]`` (mode ``eu``, optional): where the diversity term is evaluated.
+    ``probe_cond [B, C_cond, ...]`` (mode ``eu``, optional): where the diversity term is evaluated;
+    ``probe_mask [B, 1, ...]`` (bool, with ``probe_cond``): the elements it is averaged over (all when ``None``).
     Returns ``{"loss": scalar to backpropagate, "mse": ..., in mode eu "diversity" (L1) or "kl"}``.
     """
     if config.mode == "au":
@@ -133,6 +137,13 @@ def training_loss(
     mse = F.mse_loss(prediction, rep(regress))
     if config.mode != "eu":
         return {"loss": mse, "mse": mse}
+    if probe_mask is not None and (probe_cond is None or not bool(probe_mask.any())):
+        raise ValueError("probe_mask needs probe_cond and at least one True element: it marks where the probe "
+                         "departs from the training input")
+
+    def inside(x: torch.Tensor) -> torch.Tensor:  # the diversity term's average over the probed elements
+        return x.mean() if probe_mask is None else x[probe_mask.expand_as(x)].mean()
+
     if probe_cond is not None:  # a fresh draw at uniform t: timestep_sampling weights the MSE, not this term
         t = sample_timesteps(scheduler.alphas_cumprod, b, "uniform", generator, device).to(target.device)
         noise = torch.randn(target.shape, generator=generator, device=device).to(target)
@@ -142,10 +153,10 @@ def training_loss(
         alpha_bar = scheduler.alphas_cumprod.to(t.device)[t].view(1, b, *[1] * (x_t.ndim - 1))
         x0, _ = to_x0(prediction, rep(x_t), alpha_bar.to(prediction), scheduler.prediction_type)  # [M, B, ...]
         ratio = x0.var(dim=0) / config.prior_std**2
-        kl = 0.5 * (ratio - ratio.clamp_min(1e-12).log() - 1).mean()
+        kl = inside(0.5 * (ratio - ratio.clamp_min(1e-12).log() - 1))
         return {"loss": mse + config.lambda_eu * kl, "mse": mse, "kl": kl}
     i, j = torch.triu_indices(m, m, offset=1)
-    diversity = (prediction[i] - prediction[j]).abs().mean()
+    diversity = inside((prediction[i] - prediction[j]).abs().mean(dim=0))
     return {"loss": mse - config.lambda_eu * diversity, "mse": mse, "diversity": diversity}
 
 

@@ -72,6 +72,9 @@ RECIPES = {
     **{f"v_quadratic_s{k}": {**_V, "timestep_sampling": "quadratic", "seed": k} for k in (1, 2, 3)},
     "v_quadratic_offset2": {**_V, "timestep_sampling": "quadratic", "model": {"offset_scale": 2.0}},  # weight spread
 }
+# the unfamiliar objects of the test slices (study keys): the evaluation's dense disc, whose stripes the probes of
+# the eu recipes resemble, and a checkered square of another shape and texture that no probe resembles
+OBJECTS = {"ood": "insert_dense_disc", "ood_square": "insert_checkered_square"}
 ABLATION = (2, 4, 8, 16)
 ENSEMBLE = ("v_quadratic", "v_quadratic_s1", "v_quadratic_s2", "v_quadratic_s3")
 
@@ -108,7 +111,7 @@ def prepare_ct(args: argparse.Namespace) -> None:
     from hyper_dm.config import bundle_section
     from hyper_dm.data import build_datalist, build_dataset
     from hyper_dm.data.config import MEASUREMENT_NOISE
-    from hyper_dm.data.synthetic import insert_dense_disc, write_luna16_like
+    from hyper_dm.data.synthetic import write_luna16_like
     from hyper_dm.inference import load_case
 
     out = Path(args.out)
@@ -138,21 +141,31 @@ def prepare_ct(args: argparse.Namespace) -> None:
 
     test = {f"cond_{int(i0)}": cases("test", i0)["cond"] for i0 in photon_counts}
     test["target"] = cases("test")["target"]
-    ood = {"target": [], "cond": [], "mask": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for entry in build_datalist(data)["test"]:
-            mask = insert_dense_disc(entry["image"], Path(tmp) / "object.nii.gz")
-            case = load_case({"image": str(Path(tmp) / "object.nii.gz"), "case_id": entry["case_id"]}, data,
-                             "simulate", size)
-            ood["target"].append(_model_grid(case["label"], size) / HU)
-            ood["cond"].append(case["cond"][0].permute(2, 0, 1)[:, None] / HU)
-            ood["mask"].append(_model_grid(torch.from_numpy(mask[None]).float(), size) > 0.5)
     half = lambda split: {k: v.half() if v.is_floating_point() else v for k, v in split.items()}  # noqa: E731
     torch.save({"train": half({"target": targets, "cond": conds}), "val": half(cases("validation")),
-                "test": half(test), "ood": half({k: torch.cat(v) for k, v in ood.items()}),
+                "test": half(test), **{key: half(object_cases(data, insert)) for key, insert in OBJECTS.items()},
                 "model": bundle_section("model"), "photon_counts": list(photon_counts)}, out)
     print(f"wrote {out}: {targets.shape[0]} training slices x {args.realisations} conditions, "
           f"{test['target'].shape[0]} test slices")
+
+
+def object_cases(data: dict, insert: str) -> dict[str, torch.Tensor]:
+    """The test slices with an unfamiliar object painted in by ``hyper_dm.data.synthetic.<insert>`` (``(mhd, out)
+    -> mask [X, Y, Z]``), simulated as inference does: ``target``, ``cond`` and the object's ``mask`` on the model
+    grid."""
+    from hyper_dm.data import build_datalist, synthetic
+    from hyper_dm.inference import load_case
+
+    size, rows = int(data["img_size"]), {"target": [], "cond": [], "mask": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for entry in build_datalist(data)["test"]:
+            mask = getattr(synthetic, insert)(entry["image"], Path(tmp) / "object.nii.gz")
+            case = load_case({"image": str(Path(tmp) / "object.nii.gz"), "case_id": entry["case_id"]}, data,
+                             "simulate", size)
+            rows["target"].append(_model_grid(case["label"], size) / HU)
+            rows["cond"].append(case["cond"][0].permute(2, 0, 1)[:, None] / HU)
+            rows["mask"].append(_model_grid(torch.from_numpy(mask[None]).float(), size) > 0.5)
+    return {k: torch.cat(v) for k, v in rows.items()}
 
 
 def _model_grid(volume: torch.Tensor, size: int) -> torch.Tensor:
@@ -164,7 +177,9 @@ def _model_grid(volume: torch.Tensor, size: int) -> torch.Tensor:
 def load_study(path: str) -> dict:
     """The tensors of ``prepare`` (stored in float16 to travel light) as float32."""
     study = torch.load(path, weights_only=True)
-    for split in ("train", "val", "test", "ood") if "test" in study else ("train",):
+    for split in ("train", "val", "test", *OBJECTS) if "test" in study else ("train",):
+        if split not in study:  # a study prepared before its second object
+            continue
         study[split] = {k: v.float() if v.is_floating_point() else v for k, v in study[split].items()}
     return study
 
@@ -442,16 +457,23 @@ def posterior_figures(weight_list: list[dict], backbone: torch.nn.Module, study:
     figures["au_rises"] = all(a < b for a, b in zip(aus, aus[1:], strict=False))
     figures["au_change"] = aus[-1] / max(aus[0], 1e-20) - 1
     figures["eu_change"] = eus[-1] / max(eus[0], 1e-20) - 1
-    ood = evaluate_set(weight_list, backbone, study["ood"], recipe, args, limit=args.eval_slices)
-    figures["ood_eu_ratio"] = ood_ratio(ood)
-    figures["ood_rmse_inside_hu"] = float((ood["mean"] - ood["target"])[ood["mask"]].pow(2).mean().sqrt()) * HU
-    ood_total = ood["eu"] + ood["au"]
-    figures["ood_total_ratio"] = ood_ratio(ood, ood_total)
-    figures["ood_error_ratio"] = ood_ratio(ood, (ood["mean"] - ood["target"]).pow(2))
-    inside = ood["mask"]
-    figures["ood_coverage_90_calibrated"] = gaussian_coverage(ood["mean"][inside], ood_total[inside] * scale**2,
-                                                              ood["target"][inside], (0.9,))[0.9]
+    for key in OBJECTS:
+        if key in study:
+            res = evaluate_set(weight_list, backbone, study[key], recipe, args, limit=args.eval_slices)
+            figures.update({f"{key}_{name}": v for name, v in object_figures(res, scale).items()})
     return figures
+
+
+def object_figures(res: dict, scale: float) -> dict[str, float]:
+    """Inside an unfamiliar object (``res["mask"]``) against the rest of the body: the ratios of EU, predicted
+    total variance and squared error, the RMSE inside (HU) and the 90% coverage of the object's pixels with the
+    conformal ``scale``."""
+    total, inside = res["eu"] + res["au"], res["mask"]
+    error2 = (res["mean"] - res["target"]).pow(2)
+    return {"eu_ratio": ood_ratio(res), "rmse_inside_hu": float(error2[inside].mean().sqrt()) * HU,
+            "total_ratio": ood_ratio(res, total), "error_ratio": ood_ratio(res, error2),
+            "coverage_90_calibrated": gaussian_coverage(res["mean"][inside], total[inside] * scale**2,
+                                                        res["target"][inside], (0.9,))[0.9]}
 
 
 def ablation(args: argparse.Namespace) -> None:

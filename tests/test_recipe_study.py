@@ -28,6 +28,7 @@ def tiny_study(path: Path) -> None:
     torch.save({"train": {"target": image(12), "cond": image(2, 12)}, "val": split,
                 "test": {"target": split["target"], "cond_100000": image(6), "cond_1000": image(6)},
                 "ood": {**split, "mask": torch.rand(6, 1, 16, 16, generator=g) > 0.7},
+                "ood_square": {**split, "mask": torch.rand(6, 1, 16, 16, generator=g) > 0.8},
                 "photon_counts": [100000.0, 1000.0],
                 "model": {"z_dim": 4, "hidden": 16, "rank": 2, "offset_scale": 0.5, "channels": [8, 8],
                           "attention_levels": [False, False], "num_res_blocks": 1, "norm_num_groups": 4,
@@ -92,3 +93,22 @@ def test_a_step_budget_stops_at_its_step_and_tracks_at_its_fractions(recipes, tm
     run = json.loads((tmp_path / "runs" / "v_quadratic_s1.run.json").read_text())
     assert run["steps"] == 4 and [t["step"] for t in run["track"]] == [2, 4]
     assert run["minutes"] < 5
+
+
+def test_probes_mark_their_objects_and_each_object_is_evaluated(recipes, tmp_path):
+    """The eu recipes' probes say where they paste; an evaluation reports every unfamiliar object of the study."""
+    cond = torch.zeros(4, 1, 32, 32)
+    probe, pasted = recipes.random_objects(cond, torch.Generator().manual_seed(0))
+    assert pasted.dtype == torch.bool and pasted.shape == cond.shape
+    assert ((probe != cond) <= pasted).all() and pasted.flatten(1).any(1).all()
+    assert (probe[~pasted] == 0).all()
+
+    tiny_study(tmp_path / "data.pt")
+    recipes.main(["train", "--data", str(tmp_path / "data.pt"), "--recipe", "v_nl_eu_kl_inside", "--max_steps", "2",
+                  "--batch", "2", "--M", "2", "--N", "2", "--steps", "2", "--track_points", "1", "--track_slices",
+                  "1", "--eval_slices", "3", "--out", str(tmp_path / "runs")])
+    figures = json.loads((tmp_path / "runs" / "v_nl_eu_kl_inside.json").read_text())
+    for key in ("ood", "ood_square"):
+        assert 0 <= figures[f"{key}_coverage_90_calibrated"] <= 1
+        assert figures[f"{key}_eu_ratio"] > 0 and figures[f"{key}_error_ratio"] > 0
+    assert figures["ood_error_ratio"] != figures["ood_square_error_ratio"]  # each object its own mask

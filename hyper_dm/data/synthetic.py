@@ -320,6 +320,28 @@ def insert_dense_disc(mhd: str | Path, out: str | Path, centre_lps: Sequence[flo
     HU in 3 mm bands, through every axial slice, around ``centre_lps`` (world mm; default: the patient's right lung,
     32% / 45% across the slice). ``out`` is any format SimpleITK writes (``.nii.gz``: a user's study). Returns the
     disc mask ``[X, Y, Z]`` in the file's voxel order. Assumes LUNA16's identity direction."""
+    def disc(dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return dx**2 + dy**2 <= radius_mm**2, hu - 600.0 * (np.floor(dx / 3.0) % 2)
+
+    return _paint_ct_object(mhd, out, centre_lps, disc)
+
+
+def insert_checkered_square(mhd: str | Path, out: str | Path, centre_lps: Sequence[float] | None = None,
+                            side_mm: float = 30.0, cell_mm: float = 4.0, hu: tuple[float, float] = (700.0, 100.0)
+                            ) -> np.ndarray:
+    """Like :func:`insert_dense_disc`, another unfamiliar object of another shape and texture: a square of side
+    ``side_mm`` checkered ``hu`` in ``cell_mm`` cells, axis-aligned, in the same place by default. Returns its mask
+    ``[X, Y, Z]``."""
+    def square(dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        checker = (np.floor(dx / cell_mm) + np.floor(dy / cell_mm)) % 2
+        return np.maximum(abs(dx), abs(dy)) <= side_mm / 2, np.where(checker == 0, *hu)
+
+    return _paint_ct_object(mhd, out, centre_lps, square)
+
+
+def _paint_ct_object(mhd: str | Path, out: str | Path, centre_lps: Sequence[float] | None, paint) -> np.ndarray:
+    """Write ``mhd`` to ``out`` with ``paint(dx, dy) -> (inside [X, Y] bool, HU [X, Y])`` (offsets in world mm from
+    ``centre_lps``) set on every axial slice; returns the mask ``[X, Y, Z]``."""
     image = sitk.ReadImage(str(mhd))
     volume = sitk.GetArrayFromImage(image).astype(np.float32)  # [z, y, x]
     size, origin, spacing = np.asarray(image.GetSize()), np.asarray(image.GetOrigin()), np.asarray(image.GetSpacing())
@@ -327,13 +349,12 @@ def insert_dense_disc(mhd: str | Path, out: str | Path, centre_lps: Sequence[flo
         centre_lps = origin + np.array([0.32, 0.45, 0.0]) * size * spacing
     x, y = (origin[k] + np.arange(size[k]) * spacing[k] for k in (0, 1))
     xx, yy = np.meshgrid(x, y, indexing="ij")  # [X, Y] world mm
-    disc = (xx - centre_lps[0]) ** 2 + (yy - centre_lps[1]) ** 2 <= radius_mm**2
-    stripes = np.floor((xx - centre_lps[0]) / 3.0) % 2
-    volume[:, disc.T] = (hu - 600.0 * stripes.T)[disc.T]
+    inside, hu = paint(xx - centre_lps[0], yy - centre_lps[1])
+    volume[:, inside.T] = hu.T[inside.T]
     objected = sitk.GetImageFromArray(volume)
     objected.CopyInformation(image)
     sitk.WriteImage(objected, str(out))
-    return np.repeat(disc[:, :, None], volume.shape[0], axis=2)
+    return np.repeat(inside[:, :, None], volume.shape[0], axis=2)
 
 
 def insert_bright_lesion(h5: str | Path, out: str | Path, radius_mm: float = 6.0) -> np.ndarray:

@@ -9,8 +9,9 @@ MRI at 4x and 8x acceleration):
   calibration (fitted by the bundle's ``calibrate`` run id), UCE, AUSE against a random ordering, sparsification
   and reliability plots;
 - epistemic: the same case with an object the training set never had, written as a file and read back like any
-  user's (CT: a dense 30 mm disc with a stripe texture in the right lung, NIfTI; MRI: a bright striped 12 mm
-  lesion, fastMRI ``.h5``): EU inside it against EU in the rest of the body, per slice;
+  user's (:data:`OBJECTS`; CT: a dense 30 mm disc with a stripe texture in the right lung, and a 30 mm checkered
+  square there, NIfTI; MRI: a bright striped 12 mm lesion, fastMRI ``.h5``): EU, squared error and predicted
+  variance inside it against the rest of the body, per slice, and the coverage of its pixels;
 - aleatoric: the case at three measurement noise levels (CT: photon count ``i0``; MRI: ``kspace_noise``): mean AU
   and EU at each.
 
@@ -35,15 +36,25 @@ from matplotlib.figure import Figure
 from .calibration import Calibration
 from .data import resolve_data_config, split_cases
 from .data.config import FASTMRI_CENTER_FRACTIONS, MEASUREMENT_NOISE
-from .data.synthetic import insert_bright_lesion, insert_dense_disc
+from .data.synthetic import insert_bright_lesion, insert_checkered_square, insert_dense_disc
 from .inference import VolumeReconstructor, apply_calibration, case_metrics, load_case
 from .io import atomic_write
 from .uncertainty import ause, central_z, psnr, sparsification_curves, ssim
 
-__all__ = ["MRI_ACCELERATIONS", "evaluate", "write_report"]
+__all__ = ["MRI_ACCELERATIONS", "OBJECTS", "evaluate", "write_report"]
 
 MRI_ACCELERATIONS = {f"{a}x": {"accelerations": [a], "center_fractions": [c]}
                      for a, c in FASTMRI_CENTER_FRACTIONS.items()}
+# per task, the unfamiliar objects painted into each test case: name -> (writer, file suffix, the report's words)
+OBJECTS = {
+    "ct": {"disc": (insert_dense_disc, ".nii.gz", "A dense striped 30 mm disc inserted in the right lung of each "
+                    "test case (written as a NIfTI study and read back through the user path)."),
+           "square": (insert_checkered_square, ".nii.gz", "A 30 mm square checkered 700 / 100 HU in 4 mm cells, in "
+                      "the same place: another shape and texture, unlike the disc and the probes of the `eu` study "
+                      "recipes.")},
+    "mri": {"lesion": (insert_bright_lesion, ".h5", "A bright striped 12 mm lesion added to the image behind each "
+                       "test file's k-space (written as a fastMRI .h5 and read back through the user path).")},
+}
 NOISE_FIGURES = ("mean_au", "mean_eu", "mean_total", "rmse", "coverage_90", "coverage_90_calibrated")  # per level
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
@@ -120,6 +131,29 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                                           "slices": int(raw["mean"].shape[-1]), "check_alpha": check["alpha"]}
         return applied["noise_level"], applied["calibration"], flags
 
+    def object_figures(case: dict, mask: np.ndarray) -> dict:
+        """Inside the object (``mask [X, Y, Z]``, the loaded volume's order) against the rest of the body: ratios
+        of EU, squared error and predicted variance, the (calibrated) 90% coverage, and the maps of the middle slice."""
+        raw = run(case)
+        case_flags = checked(case, raw)[2]  # adds the calibrated std map where calibrated
+        eu, reference = raw["eu"][0].numpy(), case["label"][0].numpy()
+        body = reference > -990 if ct else reference > 0.1 * reference.max()  # tissue, not air
+        error = np.abs(raw["mean"][0].numpy() - reference)
+        std = (raw["total_std_calibrated"] if "total_std_calibrated" in raw
+               else raw["total"].clamp_min(0).sqrt())[0].numpy()
+        covered = error <= central_z(0.9) * std  # inside its 90% interval
+        mid = eu.shape[-1] // 2
+        return {"median_ratio": inside_over_body(eu, mask, body),
+                "error_ratio": inside_over_body(error**2, mask, body),
+                "total_ratio": inside_over_body(raw["total"][0].numpy(), mask, body),
+                "coverage_90_inside": float(covered[mask].mean()),
+                "coverage_90_body": float(covered[body & ~mask].mean()),
+                "eu_inside": float(eu[mask].mean()), "eu_body": float(eu[body & ~mask].mean()), **case_flags,
+                "maps": {"input": F.interpolate(case["cond"][0, ..., mid][None, None], size=eu.shape[:2],
+                                                mode="bilinear")[0, 0].numpy(),
+                         "mean": raw["mean"][0, ..., mid].numpy(), "|error|": error[..., mid], "std": std[..., mid],
+                         "eu": eu[..., mid], "au": raw["au"][0, ..., mid].numpy()}}
+
     rows, reliab, sparsity, ood, noise, timings = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for entry in split_cases(data, "test")[:cases]:
@@ -146,34 +180,13 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 reliab.append(reliability(raw, label, applied, case_noise))
                 sparsity.append([c.tolist() for c in sparsification_curves(total[::stride], error[::stride])])
 
-                # epistemic: an unfamiliar object, as a user's file
-                object_file = Path(tmp) / ("object.nii.gz" if ct else "object.h5")
-                mask = (insert_dense_disc if ct else insert_bright_lesion)(entry["image"], object_file)
-                ood_case = load_case({"image": str(object_file), "case_id": "object"}, setting_data, "simulate", size)
-                ood_raw = run(ood_case)
-                ood_flags = checked(ood_case, ood_raw)[2]  # adds the calibrated std map where calibrated
-                # the mask lives in the loaded volume's (x, y, z) order (CT: LPS like LUNA16; MRI: the 320 grid)
-                eu = ood_raw["eu"][0].numpy()
-                reference = ood_case["label"][0].numpy()
-                body = reference > -990 if ct else reference > 0.1 * reference.max()  # tissue, not air
-                error = np.abs(ood_raw["mean"][0].numpy() - reference)
-                std = (ood_raw["total_std_calibrated"] if "total_std_calibrated" in ood_raw
-                       else ood_raw["total"].clamp_min(0).sqrt())[0].numpy()
-                covered = error <= central_z(0.9) * std  # inside its 90% interval
-                mid = eu.shape[-1] // 2
-                ood.append({"case_id": entry["case_id"], "setting": setting,
-                            "median_ratio": inside_over_body(eu, mask, body),
-                            "error_ratio": inside_over_body(error**2, mask, body),
-                            "total_ratio": inside_over_body(ood_raw["total"][0].numpy(), mask, body),
-                            "coverage_90_inside": float(covered[mask].mean()),
-                            "coverage_90_body": float(covered[body & ~mask].mean()),
-                            "eu_inside": float(eu[mask].mean()), "eu_body": float(eu[body & ~mask].mean()),
-                            **ood_flags,
-                            "maps": {"input": F.interpolate(ood_case["cond"][0, ..., mid][None, None],
-                                                            size=eu.shape[:2], mode="bilinear")[0, 0].numpy(),
-                                     "mean": ood_raw["mean"][0, ..., mid].numpy(), "|error|": error[..., mid],
-                                     "std": std[..., mid], "eu": eu[..., mid],
-                                     "au": ood_raw["au"][0, ..., mid].numpy()}})
+                # epistemic: unfamiliar objects, as a user's files
+                for name, (insert, suffix, _) in OBJECTS[data["task"]].items():
+                    object_file = Path(tmp) / f"object{suffix}"
+                    mask = insert(entry["image"], object_file)
+                    ood.append({"case_id": entry["case_id"], "setting": setting, "object": name,
+                                **object_figures(load_case({"image": str(object_file), "case_id": "object"},
+                                                           setting_data, "simulate", size), mask)})
 
                 # aleatoric: the same case at three measurement noise levels
                 for level in noise_levels:
@@ -234,13 +247,16 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
         return lambda ax: (ax.imshow(np.asarray(image).T, origin="lower", cmap=cmap, vmin=0 if vmax else None,
                                      vmax=vmax), ax.set_axis_off())
 
-    maps = ood[0]["maps"]
-    shared = float(np.percentile(maps["|error|"], 99.5))  # |error| and the std on one scale: where one exceeds
+    objects = OBJECTS[data["task"]]
+    figure_names = {name: "ood_object.png" if k == 0 else f"ood_object_{name}.png" for k, name in enumerate(objects)}
     std_name = f"{'calibrated ' if calibrated else ''}std ({unit})"
-    plot(out / "ood_object.png", [("input", show(maps["input"], "gray")), ("mean", show(maps["mean"], "gray")),
-                                  (f"|error| ({unit})", show(maps["|error|"], "magma", shared)),
-                                  (std_name, show(maps["std"], "magma", shared)),
-                                  ("EU", show(maps["eu"], "magma")), ("AU", show(maps["au"], "magma"))])
+    for name, figure in figure_names.items():
+        maps = next(o for o in ood if o["object"] == name)["maps"]  # the first case and setting
+        shared = float(np.percentile(maps["|error|"], 99.5))  # |error| and the std on one scale: where one exceeds
+        plot(out / figure, [("input", show(maps["input"], "gray")), ("mean", show(maps["mean"], "gray")),
+                            (f"|error| ({unit})", show(maps["|error|"], "magma", shared)),
+                            (std_name, show(maps["std"], "magma", shared)),
+                            ("EU", show(maps["eu"], "magma")), ("AU", show(maps["au"], "magma"))])
     fmt = (lambda v: f"{v:.1f}") if ct else (lambda v: f"{v:.3g}")  # noqa: E731
     input_name = "FBP" if ct else "zero-filled"
     pitch = "the series' own pitch" if data["fbp_pitch"] == "source" else "the model grid"
@@ -253,11 +269,11 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
             f"{data['img_size']} px, {physics}); {np.mean(results['seconds_per_slice']):.2f} s per slice here.", ""]
     for s in settings:
         sel = [r for r in rows if r["setting"] == s]
-        o = [x for x in ood if x["setting"] == s]
+        per_object = {name: [x for x in ood if x["setting"] == s and x["object"] == name] for name in objects}
         nr = [n for n in noise_rows if n["setting"] == s]
         au, eu = [n["mean_au"] for n in nr], [n["mean_eu"] for n in nr]
         m = lambda key, sel=sel: avg(sel, key)  # noqa: E731
-        each = lambda key, digits=2, o=o: ", ".join(f"{x[key]:.{digits}f}" for x in o)  # noqa: E731  one per case
+        each = lambda key, o, digits=2: ", ".join(f"{x[key]:.{digits}f}" for x in o)  # noqa: E731  one per case
         i = lambda key, sel=sel: avg([r["input"] for r in sel], key)  # noqa: E731
         cal = ("| calibrated | " + " | ".join(f"{m(f'coverage_{q}_calibrated'):.3f}" for q in (50, 90, 95)) + " |"
                if calibrated else "| calibrated | (no calibration file given) | | |")
@@ -273,18 +289,15 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                  f"ordering {m('ause_random'):.3f}); mean EU {fmt(m('mean_eu'))} {var_unit}, mean AU "
                  f"{fmt(m('mean_au'))} {var_unit}, RMSE {fmt(m('rmse'))} {unit} (squared {fmt(m('rmse') ** 2)} "
                  f"{var_unit} against a predicted total variance of {fmt(m('mean_total'))} {var_unit}).", "",
-                 f"## {s + ' acceleration: ' if s else ''}epistemic: an object the training set never had", "",
-                 ("A dense striped 30 mm disc inserted in the right lung of each test case (written as a NIfTI study "
-                  "and read back through the user path)." if ct else
-                  "A bright striped 12 mm lesion added to the image behind each test file's k-space (written as a "
-                  "fastMRI .h5 and read back through the user path).")
-                 + f" Median over slices of mean EU inside it / mean EU in the rest of the body: {each('median_ratio')}"
-                 f" (target >= 3). The same ratio of the squared error: {each('error_ratio')}; of the predicted total "
-                 f"variance: {each('total_ratio')}. {'Calibrated' if calibrated else 'Raw'} 90% intervals cover "
-                 f"{each('coverage_90_inside', 3)} of its pixels ({each('coverage_90_body', 3)} in the rest of the "
-                 "body)."
-                 + (f" The input check flags {flags(o)} slices of the cases with the object (without it: "
-                    f"{flags(sel)})." if checked else ""), "",
+                 f"## {s + ' acceleration: ' if s else ''}epistemic: objects the training set never had", "",
+                 *[line for name, o in per_object.items() for line in (
+                   objects[name][2] + f" Median over slices of mean EU inside it / mean EU in the rest of the body: "
+                   f"{each('median_ratio', o)} (target >= 3). The same ratio of the squared error: "
+                   f"{each('error_ratio', o)}; of the predicted total variance: {each('total_ratio', o)}. "
+                   f"{'Calibrated' if calibrated else 'Raw'} 90% intervals cover {each('coverage_90_inside', o, 3)} of "
+                   f"its pixels ({each('coverage_90_body', o, 3)} in the rest of the body)."
+                   + (f" The input check flags {flags(o)} slices of the cases with the object (without it: "
+                      f"{flags(sel)})." if checked else ""), "")],
                  f"## {s + ' acceleration: ' if s else ''}aleatoric: measurement noise", "",
                  f"| {noise_name} | mean AU ({var_unit}) | mean EU ({var_unit}) | RMSE ({unit}) | squared error / "
                  "predicted variance | 90% raw | 90% calibrated |" + (" slices flagged |" if checked else ""),
@@ -309,7 +322,7 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                 + " did (`Calibration.input_check`).", ""]
                if checked else []),
              "![calibration](calibration.png)", "",
-             "![object](ood_object.png)", ""]
+             *[f"![{name}]({figure})" for name, figure in figure_names.items()], ""]
     summary = {"rows": rows, "ood": [{k: v for k, v in o.items() if k != "maps"} for o in ood], "noise": noise_rows}
     with atomic_write(out / "report.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))

@@ -16,7 +16,13 @@ from monai.bundle import ConfigParser
 
 from hyper_dm.calibration import LEVELS, Calibration
 from hyper_dm.data.config import MEASUREMENT_NOISE
-from hyper_dm.data.synthetic import insert_bright_lesion, insert_dense_disc, write_fastmri_knee_like, write_luna16_like
+from hyper_dm.data.synthetic import (
+    insert_bright_lesion,
+    insert_checkered_square,
+    insert_dense_disc,
+    write_fastmri_knee_like,
+    write_luna16_like,
+)
 from hyper_dm.physics.mri import center_crop, ifft2c
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +40,11 @@ def test_unfamiliar_objects_lie_where_their_masks_say(tmp_path):
     assert set(np.unique(after[mask])) == {300.0, 900.0}  # the stripes
     np.testing.assert_array_equal(after[~mask], before[~mask])
     assert (before[mask] < -500).mean() > 0.5  # in the lung, as placed by default
+    square = insert_checkered_square(mhd, tmp_path / "square.nii.gz")
+    after = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "square.nii.gz"))).transpose(2, 1, 0)
+    assert set(np.unique(after[square])) == {100.0, 700.0} and (square & mask).any()  # the same place
+    assert square.sum() > mask.sum()  # a 30 mm square holds more than a 30 mm disc
+    np.testing.assert_array_equal(after[~square], before[~square])
 
     h5 = write_fastmri_knee_like(tmp_path / "knee", n_files=1, seed=2, n_slices=(2, 2))[0]
     mask = insert_bright_lesion(h5, tmp_path / "lesion.h5")
@@ -113,4 +124,8 @@ def test_bundle_evaluate_run_writes_the_ct_report(tmp_path, checkpoint):
     assert f"The same ratio of the squared error: {inside['error_ratio']:.2f}" in text
     assert f"Raw 90% intervals cover {inside['coverage_90_inside']:.3f} of its pixels" in text
     assert (out / "calibration.png").stat().st_size > 0 and (out / "ood_object.png").stat().st_size > 0
+    assert [o["object"] for o in report["ood"]] == ["disc", "square"]  # one case, each object
+    square = report["ood"][1]
+    assert f"90% intervals cover {square['coverage_90_inside']:.3f} of its pixels" in text and "checkered" in text
+    assert (out / "ood_object_square.png").stat().st_size > 0 and "![square](ood_object_square.png)" in text
     assert not list(out.glob(".*"))  # no temporary files left by the atomic writes

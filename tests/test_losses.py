@@ -121,19 +121,23 @@ def test_eu_kl_term_is_the_gaussian_kl_of_the_x0_spread_to_the_prior(scale):
         assert (grad_a > 0) == (scale > 1), grad_a
 
 
-@pytest.mark.parametrize("eu_term", ["l1", "kl"])
-def test_probe_cond_moves_the_diversity_term_and_not_the_mse(eu_term):
+def probed_loss(eu_term: str):
+    """``run(probe_cond=..., probe_mask=...)``: one seeded mode-eu loss of a small HyperNetwork on 16 scalars, and
+    their ``cond``."""
     torch.manual_seed(0)
     backbone = ConditionalMLP(hidden=16, depth=2)
     hyper = HyperNetwork(backbone, z_dim=4, hidden=16, rank=2)
     target, cond = torch.rand(16, 1) * 2 - 1, torch.rand(16, 1) * 2 - 1
     config = LossConfig(mode="eu", m_weights=3, lambda_eu=0.1, eu_term=eu_term)
-    run = lambda probe: training_loss(  # noqa: E731
-        hyper, backbone, make_ddpm(prediction_type="v_prediction"), target, cond, config,
-        torch.Generator().manual_seed(1), probe_cond=probe,
-    )
+    return (lambda **probe: training_loss(hyper, backbone, make_ddpm(prediction_type="v_prediction"), target, cond,
+                                          config, torch.Generator().manual_seed(1), **probe)), cond
+
+
+@pytest.mark.parametrize("eu_term", ["l1", "kl"])
+def test_probe_cond_moves_the_diversity_term_and_not_the_mse(eu_term):
+    run, cond = probed_loss(eu_term)
     key = "kl" if eu_term == "kl" else "diversity"
-    plain, here, elsewhere = run(None), run(cond), run(cond + 3.0)
+    plain, here, elsewhere = run(), run(probe_cond=cond), run(probe_cond=cond + 3.0)
     assert here["mse"].item() == elsewhere["mse"].item() == plain["mse"].item()
     assert elsewhere[key].item() != pytest.approx(here[key].item(), rel=1e-3)
     assert here[key].item() != pytest.approx(plain[key].item(), rel=1e-3)  # its own draw of x_t and t
@@ -141,15 +145,8 @@ def test_probe_cond_moves_the_diversity_term_and_not_the_mse(eu_term):
 
 @pytest.mark.parametrize("eu_term", ["l1", "kl"])
 def test_probe_mask_averages_the_diversity_term_over_the_marked_elements(eu_term):
-    torch.manual_seed(0)
-    backbone = ConditionalMLP(hidden=16, depth=2)
-    hyper = HyperNetwork(backbone, z_dim=4, hidden=16, rank=2)
-    target, cond = torch.rand(16, 1) * 2 - 1, torch.rand(16, 1) * 2 - 1
-    config = LossConfig(mode="eu", m_weights=3, lambda_eu=0.1, eu_term=eu_term)
-    run = lambda mask: training_loss(  # noqa: E731
-        hyper, backbone, make_ddpm(prediction_type="v_prediction"), target, cond, config,
-        torch.Generator().manual_seed(1), probe_cond=cond + 3.0, probe_mask=mask,
-    )
+    probed, cond = probed_loss(eu_term)
+    run = lambda mask: probed(probe_cond=cond + 3.0, probe_mask=mask)  # noqa: E731
     key = "kl" if eu_term == "kl" else "diversity"
     first = torch.arange(16)[:, None] < 5
     whole, every, a, b = run(None), run(torch.ones(16, 1, dtype=torch.bool)), run(first), run(~first)
@@ -160,8 +157,7 @@ def test_probe_mask_averages_the_diversity_term_over_the_marked_elements(eu_term
     with pytest.raises(ValueError, match="probe_mask"):
         run(torch.zeros(16, 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="probe_mask"):
-        training_loss(hyper, backbone, make_ddpm(prediction_type="v_prediction"), target, cond, config,
-                      probe_mask=first)
+        probed(probe_mask=first)
 
 
 def test_timestep_samplings_follow_their_distributions():

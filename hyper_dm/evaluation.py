@@ -322,7 +322,7 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                 + " did (`Calibration.input_check`).", ""]
                if checked else []),
              "![calibration](calibration.png)", "",
-             *[f"![{name}]({figure})" for name, figure in figure_names.items()], ""]
+             *[line for name, figure in figure_names.items() for line in (f"![{name}]({figure})", "")]]
     summary = {"rows": rows, "ood": [{k: v for k, v in o.items() if k != "maps"} for o in ood], "noise": noise_rows}
     with atomic_write(out / "report.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))

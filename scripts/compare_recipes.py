@@ -65,6 +65,9 @@ RECIPES = {
     "v_nl_eu_kl_inside": {**_V, "timestep_sampling": "quadratic", "noise_level_input": True, "mode": "eu",
                           "m_weights": 4, "lambda_eu": 0.003, "eu_term": "kl", "prior_std": 0.3, "probe": True,
                           "probe_mask": True},
+    "v_nl_eu_kl_inside_x10": {**_V, "timestep_sampling": "quadratic", "noise_level_input": True, "mode": "eu",
+                              "m_weights": 4, "lambda_eu": 0.03, "eu_term": "kl", "prior_std": 0.3, "probe": True,
+                              "probe_mask": True},
     "v_au": {**_V, "timestep_sampling": "quadratic", "mode": "au", "n_noisy": 2, "sigma_noise": 0.05},
     "regression": {**_BASE, "regression": True},
     "knee_v_quadratic": {**_V, "timestep_sampling": "quadratic"},  # with a knee study (prepare --task mri)

@@ -23,7 +23,7 @@ last case is ``test``, the one before ``validation``, the rest ``training``. Exa
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import h5py
@@ -339,7 +339,8 @@ def insert_checkered_square(mhd: str | Path, out: str | Path, centre_lps: Sequen
     return _paint_ct_object(mhd, out, centre_lps, square)
 
 
-def _paint_ct_object(mhd: str | Path, out: str | Path, centre_lps: Sequence[float] | None, paint) -> np.ndarray:
+def _paint_ct_object(mhd: str | Path, out: str | Path, centre_lps: Sequence[float] | None,
+                     paint: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """Write ``mhd`` to ``out`` with ``paint(dx, dy) -> (inside [X, Y] bool, HU [X, Y])`` (offsets in world mm from
     ``centre_lps``) set on every axial slice; returns the mask ``[X, Y, Z]``."""
     image = sitk.ReadImage(str(mhd))

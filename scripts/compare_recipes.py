@@ -47,6 +47,8 @@ from hyper_dm.uncertainty import ause, central_z, decompose, gaussian_coverage, 
 HU = 1000.0  # HU per model unit (hu_window [-1000, 1000])
 _BASE = {"prediction_type": "sample", "timestep_sampling": "uniform", "mode": "standard", "seed": 0}
 _V = {**_BASE, "prediction_type": "v_prediction"}
+_NL_EU_KL = {**_V, "timestep_sampling": "quadratic", "noise_level_input": True, "mode": "eu", "m_weights": 4,
+             "lambda_eu": 0.003, "eu_term": "kl", "prior_std": 0.3, "probe": True}
 RECIPES = {
     "x0": _BASE,
     "eps": {**_BASE, "prediction_type": "epsilon"},
@@ -60,14 +62,9 @@ RECIPES = {
     "v_eu_kl_low": {**_V, "timestep_sampling": "quadratic", "mode": "eu", "m_weights": 4, "lambda_eu": 0.003,
                     "eu_term": "kl", "prior_std": 0.3, "probe": True},
     # fine-tuning the shipped CT model (noise-level input) with the KL term on the whole probe or inside its objects
-    "v_nl_eu_kl": {**_V, "timestep_sampling": "quadratic", "noise_level_input": True, "mode": "eu", "m_weights": 4,
-                   "lambda_eu": 0.003, "eu_term": "kl", "prior_std": 0.3, "probe": True},
-    "v_nl_eu_kl_inside": {**_V, "timestep_sampling": "quadratic", "noise_level_input": True, "mode": "eu",
-                          "m_weights": 4, "lambda_eu": 0.003, "eu_term": "kl", "prior_std": 0.3, "probe": True,
-                          "probe_mask": True},
-    "v_nl_eu_kl_inside_x10": {**_V, "timestep_sampling": "quadratic", "noise_level_input": True, "mode": "eu",
-                              "m_weights": 4, "lambda_eu": 0.03, "eu_term": "kl", "prior_std": 0.3, "probe": True,
-                              "probe_mask": True},
+    "v_nl_eu_kl": _NL_EU_KL,
+    "v_nl_eu_kl_inside": {**_NL_EU_KL, "probe_mask": True},
+    "v_nl_eu_kl_inside_x10": {**_NL_EU_KL, "probe_mask": True, "lambda_eu": 0.03},
     "v_au": {**_V, "timestep_sampling": "quadratic", "mode": "au", "n_noisy": 2, "sigma_noise": 0.05},
     "regression": {**_BASE, "regression": True},
     "knee_v_quadratic": {**_V, "timestep_sampling": "quadratic"},  # with a knee study (prepare --task mri)
@@ -326,8 +323,9 @@ def export(args: argparse.Namespace) -> None:
     model_keys = ("z_dim", "hidden", "rank", "offset_scale", "channels", "attention_levels", "num_res_blocks",
                   "norm_num_groups", "num_head_channels")
     diffusion = bundle_section("diffusion")
+    model = model_config(study, recipe)
     config = {"data": {"task": study.get("task", "ct"), "img_size": int(study["train"]["target"].shape[-1])},
-              "model": {**{k: model_config(study, recipe)[k] for k in model_keys},
+              "model": {**{k: model[k] for k in model_keys},
                         "noise_level_input": recipe.get("noise_level_input", False)},
               "diffusion": {**{k: diffusion[k] for k in ("num_train_timesteps", "beta_start", "beta_end")},
                             "prediction_type": recipe["prediction_type"]}}

@@ -10,8 +10,9 @@ MRI at 4x and 8x acceleration):
   and reliability plots;
 - epistemic: the same case with an object the training set never had, written as a file and read back like any
   user's (:data:`OBJECTS`; CT: a dense 30 mm disc with a stripe texture in the right lung, and a 30 mm checkered
-  square there, NIfTI; MRI: a bright striped 12 mm lesion, fastMRI ``.h5``): EU, squared error and predicted
-  variance inside it against the rest of the body, per slice, and the coverage of its pixels;
+  square there, NIfTI; MRI: a bright striped 12 mm lesion, and a 12 mm square of checkers, fastMRI ``.h5``): EU,
+  squared error and predicted variance inside it against the rest of the body, per slice, and the coverage of its
+  pixels;
 - aleatoric: the case at three measurement noise levels (CT: photon count ``i0``; MRI: ``kspace_noise``): mean AU
   and EU at each.
 
@@ -36,7 +37,12 @@ from matplotlib.figure import Figure
 from .calibration import Calibration
 from .data import resolve_data_config, split_cases
 from .data.config import FASTMRI_CENTER_FRACTIONS, MEASUREMENT_NOISE
-from .data.synthetic import insert_bright_lesion, insert_checkered_square, insert_dense_disc
+from .data.synthetic import (
+    insert_bright_lesion,
+    insert_checkered_knee_square,
+    insert_checkered_square,
+    insert_dense_disc,
+)
 from .inference import VolumeReconstructor, apply_calibration, case_metrics, load_case
 from .io import atomic_write
 from .uncertainty import ause, central_z, psnr, sparsification_curves, ssim
@@ -53,7 +59,10 @@ OBJECTS = {
                       "the same place: another shape and texture, unlike the disc and the probes of the `eu` study "
                       "recipes.")},
     "mri": {"lesion": (insert_bright_lesion, ".h5", "A bright striped 12 mm lesion added to the image behind each "
-                       "test file's k-space (written as a fastMRI .h5 and read back through the user path).")},
+                       "test file's k-space (written as a fastMRI .h5 and read back through the user path)."),
+            "square": (insert_checkered_knee_square, ".h5", "The tissue in a 12 mm square, in the same place, "
+                       "replaced by 2 mm checkers of bright signal and signal void: another shape and texture, unlike "
+                       "the lesion and the probes of the `eu` study recipes.")},
 }
 NOISE_FIGURES = ("mean_au", "mean_eu", "mean_total", "rmse", "coverage_90", "coverage_90_calibrated")  # per level
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)

@@ -18,6 +18,7 @@ from hyper_dm.calibration import LEVELS, Calibration
 from hyper_dm.data.config import MEASUREMENT_NOISE
 from hyper_dm.data.synthetic import (
     insert_bright_lesion,
+    insert_checkered_knee_square,
     insert_checkered_square,
     insert_dense_disc,
     write_fastmri_knee_like,
@@ -57,6 +58,15 @@ def test_unfamiliar_objects_lie_where_their_masks_say(tmp_path):
     np.testing.assert_allclose(lesion_esc[~inside], esc[~inside], rtol=1e-3, atol=1e-3 * esc.max())
     np.testing.assert_allclose(np.abs(center_crop(ifft2c(kspace), esc.shape[-2:])), lesion_esc, rtol=1e-3,
                                atol=1e-4 * lesion_esc.max())  # k-space and reconstruction agree
+    square = z_first(insert_checkered_knee_square(h5, tmp_path / "square.h5"))
+    with h5py.File(tmp_path / "square.h5") as dst:
+        square_esc, kspace = dst["reconstruction_esc"][()], dst["kspace"][()]
+    assert (square & inside).any() and square.sum() > inside.sum()  # the same place; a square holds more
+    bright = square_esc[square] > 0.5 * esc.max()  # the checkers: half bright, half signal void
+    assert 0.4 < bright.mean() < 0.6 and square_esc[square][~bright].max() < 0.2 * esc.max()
+    np.testing.assert_allclose(square_esc[~square], esc[~square], rtol=1e-3, atol=1e-3 * esc.max())
+    np.testing.assert_allclose(np.abs(center_crop(ifft2c(kspace), esc.shape[-2:])), square_esc, rtol=1e-3,
+                               atol=1e-4 * square_esc.max())
 
 
 def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
@@ -92,7 +102,11 @@ def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
     assert "and acceleration (4x: 99; 8x: 99)" in text
     worse = {r["setting"]: r["input"]["nmse"] for r in report["rows"]}
     assert worse["8x"] > worse["4x"]  # the 8x input lost more of k-space
-    assert (out / "calibration.png").stat().st_size > 0 and (out / "ood_object.png").stat().st_size > 0
+    assert {(r["setting"], r["object"]) for r in report["ood"]} == {(s, o) for s in ("4x", "8x")
+                                                                    for o in ("lesion", "square")}
+    assert all(np.isfinite(r["median_ratio"]) and r["coverage_90_inside"] >= 0 for r in report["ood"])
+    for name in ("calibration.png", "ood_object.png", "ood_object_square.png"):
+        assert (out / name).stat().st_size > 0, name
 
 
 def test_bundle_evaluate_run_writes_the_ct_report(tmp_path, checkpoint):

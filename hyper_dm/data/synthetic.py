@@ -363,22 +363,46 @@ def insert_bright_lesion(h5: str | Path, out: str | Path, radius_mm: float = 6.0
     and 0.6x the file's maximum), left of centre on every slice, added to the image behind its ``kspace`` and
     ``reconstruction_esc``. Returns the disc mask ``[320, 320, Z]`` on the reconstruction grid (the loaded volume's
     x, y, z)."""
+    def lesion(dx: np.ndarray, dy: np.ndarray, magnitude: np.ndarray, peak: float) -> tuple[np.ndarray, np.ndarray]:
+        return dx**2 + dy**2 <= radius_mm**2, magnitude + 1.2 * peak * (1 - 0.5 * (np.floor(dx / 2.0) % 2))
+
+    return _paint_knee_object(h5, out, lesion)
+
+
+def insert_checkered_knee_square(h5: str | Path, out: str | Path, side_mm: float = 12.0, cell_mm: float = 2.0
+                                 ) -> np.ndarray:
+    """Like :func:`insert_bright_lesion`, another unfamiliar object of another shape and texture: the tissue in a
+    square of side ``side_mm`` replaced by ``cell_mm`` checkers of 0.9x the file's maximum and signal void, in the
+    same place. Returns its mask ``[320, 320, Z]``."""
+    def square(dx: np.ndarray, dy: np.ndarray, magnitude: np.ndarray, peak: float) -> tuple[np.ndarray, np.ndarray]:
+        checker = (np.floor(dx / cell_mm) + np.floor(dy / cell_mm)) % 2
+        return np.maximum(abs(dx), abs(dy)) <= side_mm / 2, np.where(checker == 0, 0.9 * peak, 0.0)
+
+    return _paint_knee_object(h5, out, square)
+
+
+def _paint_knee_object(h5: str | Path, out: str | Path,
+                       paint: Callable[[np.ndarray, np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndarray]]
+                       ) -> np.ndarray:
+    """Write ``h5`` to ``out`` with the image behind its k-space set to ``paint(dx, dy, magnitude, peak) -> (inside
+    [Z, rows, cols] bool, new magnitude)`` inside (offsets in mm from a point 20% of the crop left of centre; the
+    phase of the tissue kept), ``reconstruction_esc`` and ``max`` to match; returns the mask ``[320, 320, Z]``."""
     with h5py.File(h5, "r") as src:
         kspace, esc, header, attrs = src["kspace"][()], src["reconstruction_esc"][()], src["ismrmrd_header"][()], \
             dict(src.attrs)
     pixel_mm = 140.0 / esc.shape[-1]  # fastMRI knee: a 140 mm field of view on the 320 crop
     rows, cols = kspace.shape[-2:]
     y, x = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    cy, cx = rows / 2, cols / 2 - 0.2 * esc.shape[-1]
-    disc = (x - cx) ** 2 + (y - cy) ** 2 <= (radius_mm / pixel_mm) ** 2
-    lesion = 1.2 * float(np.abs(esc).max()) * (1 - 0.5 * (np.floor((x - cx) * pixel_mm / 2.0) % 2)) * disc
+    dx, dy = (x - (cols / 2 - 0.2 * esc.shape[-1])) * pixel_mm, (y - rows / 2) * pixel_mm
     image = ifft2c(kspace)
-    image = image + lesion * np.exp(1j * np.angle(image))  # in phase with the tissue around it
+    inside, magnitude = paint(dx, dy, np.abs(image), float(np.abs(esc).max()))
+    inside = np.broadcast_to(inside, image.shape)
+    image = np.where(inside, magnitude * np.exp(1j * np.angle(image)), image)
     crop = center_crop(image, esc.shape[-2:])
     with h5py.File(out, "w") as dst:
         dst.create_dataset("kspace", data=fft2c(image).astype(np.complex64))
         dst.create_dataset("reconstruction_esc", data=np.abs(crop).astype(np.float32))
         dst.create_dataset("ismrmrd_header", data=header)
         dst.attrs.update({**attrs, "max": float(np.abs(crop).max())})
-    mask = center_crop(np.broadcast_to(disc, image.shape), esc.shape[-2:])  # [Z, 320, 320]
+    mask = center_crop(inside, esc.shape[-2:])  # [Z, 320, 320]
     return np.ascontiguousarray(mask.transpose(1, 2, 0))

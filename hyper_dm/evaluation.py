@@ -317,7 +317,8 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                    + (f" {flags([n])} |" if checked else "") for n in nr],
                  "", f"AU rises strictly with the noise: {all(a < b for a, b in zip(au, au[1:], strict=False))}; "
                  f"relative change of AU {(au[-1] - au[0]) / max(au[0], 1e-30):+.2f}, of EU "
-                 f"{(eu[-1] - eu[0]) / max(eu[0], 1e-30):+.2f}.", ""]
+                 f"{(eu[-1] - eu[0]) / max(eu[0], 1e-30):+.2f}; in {var_unit}, EU moved "
+                 f"{(eu[-1] - eu[0]) / max(abs(au[-1] - au[0]), 1e-30):+.3g} times as far as AU.", ""]
     fitted = results.get("calibration")
     references = lambda c: (f"{' / '.join(str(len(d)) for d in c.noise_departures)} per noise bin"  # noqa: E731
                             if c.noise_departures else f"{len(c.departures)}")

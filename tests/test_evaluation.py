@@ -91,7 +91,7 @@ def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
     text = (out / "report.md").read_text()
     for setting in ("4x", "8x"):
         assert f"## {setting} acceleration: quality" in text and f"## {setting} acceleration: aleatoric" in text
-    assert "zero-filled (input)" in text and "NMSE" in text
+    assert "zero-filled (input)" in text and "NMSE" in text and text.count("times as far as AU") == 2
     report = json.loads((out / "report.json").read_text())
     assert [(n["setting"], n["level"]) for n in report["noise"]] == [
         (s, level) for s in ("4x", "8x") for level in MEASUREMENT_NOISE["mri"][1]]

@@ -61,7 +61,7 @@ OBJECTS = {
     "mri": {"lesion": (insert_bright_lesion, ".h5", "A bright striped 12 mm lesion added to the image behind each "
                        "test file's k-space (written as a fastMRI .h5 and read back through the user path)."),
             "square": (insert_checkered_knee_square, ".h5", "The tissue in a 12 mm square, in the same place, "
-                       "replaced by 2 mm checkers of bright signal and signal void: another shape and texture, unlike "
+                       "replaced by 4 mm checkers of bright signal and signal void: another shape and texture, unlike "
                        "the lesion and the probes of the `eu` study recipes.")},
 }
 NOISE_FIGURES = ("mean_au", "mean_eu", "mean_total", "rmse", "coverage_90", "coverage_90_calibrated")  # per level

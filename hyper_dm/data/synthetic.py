@@ -369,11 +369,13 @@ def insert_bright_lesion(h5: str | Path, out: str | Path, radius_mm: float = 6.0
     return _paint_knee_object(h5, out, lesion)
 
 
-def insert_checkered_knee_square(h5: str | Path, out: str | Path, side_mm: float = 12.0, cell_mm: float = 2.0
+def insert_checkered_knee_square(h5: str | Path, out: str | Path, side_mm: float = 12.0, cell_mm: float = 4.0
                                  ) -> np.ndarray:
     """Like :func:`insert_bright_lesion`, another unfamiliar object of another shape and texture: the tissue in a
     square of side ``side_mm`` replaced by ``cell_mm`` checkers of 0.9x the file's maximum and signal void, in the
-    same place. Returns its mask ``[320, 320, Z]``."""
+    same place. The default cells are about twice the pixel of a 64 x 64 model grid on the 140 mm field of view,
+    so a model on that grid can draw them (finer checkers test its resolution, not its EU). Returns its mask
+    ``[320, 320, Z]``."""
     def square(dx: np.ndarray, dy: np.ndarray, magnitude: np.ndarray, peak: float) -> tuple[np.ndarray, np.ndarray]:
         checker = (np.floor(dx / cell_mm) + np.floor(dy / cell_mm)) % 2
         return np.maximum(abs(dx), abs(dy)) <= side_mm / 2, np.where(checker == 0, 0.9 * peak, 0.0)

@@ -387,8 +387,9 @@ def _paint_knee_object(h5: str | Path, out: str | Path,
                        paint: Callable[[np.ndarray, np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndarray]]
                        ) -> np.ndarray:
     """Write ``h5`` to ``out`` with the image behind its k-space set to ``paint(dx, dy, magnitude, peak) -> (inside
-    [Z, rows, cols] bool, new magnitude)`` inside (offsets in mm from a point 20% of the crop left of centre; the
-    phase of the tissue kept), ``reconstruction_esc`` and ``max`` to match; returns the mask ``[320, 320, Z]``."""
+    [rows, cols] bool, new magnitude)`` inside, on every slice (``dx, dy [rows, cols]``: mm from a point 20% of the
+    crop left of centre; ``magnitude [Z, rows, cols]``; ``peak``: the file's maximum; the tissue's phase kept), and
+    ``reconstruction_esc`` and ``max`` to match; returns the mask ``[320, 320, Z]``."""
     with h5py.File(h5, "r") as src:
         kspace, esc, header, attrs = src["kspace"][()], src["reconstruction_esc"][()], src["ismrmrd_header"][()], \
             dict(src.attrs)

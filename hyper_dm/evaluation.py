@@ -12,7 +12,8 @@ MRI at 4x and 8x acceleration):
   user's (:data:`OBJECTS`; CT: a dense 30 mm disc with a stripe texture in the right lung, and a 30 mm checkered
   square there, NIfTI; MRI: a bright striped 12 mm lesion, and a 12 mm square of checkers, fastMRI ``.h5``): EU,
   squared error and predicted variance inside it against the rest of the body, per slice, and the coverage of its
-  pixels;
+  pixels; the squared error also on the model grid (area averages), which separates what the grid cannot draw
+  (texture finer than its pixel) from what the model got wrong;
 - aleatoric: the case at three measurement noise levels (CT: photon count ``i0``; MRI: ``kspace_noise``): mean AU
   and EU at each.
 
@@ -44,6 +45,7 @@ from .data.synthetic import (
     insert_dense_disc,
 )
 from .inference import VolumeReconstructor, apply_calibration, case_metrics, load_case
+from .inference.reconstructor import resize_slices
 from .io import atomic_write
 from .uncertainty import ause, central_z, psnr, sparsification_curves, ssim
 
@@ -105,6 +107,12 @@ def inside_over_body(values: np.ndarray, inside: np.ndarray, body: np.ndarray) -
                             for k in range(values.shape[-1])]))
 
 
+def on_model_grid(values: np.ndarray, size: int) -> np.ndarray:
+    """``[X, Y, Z]`` -> ``[size, size, Z]`` float32 area averages: each slice as the model grid's pixels hold it."""
+    slices = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).permute(2, 0, 1)[:, None]
+    return resize_slices(slices, (size, size))[:, 0].permute(1, 2, 0).numpy()
+
+
 def plot(path: Path, panels: list[tuple[str, callable]]) -> None:
     """One row of matplotlib panels ``(title, draw(ax))`` saved as a PNG."""
     fig = Figure(figsize=(4.2 * len(panels), 3.6))
@@ -142,7 +150,8 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
 
     def object_figures(case: dict, mask: np.ndarray) -> dict:
         """Inside the object (``mask [X, Y, Z]``, the loaded volume's order) against the rest of the body: ratios
-        of EU, squared error and predicted variance, the (calibrated) 90% coverage, and the maps of the middle slice."""
+        of EU, squared error (on the output grid and on the model grid, where sub-grid detail averages out) and
+        predicted variance, the (calibrated) 90% coverage, and the maps of the middle slice."""
         raw = run(case)
         case_flags = checked(case, raw)[2]  # adds the calibrated std map where calibrated
         eu, reference = raw["eu"][0].numpy(), case["label"][0].numpy()
@@ -151,9 +160,12 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
         std = (raw["total_std_calibrated"] if "total_std_calibrated" in raw
                else raw["total"].clamp_min(0).sqrt())[0].numpy()
         covered = error <= central_z(0.9) * std  # inside its 90% interval
+        coarse = lambda x: on_model_grid(x, size)  # noqa: E731
+        coarse_error = (coarse(raw["mean"][0].numpy()) - coarse(reference)) ** 2
         mid = eu.shape[-1] // 2
         return {"median_ratio": inside_over_body(eu, mask, body),
                 "error_ratio": inside_over_body(error**2, mask, body),
+                "grid_error_ratio": inside_over_body(coarse_error, coarse(mask) > 0.5, coarse(body) > 0.5),
                 "total_ratio": inside_over_body(raw["total"][0].numpy(), mask, body),
                 "coverage_90_inside": float(covered[mask].mean()),
                 "coverage_90_body": float(covered[body & ~mask].mean()),
@@ -302,7 +314,9 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                  *[line for name, o in per_object.items() for line in (
                    objects[name][2] + f" Median over slices of mean EU inside it / mean EU in the rest of the body: "
                    f"{each('median_ratio', o)} (target >= 3). The same ratio of the squared error: "
-                   f"{each('error_ratio', o)}; of the predicted total variance: {each('total_ratio', o)}. "
+                   f"{each('error_ratio', o)}, on the model grid's {data['img_size']} x {data['img_size']} pixels "
+                   f"(area averages of the mean and the reference: the error the network could draw) "
+                   f"{each('grid_error_ratio', o)}; of the predicted total variance: {each('total_ratio', o)}. "
                    f"{'Calibrated' if calibrated else 'Raw'} 90% intervals cover {each('coverage_90_inside', o, 3)} of "
                    f"its pixels ({each('coverage_90_body', o, 3)} in the rest of the body)."
                    + (f" The input check flags {flags(o)} slices of the cases with the object (without it: "

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from hyper_dm.diffusion import HyperDDIMSampler, LossConfig, make_ddim, make_ddpm, training_loss  # noqa: E402
 from hyper_dm.io import atomic_write  # noqa: E402
-from hyper_dm.networks import ConditionalUNet, HyperNetwork, apply_weight_sets  # noqa: E402
+from hyper_dm.networks import ConditionalUNet, HyperNetwork, apply_weight_sets, noise_level  # noqa: E402
 from hyper_dm.uncertainty import ause, central_z, decompose, gaussian_coverage, psnr  # noqa: E402
 
 HU = 1000.0  # HU per model unit (hu_window [-1000, 1000])
@@ -65,6 +65,7 @@ RECIPES = {
     "v_nl_eu_kl": _NL_EU_KL,
     "v_nl_eu_kl_inside": {**_NL_EU_KL, "probe_mask": True},
     "v_nl_eu_kl_inside_x10": {**_NL_EU_KL, "probe_mask": True, "lambda_eu": 0.03},
+    "v_nl_eu_kl_inside_x10_noisy": {**_NL_EU_KL, "probe_mask": True, "lambda_eu": 0.03, "probe_noise": True},
     "v_au": {**_V, "timestep_sampling": "quadratic", "mode": "au", "n_noisy": 2, "sigma_noise": 0.05},
     "regression": {**_BASE, "regression": True},
     "knee_v_quadratic": {**_V, "timestep_sampling": "quadratic"},  # with a knee study (prepare --task mri)
@@ -198,11 +199,15 @@ def build(study: dict, recipe: dict, device: torch.device) -> HyperNetwork:
                         offset_scale=model["offset_scale"]).to(device)
 
 
-def random_objects(cond: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def random_objects(cond: torch.Tensor, generator: torch.Generator, noisy: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cond [B, 1, H, W]`` with three random ellipses of random value and stripe texture pasted in: inputs off
     the training distribution where the KL term of mode ``eu`` keeps the weight sets apart; and where they lie
-    (bool ``[B, 1, H, W]``, for recipes whose term acts inside the objects only, ``probe_mask``)."""
+    (bool ``[B, 1, H, W]``, for recipes whose term acts inside the objects only, ``probe_mask``). ``noisy``: the
+    objects carry Gaussian noise of each slice's own level (:func:`noise_level`), so that a probe departs from its
+    input in content only, not in how noisy it is."""
     b, _, h, w = cond.shape
+    sigma = noise_level(cond).view(b, 1, 1) if noisy else None
     out, pasted = cond.clone(), torch.zeros_like(cond, dtype=torch.bool)
     yy, xx = torch.meshgrid(torch.arange(h, device=cond.device), torch.arange(w, device=cond.device),
                             indexing="ij")
@@ -212,6 +217,8 @@ def random_objects(cond: torch.Tensor, generator: torch.Generator) -> tuple[torc
         inside = ((yy - cy.view(b, 1, 1)) / ay.view(b, 1, 1)) ** 2 + ((xx - cx.view(b, 1, 1)) / ax.view(b, 1, 1)) ** 2
         period = 2 + (r[:, 4] * 4).floor().view(b, 1, 1)
         value = (2 * r[:, 5] - 1).view(b, 1, 1) * (1 - ((xx // period) % 2) * r[:, 6].view(b, 1, 1))
+        if noisy:
+            value = value + sigma * torch.randn(b, h, w, generator=generator, device=generator.device).to(cond.device)
         out[:, 0] = torch.where(inside <= 1, value, out[:, 0])
         pasted[:, 0] |= inside <= 1
     return out, pasted
@@ -260,7 +267,8 @@ def train(args: argparse.Namespace) -> None:
             terms = {"mse": F.mse_loss(regression(hyper, cond, hyper(hyper.sample_z(1, generator))), target)}
             terms["loss"] = terms["mse"]
         else:
-            probe, pasted = random_objects(cond, generator) if recipe.get("probe") else (None, None)
+            probe, pasted = (random_objects(cond, generator, recipe.get("probe_noise", False)) if recipe.get("probe")
+                             else (None, None))
             terms = training_loss(hyper, hyper.target, scheduler, target, cond, loss_config, generator, probe,
                                   pasted if recipe.get("probe_mask") else None)
         optimizer.zero_grad(set_to_none=True)

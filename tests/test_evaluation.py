@@ -69,6 +69,25 @@ def test_unfamiliar_objects_lie_where_their_masks_say(tmp_path):
                                atol=1e-4 * square_esc.max())
 
 
+def test_the_model_grid_keeps_an_objects_coarse_error_and_averages_out_its_sub_grid_texture():
+    """The report's model-grid error ratio: an error finer than a model pixel (a 1-pixel checkerboard, 5 x 5 of them
+    per pixel of a 64 grid over 320) leaves the ratio near 1; an error as coarse as the object keeps it."""
+    from hyper_dm.evaluation import inside_over_body, on_model_grid
+
+    reference = np.zeros((320, 320, 2), np.float32)
+    body = np.ones_like(reference, dtype=bool)
+    inside = np.zeros_like(body)
+    inside[100:160, 120:180] = True
+    checkers = (np.indices(reference.shape[:2]).sum(0) % 2 * 2 - 1)[..., None]  # +-1, alternating
+    for error, coarse_kept in ((0.1 + inside * checkers, False), (0.1 + inside * 1.0, True)):
+        mean = reference + error.astype(np.float32)
+        fine = inside_over_body((mean - reference) ** 2, inside, body)
+        grid = lambda x: on_model_grid(x, 64)  # noqa: E731
+        coarse = inside_over_body((grid(mean) - grid(reference)) ** 2, grid(inside) > 0.5, grid(body) > 0.5)
+        assert grid(mean).shape == (64, 64, 2) and fine > 50
+        assert (coarse > 50) if coarse_kept else (coarse < 2), (fine, coarse)
+
+
 def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
     write_fastmri_knee_like(tmp_path / "knee", n_files=3, seed=1, n_slices=(2, 2))
     parser = ConfigParser()
@@ -135,7 +154,8 @@ def test_bundle_evaluate_run_writes_the_ct_report(tmp_path, checkpoint):
     assert 0 < report["ood"][0]["eu_inside"] < float("inf")
     inside = report["ood"][0]
     assert inside["error_ratio"] > 0 and inside["total_ratio"] > 0 and 0 <= inside["coverage_90_inside"] <= 1
-    assert f"The same ratio of the squared error: {inside['error_ratio']:.2f}" in text
+    assert f"The same ratio of the squared error: {inside['error_ratio']:.2f}, on the model grid's 64 x 64" in text
+    assert f"the error the network could draw) {inside['grid_error_ratio']:.2f};" in text
     assert f"Raw 90% intervals cover {inside['coverage_90_inside']:.3f} of its pixels" in text
     assert (out / "calibration.png").stat().st_size > 0 and (out / "ood_object.png").stat().st_size > 0
     assert [o["object"] for o in report["ood"]] == ["disc", "square"]  # one case, each object

@@ -20,10 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = [
-    "OVERWRITE_HINT", "atomic_write", "check_no_overwrite", "file_stem", "output_path", "safe_stem", "sha256_file",
+    "atomic_write", "check_no_overwrite", "file_stem", "output_path", "overwrite_hint", "safe_stem", "sha256_file",
 ]
-
-OVERWRITE_HINT = "pass overwrite=True (bundle: inference_cfg.overwrite=true) or choose another output directory"
 
 _MAX_STEM = 200  # leaves room for the longest suffix within the 255-byte file-name limit
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
@@ -139,11 +137,22 @@ def output_path(out_dir: str | os.PathLike, stem: str, suffix: str) -> Path:
     return path
 
 
-def check_no_overwrite(paths: Iterable[str | os.PathLike], overwrite: bool) -> None:
-    """Raise ``FileExistsError`` naming the existing files among ``paths`` unless ``overwrite``."""
+def overwrite_hint(section: str) -> str:
+    """How to replace earlier results of the run whose settings are config ``section`` (``inference``,
+    ``findings``), in each of the ways a run is started."""
+    script = {"inference": "infer"}.get(section, section)
+    return (f"pass --overwrite (python scripts/{script}.py), "
+            f"--{section}_cfg#overwrite True (python -m monai.bundle run) or overwrite=True (Python), or choose "
+            "another output directory")
+
+
+def check_no_overwrite(paths: Iterable[str | os.PathLike], overwrite: bool, section: str = "findings") -> None:
+    """Raise ``FileExistsError`` naming the existing files among ``paths`` unless ``overwrite``; the message says
+    how to overwrite for the run of config ``section`` (:func:`overwrite_hint`)."""
     if overwrite:
         return
     existing = [str(p) for p in paths if os.path.lexists(p)]
     if existing:
         names = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
-        raise FileExistsError(f"refusing to overwrite earlier results: {names} already exist(s); {OVERWRITE_HINT}")
+        raise FileExistsError(f"refusing to overwrite earlier results: {names} already exist(s); "
+                              f"{overwrite_hint(section)}")

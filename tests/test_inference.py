@@ -268,7 +268,8 @@ def test_writer_writes_whole_cases_or_nothing(tmp_path, monkeypatch):
         assert entry["sha256"] == hashlib.sha256((folder / name).read_bytes()).hexdigest()
     np.testing.assert_allclose(nib.load(folder / "a_mean.nii.gz").affine, np.diag([-2.0, -2.0, 3.0, 1.0]))
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == "case_id,psnr_db"
-    with pytest.raises(FileExistsError, match="skip_existing"):
+    with pytest.raises(FileExistsError, match=r"--overwrite \(python scripts/infer\.py\), --inference_cfg#overwrite "
+                       r"True .* inference\.skip_existing=true \(scripts/infer\.py\)"):
         writer.pending(["a", "b"])
     assert writer.pending(["a", "b"], skip_existing=True) == ["b"]
     with pytest.raises(FileExistsError, match="another run"):
@@ -348,8 +349,11 @@ def test_bundle_reconstructs_one_user_file_at_its_native_grid(tmp_path, luna, ch
     assert not (out / "patient_7" / "patient_7_metrics.json").exists()  # measured input: no reference
     again = bundle_inference(*args)
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr + again.stdout
+    assert "--inference_cfg#skip_existing True (bundle)" in again.stderr + again.stdout  # the way used next
     resumed = bundle_inference(*args, "--inference_cfg#skip_existing", "True")
     assert resumed.returncode == 0 and "nothing to reconstruct" in resumed.stderr + resumed.stdout
+    summary = json.loads((out / "inference_summary.json").read_text())  # the folder's state, not only this run's work
+    assert summary["reconstructed"] == [] and summary["already_written"] == ["patient_7"]
 
 
 def test_bundle_benchmark_mode_scores_the_test_split_and_skips_bad_cases(tmp_path, luna, checkpoint):

@@ -83,5 +83,6 @@ def test_check_no_overwrite(tmp_path):
     existing.write_bytes(b"")
     check_no_overwrite([fresh], overwrite=False)
     check_no_overwrite([existing, fresh], overwrite=True)
-    with pytest.raises(FileExistsError, match=r"c_mean\.nii\.gz.*overwrite=True.*inference_cfg\.overwrite=true"):
+    hint = r"--overwrite \(python scripts/findings\.py\), --findings_cfg#overwrite True"
+    with pytest.raises(FileExistsError, match=r"c_mean\.nii\.gz.*" + hint):
         check_no_overwrite([fresh, existing], overwrite=False)

@@ -52,7 +52,7 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor, NibabelWriter
 
 from .. import __version__
-from ..io import OVERWRITE_HINT, atomic_write, output_path, safe_stem, sha256_file
+from ..io import atomic_write, output_path, overwrite_hint, safe_stem, sha256_file
 from .distributed import from_rank0, rank_and_world
 from .previews import write_preview
 
@@ -98,6 +98,7 @@ class CaseWriter:
         if ckpt and Path(ckpt).is_file():
             self.provenance["ckpt_sha256"] = sha256_file(Path(ckpt))
         self._lock_fd: int | None = None
+        self.already_written: list[str] = []  # cases :meth:`pending` found written and left (skip_existing)
         self.suffixes = {name: f"_{name}" for name in _DESCRIPTIONS}
         for name, suffix in (suffixes or {}).items():
             if name not in _DESCRIPTIONS or not isinstance(suffix, str) or not _SUFFIX.fullmatch(suffix):
@@ -166,7 +167,8 @@ class CaseWriter:
         """The ``case_ids`` still to compute, checked before any work starts.
 
         An existing case is recomputed with ``overwrite``, left out with ``skip_existing`` (to finish an
-        interrupted run), and otherwise an error listing the cases. Takes the folder's lock first (:meth:`lock`).
+        interrupted run; listed in :attr:`already_written`), and otherwise an error listing the cases. Takes the
+        folder's lock first (:meth:`lock`).
         """
         self.lock()
         case_ids = list(case_ids)
@@ -175,10 +177,13 @@ class CaseWriter:
             return case_ids
         if skip_existing:
             logger.info("skipping %d case(s) already in %s: %s", len(done), self.output_dir, ", ".join(done[:5]))
+            self.already_written = done
             return [c for c in case_ids if c not in done]
         names = ", ".join(done[:3]) + (f" and {len(done) - 3} more" if len(done) > 3 else "")
         raise FileExistsError(f"refusing to overwrite earlier results in {self.output_dir}: {names}; "
-                              f"{OVERWRITE_HINT}, or inference_cfg#skip_existing=true to finish an interrupted run")
+                              f"{overwrite_hint('inference')}; to finish an interrupted run, skip them: "
+                              "inference.skip_existing=true (scripts/infer.py), --inference_cfg#skip_existing True "
+                              "(bundle)")
 
     def write(self, case_id: str, volumes: Mapping[str, MetaTensor], metrics: Mapping | None = None,
               preview: Mapping[str, np.ndarray] | None = None, input_check: Mapping | None = None) -> Path:

@@ -228,7 +228,8 @@ class VolumeEvaluator(Evaluator):
 def run_inference(evaluator: VolumeEvaluator, writer: CaseWriter | None = None) -> list[tuple[str, str]]:
     """Run ``evaluator`` over its cases (nothing to do is logged, not an error), log what was skipped and, with a
     ``writer``, record the run in ``<output_dir>/inference_summary.json`` (cases written, cases skipped with the
-    reason, seconds); returns the skipped ``(case_id, error)`` pairs.
+    reason, cases found already written and left by ``skip_existing``, seconds); returns the skipped
+    ``(case_id, error)`` pairs.
 
     Under ``torch.distributed`` every rank runs its share (:func:`case_entries`) and then waits for the others; rank
     0 writes the summary of all ranks' cases and rebuilds ``metrics.csv`` from every case in the folder, and every
@@ -255,6 +256,7 @@ def run_inference(evaluator: VolumeEvaluator, writer: CaseWriter | None = None) 
     skipped = [pair for _, part in parts for pair in part]
     if writer is not None and rank == 0:
         writer.write_summary({"reconstructed": done, "skipped": [{"case_id": c, "error": e} for c, e in skipped],
+                              "already_written": writer.already_written,
                               "seconds": round(time.perf_counter() - start, 1)})
         if world > 1 and any(writer.output_dir.glob("*/*_metrics.json")):
             writer.update_table()  # the ranks rebuilt it concurrently: each copy may miss another rank's last case

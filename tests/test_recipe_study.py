@@ -102,6 +102,14 @@ def test_probes_mark_their_objects_and_each_object_is_evaluated(recipes, tmp_pat
     assert pasted.dtype == torch.bool and pasted.shape == cond.shape
     assert ((probe != cond) <= pasted).all() and pasted.flatten(1).any(1).all()
     assert (probe[~pasted] == 0).all()
+    # noisy probes (probe_noise): inside an object, noise of the input's level; the stripes run along the first
+    # axis, so a clean object's neighbours there are equal and a noisy one's differ by sqrt(2) sigma
+    noisy = 0.1 * torch.randn(4, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    for flag, expected in ((False, 0.0), (True, 0.6745 * 2**0.5 * 0.1)):  # the median |difference| of N(0, 2 s^2)
+        probe, pasted = recipes.random_objects(noisy, torch.Generator().manual_seed(0), noisy=flag)
+        both = pasted[:, :, 1:] & pasted[:, :, :-1]
+        step = (probe[:, :, 1:] - probe[:, :, :-1]).abs()[both].median().item()
+        assert step == pytest.approx(expected, abs=0.02), (flag, step)
 
     tiny_study(tmp_path / "data.pt")
     recipes.main(["train", "--data", str(tmp_path / "data.pt"), "--recipe", "v_nl_eu_kl_inside", "--max_steps", "2",

@@ -365,7 +365,7 @@ def run_findings(export: str | Path, detections: str | Path | None = None, label
     root, images = read_export(export)
     out_dir = Path(output_dir) if output_dir is not None else root
     targets = [output_path(out_dir, "findings", ".json"), output_path(out_dir, "findings", ".csv")]
-    check_no_overwrite(targets, overwrite)
+    check_no_overwrite(targets, overwrite, "findings")
     if detections is not None:
         findings = read_detections(detections, root, images, float(min_score))
         source = Path(detections)

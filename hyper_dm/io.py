@@ -4,7 +4,7 @@ Example::
 
     >>> stem = safe_stem("subset0_1.3.6.1.4")
     >>> path = output_path("results/ct", stem, "_mean.nii.gz")
-    >>> check_no_overwrite([path], overwrite=False)
+    >>> check_no_overwrite([path], overwrite=False, section="findings")
     >>> with atomic_write(path) as tmp:
     ...     nib.save(image, tmp)  # any writer that takes a path: nibabel, json, csv, matplotlib
 """
@@ -146,7 +146,7 @@ def overwrite_hint(section: str) -> str:
             "another output directory")
 
 
-def check_no_overwrite(paths: Iterable[str | os.PathLike], overwrite: bool, section: str = "findings") -> None:
+def check_no_overwrite(paths: Iterable[str | os.PathLike], overwrite: bool, section: str) -> None:
     """Raise ``FileExistsError`` naming the existing files among ``paths`` unless ``overwrite``; the message says
     how to overwrite for the run of config ``section`` (:func:`overwrite_hint`)."""
     if overwrite:

@@ -271,7 +271,8 @@ def test_writer_writes_whole_cases_or_nothing(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match=r"--overwrite \(python scripts/infer\.py\), --inference_cfg#overwrite "
                        r"True .* inference\.skip_existing=true \(scripts/infer\.py\)"):
         writer.pending(["a", "b"])
-    assert writer.pending(["a", "b"], skip_existing=True) == ["b"]
+    assert writer.pending(["a", "b"], skip_existing=True) == ["b"] and writer.already_written == ["a"]
+    assert writer.pending(["b"]) == ["b"] and writer.already_written == []  # each call says what it found
     with pytest.raises(FileExistsError, match="another run"):
         writer.write("a", volumes)  # a second run finishing the same case: refused, the first result kept
     bad = {**volumes, "au": volumes["au"] * float("nan")}

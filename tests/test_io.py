@@ -81,8 +81,8 @@ def test_atomic_write_uses_umask_permissions(tmp_path):
 def test_check_no_overwrite(tmp_path):
     existing, fresh = tmp_path / "c_mean.nii.gz", tmp_path / "c_eu.nii.gz"
     existing.write_bytes(b"")
-    check_no_overwrite([fresh], overwrite=False)
-    check_no_overwrite([existing, fresh], overwrite=True)
+    check_no_overwrite([fresh], overwrite=False, section="findings")
+    check_no_overwrite([existing, fresh], overwrite=True, section="findings")
     hint = r"--overwrite \(python scripts/findings\.py\), --findings_cfg#overwrite True"
     with pytest.raises(FileExistsError, match=r"c_mean\.nii\.gz.*" + hint):
-        check_no_overwrite([fresh, existing], overwrite=False)
+        check_no_overwrite([fresh, existing], overwrite=False, section="findings")

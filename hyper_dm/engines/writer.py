@@ -173,6 +173,7 @@ class CaseWriter:
         self.lock()
         case_ids = list(case_ids)
         done = [c for c in case_ids if self.case_dir(c).exists()]
+        self.already_written = []
         if not done or self.overwrite:
             return case_ids
         if skip_existing:

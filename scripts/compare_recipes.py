@@ -66,6 +66,8 @@ RECIPES = {
     "v_nl_eu_kl_inside": {**_NL_EU_KL, "probe_mask": True},
     "v_nl_eu_kl_inside_x10": {**_NL_EU_KL, "probe_mask": True, "lambda_eu": 0.03},
     "v_nl_eu_kl_inside_x10_noisy": {**_NL_EU_KL, "probe_mask": True, "lambda_eu": 0.03, "probe_noise": True},
+    # knee: the KL on the part of the objects' spread in k-space columns a random 4x / 8x mask leaves unmeasured
+    "v_nl_eu_kl_inside_x10_unmeasured": {**_NL_EU_KL, "probe_mask": True, "lambda_eu": 0.03, "probe_columns": True},
     "v_au": {**_V, "timestep_sampling": "quadratic", "mode": "au", "n_noisy": 2, "sigma_noise": 0.05},
     "regression": {**_BASE, "regression": True},
     "knee_v_quadratic": {**_V, "timestep_sampling": "quadratic"},  # with a knee study (prepare --task mri)
@@ -77,6 +79,7 @@ RECIPES = {
 # the eu recipes resemble, and a checkered square of another shape and texture that no probe resembles
 OBJECTS = {"ood": "insert_dense_disc", "ood_square": "insert_checkered_square"}
 ABLATION = (2, 4, 8, 16)
+KNEE_MASKS = {"accelerations": [4, 8], "center_fractions": [0.08, 0.04]}  # the knee study's random masks
 ENSEMBLE = ("v_quadratic", "v_quadratic_s1", "v_quadratic_s2", "v_quadratic_s3")
 
 
@@ -97,7 +100,7 @@ def prepare_mri(args: argparse.Namespace) -> None:
     if not (root / "datalist.json").exists():
         write_fastmri_knee_like(root, n_files=args.series, seed=args.seed, n_slices=(8, 12))
     data = {**bundle_section("data"), "task": "mri", "dataset_dir": str(root), "cache_dir": None,
-            "accelerations": [4, 8], "center_fractions": [0.08, 0.04]}
+            **KNEE_MASKS}
     if args.kspace_noise_range is not None:
         data["kspace_noise_range"] = args.kspace_noise_range
     train = build_dataset(data, "training")
@@ -224,6 +227,23 @@ def random_objects(cond: torch.Tensor, generator: torch.Generator, noisy: bool =
     return out, pasted
 
 
+def random_columns(b: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """The k-space columns (bool ``[B, width]``, centred: column ``width // 2`` is DC) that the knee study's random
+    masks (:data:`KNEE_MASKS`, one acceleration drawn per slice) measure, as seen on a ``width``-pixel model grid.
+    The grid's DFT has the 320-pixel image's frequency spacing, so it sees the central ``width`` frequencies: a
+    fully sampled band of ``round(fraction * 320)`` columns around DC and, outside it, each column measured with the
+    probability ``(1 / acceleration - fraction) / (1 - fraction)`` that keeps a fastMRI random mask's acceleration."""
+    from hyper_dm.data.fastmri_knee import RECON_SHAPE
+
+    pick = torch.randint(0, len(KNEE_MASKS["accelerations"]), (b,), generator=generator, device=generator.device)
+    acceleration = torch.tensor(KNEE_MASKS["accelerations"], dtype=torch.float32)[pick.cpu()]
+    fraction = torch.tensor(KNEE_MASKS["center_fractions"], dtype=torch.float32)[pick.cpu()]
+    distance = (torch.arange(width) - width // 2).abs()
+    band = distance[None] <= (fraction * RECON_SHAPE[1]).round()[:, None] / 2
+    chance = ((1 / acceleration - fraction) / (1 - fraction))[:, None]
+    return band | (torch.rand(b, width, generator=generator, device=generator.device).cpu() < chance)
+
+
 def train(args: argparse.Namespace) -> None:
     recipe = RECIPES[args.recipe]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -269,8 +289,10 @@ def train(args: argparse.Namespace) -> None:
         else:
             probe, pasted = (random_objects(cond, generator, recipe.get("probe_noise", False)) if recipe.get("probe")
                              else (None, None))
+            columns = random_columns(args.batch, cond.shape[-1], generator).to(device) if recipe.get(
+                "probe_columns") else None
             terms = training_loss(hyper, hyper.target, scheduler, target, cond, loss_config, generator, probe,
-                                  pasted if recipe.get("probe_mask") else None)
+                                  pasted if recipe.get("probe_mask") else None, columns)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()

@@ -160,6 +160,38 @@ def test_probe_mask_averages_the_diversity_term_over_the_marked_elements(eu_term
         probed(probe_mask=first)
 
 
+class StripeBackbone(nn.Module):
+    """Predicts its bias times ``cos(pi w / 2 + pi / 4)`` along the last axis (8 columns): frequency +-2 of 8, which
+    are the centred k-space columns 6 and 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x_t, t, cond):
+        return self.bias * torch.cos(torch.arange(8.0) * math.pi / 2 + math.pi / 4).expand_as(x_t)
+
+
+def test_probe_columns_leave_the_measured_part_of_the_spread_out_of_the_kl():
+    s, a = 0.3, 0.2
+    hyper = GivenWeightSets(torch.tensor([[a], [-a]]))  # x0 spread 2 a^2 cos^2 = a^2 at every pixel
+    target, cond = torch.zeros(2, 1, 4, 8), torch.zeros(2, 1, 4, 8)
+    config = LossConfig(mode="eu", m_weights=2, lambda_eu=0.1, eu_term="kl", prior_std=s)
+    columns = lambda *k: (torch.arange(8) == torch.tensor(k)[:, None]).any(0).expand(2, 8)  # noqa: E731
+    run = lambda measured: training_loss(hyper, StripeBackbone(), make_ddpm(prediction_type="sample"), target,  # noqa: E731
+                                         cond, config, torch.Generator().manual_seed(0), cond + 1.0, None, measured)
+    kl = lambda ratio: 0.5 * (ratio - math.log(ratio) - 1)  # noqa: E731
+    assert run(None)["kl"].item() == pytest.approx(kl(a**2 / s**2), rel=1e-5)
+    assert run(columns(4))["kl"].item() == pytest.approx(kl(a**2 / s**2), rel=1e-5)  # DC: not where the sets differ
+    assert run(columns(6))["kl"].item() == pytest.approx(kl(a**2 / s**2 / 4), rel=1e-4)  # frequency -2 is left
+    assert run(columns(2, 6))["kl"].item() > 10  # all of the spread is measured: the entropy part pushes it back
+    for probe_cond, term in ((None, "kl"), (cond, "l1")):
+        with pytest.raises(ValueError, match="probe_columns"):
+            training_loss(hyper, StripeBackbone(), make_ddpm(prediction_type="sample"), target, cond,
+                          LossConfig(mode="eu", m_weights=2, lambda_eu=0.1, eu_term=term), None, probe_cond, None,
+                          columns(4))
+
+
 def test_timestep_samplings_follow_their_distributions():
     g = torch.Generator().manual_seed(0)
     a = make_ddpm(1000, 1e-4, 0.02, "v_prediction").alphas_cumprod

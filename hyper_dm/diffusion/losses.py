@@ -29,6 +29,10 @@ Opt-in options (defaults keep the behaviour above):
   can grow. ``probe_mask`` (same shape as the prediction but one channel, bool) restricts the term to the
   elements where the probe departs from the training input (a pasted object), as noise-contrastive priors do
   (Hafner et al. 2019): the spread is pushed towards the prior there and left to the MSE everywhere else.
+- ``probe_columns`` (with ``probe_cond``, ``eu_term="kl"``): bool ``[B, W]``, the k-space columns of the last axis
+  (centred: column ``W // 2`` is DC) that a measurement fixes, as the phase-encode columns of single-coil MRI. The
+  KL then acts on the spread of the predictions' part in the other columns: data consistency replaces the measured
+  columns of every draw, so only that part of the weight sets' disagreement reaches EU.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from ..networks.functional import apply_weight_sets
 from ..networks.hypernet import HyperNetwork
 from .schedule import to_x0, training_target
 
-__all__ = ["EU_TERMS", "MODES", "MODE_KEYS", "TIMESTEP_SAMPLINGS", "LossConfig", "sample_timesteps", "training_loss"]
+__all__ = ["EU_TERMS", "MODES", "MODE_KEYS", "TIMESTEP_SAMPLINGS", "LossConfig", "sample_timesteps", "training_loss",
+           "unmeasured_part"]
 
 MODES = ("standard", "eu", "au")
 EU_TERMS = ("l1", "kl")
@@ -111,11 +116,14 @@ def training_loss(
     generator: torch.Generator | None = None,
     probe_cond: torch.Tensor | None = None,
     probe_mask: torch.Tensor | None = None,
+    probe_columns: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One iteration's loss for ``target [B, C, ...]`` given ``cond [B, C_cond, ...]``.
 
     ``probe_cond [B, C_cond, ...]`` (mode ``eu``, optional): where the diversity term is evaluated;
-    ``probe_mask [B, 1, ...]`` (bool, with ``probe_cond``): the elements it is averaged over (all when ``None``).
+    ``probe_mask [B, 1, ...]`` (bool, with ``probe_cond``): the elements it is averaged over (all when ``None``);
+    ``probe_columns [B, W]`` (bool, with ``probe_cond`` and ``eu_term="kl"``): the measured k-space columns whose
+    part of the spread the KL leaves out.
     Returns ``{"loss": scalar to backpropagate, "mse": ..., in mode eu "diversity" (L1) or "kl"}``.
     """
     if config.mode == "au":
@@ -140,6 +148,9 @@ def training_loss(
     if probe_mask is not None and (probe_cond is None or not bool(probe_mask.any())):
         raise ValueError("probe_mask needs probe_cond and at least one True element: it marks where the probe "
                          "departs from the training input")
+    if probe_columns is not None and (probe_cond is None or config.eu_term != "kl"):
+        raise ValueError("probe_columns needs probe_cond and eu_term='kl': it names the measured columns whose part "
+                         "of the probes' x0 spread the KL leaves out")
 
     def inside(x: torch.Tensor) -> torch.Tensor:  # the diversity term's average over the probed elements
         return x.mean() if probe_mask is None else x[probe_mask.expand_as(x)].mean()
@@ -152,12 +163,31 @@ def training_loss(
     if config.eu_term == "kl":
         alpha_bar = scheduler.alphas_cumprod.to(t.device)[t].view(1, b, *[1] * (x_t.ndim - 1))
         x0, _ = to_x0(prediction, rep(x_t), alpha_bar.to(prediction), scheduler.prediction_type)  # [M, B, ...]
+        if probe_columns is not None:
+            x0 = unmeasured_part(x0, probe_columns.view(1, b, *[1] * (x0.ndim - 3), -1))
         ratio = x0.var(dim=0) / config.prior_std**2
         kl = inside(0.5 * (ratio - ratio.clamp_min(1e-12).log() - 1))
         return {"loss": mse + config.lambda_eu * kl, "mse": mse, "kl": kl}
     i, j = torch.triu_indices(m, m, offset=1)
     diversity = inside((prediction[i] - prediction[j]).abs().mean(dim=0))
     return {"loss": mse - config.lambda_eu * diversity, "mse": mse, "diversity": diversity}
+
+
+def unmeasured_part(image: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
+    """``image [..., W]`` (real) less its k-space columns ``measured`` (bool ``[..., W]``, broadcastable; orthonormal
+    DFT over the last axis, centred so that column ``W // 2`` is DC): the real part of what remains, the part of
+    ``image`` that data consistency on those columns cannot change.
+
+    Example:
+        >>> x = torch.cos(torch.arange(8.0) * torch.pi / 2)  # frequency +-2 of 8: columns 2 and 6
+        >>> unmeasured_part(x, torch.arange(8) == 6).abs().max().item() < 1e-6
+        False
+        >>> unmeasured_part(x, (torch.arange(8) == 2) | (torch.arange(8) == 6)).abs().max().item() < 1e-6
+        True
+    """
+    k = torch.fft.fftshift(torch.fft.fft(image, dim=-1, norm="ortho"), dim=-1)
+    kept = torch.where(measured, torch.zeros_like(k), k)
+    return torch.fft.ifft(torch.fft.ifftshift(kept, dim=-1), dim=-1, norm="ortho").real
 
 
 def sample_timesteps(
@@ -171,6 +201,7 @@ def sample_timesteps(
     ``floor(T u^2)`` (dense near 0), or EDM's log-normal noise level (see the module docstring).
 
     Example:
+        >>> from hyper_dm.diffusion import make_ddpm
         >>> a = make_ddpm(1000, 1e-4, 0.02, "v_prediction").alphas_cumprod
         >>> t = sample_timesteps(a, 10000, "quadratic", torch.Generator().manual_seed(0))
         >>> round((t < 250).float().mean().item(), 1)  # P(u^2 < 1/4) = 1/2

@@ -231,9 +231,11 @@ def random_objects(cond: torch.Tensor, generator: torch.Generator, noisy: bool =
 def random_columns(b: int, width: int, generator: torch.Generator) -> torch.Tensor:
     """The k-space columns (bool ``[B, width]``, centred: column ``width // 2`` is DC) that the knee study's random
     masks (:data:`KNEE_MASKS`, one acceleration drawn per slice) measure, as seen on a ``width``-pixel model grid.
-    The grid's DFT has the 320-pixel image's frequency spacing, so it sees the central ``width`` frequencies: a
-    fully sampled band of ``round(fraction * 320)`` columns around DC and, outside it, each column measured with the
-    probability ``(1 / acceleration - fraction) / (1 - fraction)`` that keeps a fastMRI random mask's acceleration."""
+    The grid's DFT has the 320-pixel image's frequency spacing, so it sees the central ``width`` of those
+    frequencies: fully sampled, the columns within ``round(fraction * 320) / 2`` of DC (27 at 4x, 13 at 8x; fastMRI's
+    centre block of ``round(fraction * 368)`` columns of the 368-wide k-space spans about 25 and 13 of them), and
+    outside them each column measured with the probability ``(1 / acceleration - fraction) / (1 - fraction)`` that
+    keeps a random mask's acceleration. An approximation: the data consistency works on the 368 columns."""
     from hyper_dm.data.fastmri_knee import RECON_SHAPE
 
     pick = torch.randint(0, len(KNEE_MASKS["accelerations"]), (b,), generator=generator, device=generator.device)

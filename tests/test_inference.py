@@ -698,9 +698,10 @@ def test_the_shipped_knee_models_eu_rises_inside_an_object_it_never_saw(tmp_path
     data = resolve_data_config({"task": "mri", "img_size": 64, "mri_norm": "volume_max", "split_seed": 0})
     truth = load_case({"image": str(tmp_path / "square.h5"), "case_id": "t"}, data, "simulate", 64)["label"][0]
     body = truth.numpy() > 0.1 * float(truth.max())
+    assert eu.shape == square.shape == body.shape
     ratios = [eu[..., z][square[..., z]].mean() / eu[..., z][body[..., z] & ~square[..., z]].mean()
               for z in range(eu.shape[-1])]
-    assert eu.shape == square.shape and np.median(ratios) >= 3, ratios
+    assert np.median(ratios) >= 3, ratios  # measured: 7.0 (this file), 11.0 (seed 5); before 0.9.6: 1.07, 1.09
 
 
 def test_the_shipped_knee_model_reconstructs_a_challenge_file_after_a_clone(tmp_path):

@@ -185,11 +185,15 @@ def test_probe_columns_leave_the_measured_part_of_the_spread_out_of_the_kl():
     assert run(columns(4))["kl"].item() == pytest.approx(kl(a**2 / s**2), rel=1e-5)  # DC: not where the sets differ
     assert run(columns(6))["kl"].item() == pytest.approx(kl(a**2 / s**2 / 4), rel=1e-4)  # frequency -2 is left
     assert run(columns(2, 6))["kl"].item() > 10  # all of the spread is measured: the entropy part pushes it back
-    for probe_cond, term in ((None, "kl"), (cond, "l1")):
+    each = torch.stack([columns(6)[0], torch.zeros(8, dtype=torch.bool)])  # one slice measures column 6, one none
+    assert run(each)["kl"].item() == pytest.approx((kl(a**2 / s**2 / 4) + kl(a**2 / s**2)) / 2, rel=1e-4)
+    standard = LossConfig(mode="standard")
+    for probe_cond, settings, measured in ((None, config, columns(4)), (cond, LossConfig(mode="eu", m_weights=2,
+                                           lambda_eu=0.1), columns(4)), (cond, standard, columns(4)),
+                                           (cond, config, columns(4)[0])):
         with pytest.raises(ValueError, match="probe_columns"):
-            training_loss(hyper, StripeBackbone(), make_ddpm(prediction_type="sample"), target, cond,
-                          LossConfig(mode="eu", m_weights=2, lambda_eu=0.1, eu_term=term), None, probe_cond, None,
-                          columns(4))
+            training_loss(hyper, StripeBackbone(), make_ddpm(prediction_type="sample"), target, cond, settings, None,
+                          probe_cond, None, measured)
 
 
 def test_timestep_samplings_follow_their_distributions():

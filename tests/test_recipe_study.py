@@ -122,9 +122,10 @@ def test_probes_mark_their_objects_and_each_object_is_evaluated(recipes, tmp_pat
     assert figures["ood_error_ratio"] != figures["ood_square_error_ratio"]  # each object its own mask
 
 
-def test_knee_probe_columns_follow_the_studys_masks_on_the_model_grid(recipes, tmp_path):
-    """The measured columns of recipe ``*_unmeasured``: a fully sampled centre band of the 4x or 8x mask (26 or 13
-    of the 320-pixel image's frequencies) and, outside it, the share that keeps each acceleration."""
+def test_knee_probe_columns_follow_the_studys_masks_on_the_model_grid(recipes, tmp_path, monkeypatch):
+    """The measured columns of recipe ``*_unmeasured``: a fully sampled centre band of the 4x or 8x mask (27 or 13
+    of the 320-pixel image's frequencies) and, outside it, the share that keeps each acceleration; they reach the
+    loss, one row per slice of the batch."""
     columns = recipes.random_columns(4000, 64, torch.Generator().manual_seed(0))
     assert columns.dtype == torch.bool and columns.shape == (4000, 64)
     distance = (torch.arange(64) - 32).abs()
@@ -135,8 +136,11 @@ def test_knee_probe_columns_follow_the_studys_masks_on_the_model_grid(recipes, t
         outside = columns[rows][:, distance > band + 1].float().mean().item()
         assert outside == pytest.approx((1 / acceleration - fraction) / (1 - fraction), abs=0.01)
     tiny_study(tmp_path / "data.pt")
+    seen, loss = [], recipes.training_loss
+    monkeypatch.setattr(recipes, "training_loss", lambda *a: seen.append(a[-1]) or loss(*a))
     recipes.main(["train", "--data", str(tmp_path / "data.pt"), "--recipe", "v_nl_eu_kl_inside_x10_unmeasured",
                   "--max_steps", "2", "--batch", "2", "--track_points", "0", "--skip_eval",
                   "--out", str(tmp_path / "runs")])
     run = json.loads((tmp_path / "runs" / "v_nl_eu_kl_inside_x10_unmeasured.run.json").read_text())
     assert run["steps"] == 2 and run["settings"]["probe_columns"]
+    assert len(seen) == 2 and all(c.dtype == torch.bool and c.shape == (2, 16) and c[:, 8].all() for c in seen)

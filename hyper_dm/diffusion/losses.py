@@ -31,8 +31,9 @@ Opt-in options (defaults keep the behaviour above):
   (Hafner et al. 2019): the spread is pushed towards the prior there and left to the MSE everywhere else.
 - ``probe_columns`` (with ``probe_cond``, ``eu_term="kl"``): bool ``[B, W]``, the k-space columns of the last axis
   (centred: column ``W // 2`` is DC) that a measurement fixes, as the phase-encode columns of single-coil MRI. The
-  KL then acts on the spread of the predictions' part in the other columns: data consistency replaces the measured
-  columns of every draw, so only that part of the weight sets' disagreement reaches EU.
+  KL then acts on the spread of the predictions' part in the other columns: data consistency moves every draw's
+  measured columns towards the measurement (replaces them where it is noise-free), so mostly that part of the weight
+  sets' disagreement reaches EU.
 """
 
 from __future__ import annotations
@@ -126,6 +127,14 @@ def training_loss(
     part of the spread the KL leaves out.
     Returns ``{"loss": scalar to backpropagate, "mse": ..., in mode eu "diversity" (L1) or "kl"}``.
     """
+    if probe_mask is not None and (probe_cond is None or not bool(probe_mask.any())):
+        raise ValueError("probe_mask needs probe_cond and at least one True element: it marks where the probe "
+                         "departs from the training input")
+    if probe_columns is not None and (probe_cond is None or config.mode != "eu" or config.eu_term != "kl"
+                                      or tuple(probe_columns.shape) != (target.shape[0], target.shape[-1])):
+        raise ValueError(f"probe_columns needs probe_cond, mode 'eu' with eu_term 'kl' and the shape [B, W] = "
+                         f"{[target.shape[0], target.shape[-1]]} (got {list(probe_columns.shape)}): it names each "
+                         "sample's measured columns, whose part of the probes' x0 spread the KL leaves out")
     if config.mode == "au":
         k = config.n_noisy
         noise = torch.randn((k, *cond.shape), generator=generator, device=_device(generator, cond)).to(cond)
@@ -145,12 +154,6 @@ def training_loss(
     mse = F.mse_loss(prediction, rep(regress))
     if config.mode != "eu":
         return {"loss": mse, "mse": mse}
-    if probe_mask is not None and (probe_cond is None or not bool(probe_mask.any())):
-        raise ValueError("probe_mask needs probe_cond and at least one True element: it marks where the probe "
-                         "departs from the training input")
-    if probe_columns is not None and (probe_cond is None or config.eu_term != "kl"):
-        raise ValueError("probe_columns needs probe_cond and eu_term='kl': it names the measured columns whose part "
-                         "of the probes' x0 spread the KL leaves out")
 
     def inside(x: torch.Tensor) -> torch.Tensor:  # the diversity term's average over the probed elements
         return x.mean() if probe_mask is None else x[probe_mask.expand_as(x)].mean()
@@ -164,7 +167,7 @@ def training_loss(
         alpha_bar = scheduler.alphas_cumprod.to(t.device)[t].view(1, b, *[1] * (x_t.ndim - 1))
         x0, _ = to_x0(prediction, rep(x_t), alpha_bar.to(prediction), scheduler.prediction_type)  # [M, B, ...]
         if probe_columns is not None:
-            x0 = unmeasured_part(x0, probe_columns.view(1, b, *[1] * (x0.ndim - 3), -1))
+            x0 = unmeasured_part(x0, probe_columns.reshape(1, b, *[1] * (x0.ndim - 3), -1))
         ratio = x0.var(dim=0) / config.prior_std**2
         kl = inside(0.5 * (ratio - ratio.clamp_min(1e-12).log() - 1))
         return {"loss": mse + config.lambda_eu * kl, "mse": mse, "kl": kl}

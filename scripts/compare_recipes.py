@@ -69,6 +69,7 @@ RECIPES = {
     # knee: the KL on the part of the objects' spread in k-space columns a random 4x / 8x mask leaves unmeasured
     "v_nl_eu_kl_inside_unmeasured": {**_NL_EU_KL, "probe_mask": True, "probe_columns": True},
     "v_nl_eu_kl_inside_x10_unmeasured": {**_NL_EU_KL, "probe_mask": True, "lambda_eu": 0.03, "probe_columns": True},
+    "v_nl_eu_kl_inside_x30_unmeasured": {**_NL_EU_KL, "probe_mask": True, "lambda_eu": 0.09, "probe_columns": True},
     "v_au": {**_V, "timestep_sampling": "quadratic", "mode": "au", "n_noisy": 2, "sigma_noise": 0.05},
     "regression": {**_BASE, "regression": True},
     "knee_v_quadratic": {**_V, "timestep_sampling": "quadratic"},  # with a knee study (prepare --task mri)

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hyper_dm.data.config import FASTMRI_CENTER_FRACTIONS  # noqa: E402
+from hyper_dm.data.fastmri_knee import RECON_SHAPE  # noqa: E402
 from hyper_dm.diffusion import HyperDDIMSampler, LossConfig, make_ddim, make_ddpm, training_loss  # noqa: E402
 from hyper_dm.io import atomic_write  # noqa: E402
 from hyper_dm.networks import ConditionalUNet, HyperNetwork, apply_weight_sets, noise_level  # noqa: E402
@@ -81,7 +83,6 @@ RECIPES = {
 # the eu recipes resemble, and a checkered square of another shape and texture that no probe resembles
 OBJECTS = {"ood": "insert_dense_disc", "ood_square": "insert_checkered_square"}
 ABLATION = (2, 4, 8, 16)
-KNEE_MASKS = {"accelerations": [4, 8], "center_fractions": [0.08, 0.04]}  # the knee study's random masks
 ENSEMBLE = ("v_quadratic", "v_quadratic_s1", "v_quadratic_s2", "v_quadratic_s3")
 
 
@@ -102,7 +103,8 @@ def prepare_mri(args: argparse.Namespace) -> None:
     if not (root / "datalist.json").exists():
         write_fastmri_knee_like(root, n_files=args.series, seed=args.seed, n_slices=(8, 12))
     data = {**bundle_section("data"), "task": "mri", "dataset_dir": str(root), "cache_dir": None,
-            **KNEE_MASKS}
+            "accelerations": list(FASTMRI_CENTER_FRACTIONS),
+            "center_fractions": list(FASTMRI_CENTER_FRACTIONS.values())}
     if args.kspace_noise_range is not None:
         data["kspace_noise_range"] = args.kspace_noise_range
     train = build_dataset(data, "training")
@@ -231,17 +233,16 @@ def random_objects(cond: torch.Tensor, generator: torch.Generator, noisy: bool =
 
 def random_columns(b: int, width: int, generator: torch.Generator) -> torch.Tensor:
     """The k-space columns (bool ``[B, width]``, centred: column ``width // 2`` is DC) that the knee study's random
-    masks (:data:`KNEE_MASKS`, one acceleration drawn per slice) measure, as seen on a ``width``-pixel model grid.
+    masks (fastMRI's 4x and 8x, ``FASTMRI_CENTER_FRACTIONS``; one drawn per slice) measure, as seen on a
+    ``width``-pixel model grid.
     The grid's DFT has the 320-pixel image's frequency spacing, so it sees the central ``width`` of those
     frequencies: fully sampled, the columns within ``round(fraction * 320) / 2`` of DC (27 at 4x, 13 at 8x; fastMRI's
     centre block of ``round(fraction * 368)`` columns of the 368-wide k-space spans about 25 and 13 of them), and
     outside them each column measured with the probability ``(1 / acceleration - fraction) / (1 - fraction)`` that
     keeps a random mask's acceleration. An approximation: the data consistency works on the 368 columns."""
-    from hyper_dm.data.fastmri_knee import RECON_SHAPE
-
-    pick = torch.randint(0, len(KNEE_MASKS["accelerations"]), (b,), generator=generator, device=generator.device)
-    acceleration = torch.tensor(KNEE_MASKS["accelerations"], dtype=torch.float32)[pick.cpu()]
-    fraction = torch.tensor(KNEE_MASKS["center_fractions"], dtype=torch.float32)[pick.cpu()]
+    pick = torch.randint(0, len(FASTMRI_CENTER_FRACTIONS), (b,), generator=generator, device=generator.device).cpu()
+    acceleration = torch.tensor(list(FASTMRI_CENTER_FRACTIONS), dtype=torch.float32)[pick]
+    fraction = torch.tensor(list(FASTMRI_CENTER_FRACTIONS.values()), dtype=torch.float32)[pick]
     distance = (torch.arange(width) - width // 2).abs()
     band = distance[None] <= (fraction * RECON_SHAPE[1]).round()[:, None] / 2
     chance = ((1 / acceleration - fraction) / (1 - fraction))[:, None]

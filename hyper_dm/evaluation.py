@@ -12,8 +12,9 @@ MRI at 4x and 8x acceleration):
   user's (:data:`OBJECTS`; CT: a dense 30 mm disc with a stripe texture in the right lung, and a 30 mm checkered
   square there, NIfTI; MRI: a bright striped 12 mm lesion, and a 12 mm square of checkers, fastMRI ``.h5``): EU,
   squared error and predicted variance inside it against the rest of the body, per slice, and the coverage of its
-  pixels; the squared error also on the model grid (area averages), which separates what the grid cannot draw
-  (texture finer than its pixel) from what the model got wrong;
+  pixels; EU from the mean EU map of ``repeats`` runs with other seeds (other weight sets), each run's ratio beside
+  it, as one run's M weight sets give a ratio that varies by seed; the squared error also on the model grid (area
+  averages), which separates what the grid cannot draw (texture finer than its pixel) from what the model got wrong;
 - aleatoric: the case at three measurement noise levels (CT: photon count ``i0``; MRI: ``kspace_noise``): mean AU
   and EU at each.
 
@@ -126,11 +127,14 @@ def plot(path: Path, panels: list[tuple[str, callable]]) -> None:
 
 
 def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibration | None = None,
-             cases: int | None = None) -> dict:
+             cases: int | None = None, repeats: int = 3) -> dict:
     """Every measurement of the report on the first ``cases`` test cases of ``data`` (the bundle's ``data``
-    section; all cases if None), reconstructed by ``reconstructor``. Returns the lists :func:`write_report` reads:
-    ``rows`` (quality and distribution per case and setting), ``reliability``, ``sparsity``, ``ood``, ``noise``,
-    ``seconds_per_slice`` and the ``calibration``."""
+    section; all cases if None), reconstructed by ``reconstructor``; each case with an object ``repeats`` times
+    (seeds ``reconstructor.seed + k``), its EU ratio taken on their mean EU map (M x ``repeats`` weight sets).
+    Returns the lists :func:`write_report` reads: ``rows`` (quality and distribution per case and setting),
+    ``reliability``, ``sparsity``, ``ood``, ``noise``, ``seconds_per_slice`` and the ``calibration``."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     data = resolve_data_config(data)
     ct = data["task"] == "ct"
     size = int(data["img_size"])
@@ -150,11 +154,13 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
 
     def object_figures(case: dict, mask: np.ndarray) -> dict:
         """Inside the object (``mask [X, Y, Z]``, the loaded volume's order) against the rest of the body: ratios
-        of EU, squared error (on the output grid and on the model grid, where sub-grid detail averages out) and
-        predicted variance, the (calibrated) 90% coverage, and the maps of the middle slice."""
-        raw = run(case)
+        of EU (the mean map of ``repeats`` runs, and each run's), squared error (on the output grid and on the model
+        grid, where sub-grid detail averages out) and predicted variance, the (calibrated) 90% coverage, and the
+        maps of the middle slice; all but EU from the first run."""
+        runs = [reconstructor.with_seed(reconstructor.seed + k).reconstruct_case(case) for k in range(repeats)]
+        raw = runs[0]
         case_flags = checked(case, raw)[2]  # adds the calibrated std map where calibrated
-        eu, reference = raw["eu"][0].numpy(), case["label"][0].numpy()
+        eu, reference = np.mean([r["eu"][0].numpy() for r in runs], axis=0), case["label"][0].numpy()
         body = reference > -990 if ct else reference > 0.1 * reference.max()  # tissue, not air
         error = np.abs(raw["mean"][0].numpy() - reference)
         std = (raw["total_std_calibrated"] if "total_std_calibrated" in raw
@@ -164,6 +170,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
         coarse_error = (coarse(raw["mean"][0].numpy()) - coarse(reference)) ** 2
         mid = eu.shape[-1] // 2
         return {"median_ratio": inside_over_body(eu, mask, body),
+                "run_ratios": [inside_over_body(r["eu"][0].numpy(), mask, body) for r in runs],
                 "error_ratio": inside_over_body(error**2, mask, body),
                 "grid_error_ratio": inside_over_body(coarse_error, coarse(mask) > 0.5, coarse(body) > 0.5),
                 "total_ratio": inside_over_body(raw["total"][0].numpy(), mask, body),
@@ -295,6 +302,7 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
         au, eu = [n["mean_au"] for n in nr], [n["mean_eu"] for n in nr]
         m = lambda key, sel=sel: avg(sel, key)  # noqa: E731
         each = lambda key, o, digits=2: ", ".join(f"{x[key]:.{digits}f}" for x in o)  # noqa: E731  one per case
+        runs = lambda o: "; ".join(" / ".join(f"{r:.2f}" for r in x["run_ratios"]) for x in o)  # noqa: E731
         i = lambda key, sel=sel: avg([r["input"] for r in sel], key)  # noqa: E731
         cal = ("| calibrated | " + " | ".join(f"{m(f'coverage_{q}_calibrated'):.3f}" for q in (50, 90, 95)) + " |"
                if calibrated else "| calibrated | (no calibration file given) | | |")
@@ -312,8 +320,10 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                  f"{var_unit} against a predicted total variance of {fmt(m('mean_total'))} {var_unit}).", "",
                  f"## {s + ' acceleration: ' if s else ''}epistemic: objects the training set never had", "",
                  *[line for name, o in per_object.items() for line in (
-                   objects[name][2] + f" Median over slices of mean EU inside it / mean EU in the rest of the body: "
-                   f"{each('median_ratio', o)} (target >= 3). The same ratio of the squared error: "
+                   objects[name][2] + f" Median over slices of mean EU inside it / mean EU in the rest of the body, "
+                   f"on the mean EU map of {len(o[0]['run_ratios'])} runs with other weight sets: "
+                   f"{each('median_ratio', o)} (target >= 3); each run alone: {runs(o)}. The same ratio of the squared "
+                   "error: "
                    f"{each('error_ratio', o)}, on the model grid's {data['img_size']} x {data['img_size']} pixels "
                    f"(area averages of the mean and the reference: the error the network could draw) "
                    f"{each('grid_error_ratio', o)}; of the predicted total variance: {each('total_ratio', o)}. "

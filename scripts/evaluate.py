@@ -28,16 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: diffusion.ddim_steps)")
     parser.add_argument("--label", default="", help="a line describing the model and its training budget")
     parser.add_argument("--cases", type=int, default=None, help="evaluate the first K test cases (default: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs (other weight sets) of each case with an object, "
+                                                                  "whose mean EU map gives its EU ratio")
     parser.add_argument("overrides", nargs="*", help="key.subkey=value, e.g. data.dataset_dir=/data/LUNA16")
     args = parser.parse_args(argv)
     model = HyperDM.from_bundle(args.ckpt, config=args.config, calibration=args.calibration,
                                 **parse_overrides(args.overrides))
-    results = evaluate(model.reconstructor(args.M, args.N, args.steps), model.data, model.calibration, args.cases)
+    results = evaluate(model.reconstructor(args.M, args.N, args.steps), model.data, model.calibration, args.cases,
+                       args.repeats)
     command = " ".join(["python scripts/evaluate.py", f"--ckpt {args.ckpt}",
                         *([f"--config {args.config}"] if args.config else []),
                         *([f"--calibration {args.calibration}"] if args.calibration else []),
                         f"--M {args.M} --N {args.N}", *([f"--steps {args.steps}"] if args.steps else []),
-                        *([f"--cases {args.cases}"] if args.cases else []), *args.overrides])
+                        *([f"--cases {args.cases}"] if args.cases else []),
+                        *([f"--repeats {args.repeats}"] if args.repeats != 3 else []), *args.overrides])
     print(f"wrote {write_report(args.out, results, model.data, command, args.label)}")
     return 0
 

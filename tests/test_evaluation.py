@@ -104,7 +104,7 @@ def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
     unmoved = Calibration(scales={str(q): 1.0 for q in LEVELS}, n_pixels=1, n_cases=1, departures=[1.0] * 99,
                           accelerations={"4": at(1e-12), "8": at(1e12)})
     assert evaluate.main(["--ckpt", str(tmp_path / "knee.pt"), "--config", str(configs / "knee_singlecoil.yaml"),
-                          "--out", str(out), "--M", "2", "--N", "2", "--steps", "2",
+                          "--out", str(out), "--M", "2", "--N", "2", "--steps", "2", "--repeats", "2",
                           "--calibration", str(unmoved.save(tmp_path / "calibration.json")),
                           f"data.dataset_dir={tmp_path / 'knee'}", *small]) == 0
     text = (out / "report.md").read_text()
@@ -124,6 +124,8 @@ def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
     assert {(r["setting"], r["object"]) for r in report["ood"]} == {(s, o) for s in ("4x", "8x")
                                                                     for o in ("lesion", "square")}
     assert all(np.isfinite(r["median_ratio"]) and 0 <= r["coverage_90_inside"] <= 1 for r in report["ood"])
+    assert all(len(r["run_ratios"]) == 2 and r["run_ratios"][0] != r["run_ratios"][1] for r in report["ood"])
+    assert "--repeats 2" in text and "on the mean EU map of 2 runs with other weight sets" in text
     for name in ("calibration.png", "ood_object.png", "ood_object_square.png"):
         assert (out / name).stat().st_size > 0, name
 
@@ -139,7 +141,7 @@ def test_bundle_evaluate_run_writes_the_ct_report(tmp_path, checkpoint):
          "$torch.device('cpu')", "--inference_cfg#ckpt", str(checkpoint), "--inference_cfg#M", "2",
          "--inference_cfg#N", "2", "--diffusion#ddim_steps", "2", "--data#dataset_dir", str(tmp_path / "ct"),
          "--inference_cfg#calibration", str(tmp_path / "none.json"), "--evaluate_cfg#out_dir", str(out),
-         "--evaluate_cfg#cases", "1", "--evaluate_cfg#label", "an untrained model",
+         "--evaluate_cfg#cases", "1", "--evaluate_cfg#repeats", "2", "--evaluate_cfg#label", "an untrained model",
          *small], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     text = (out / "report.md").read_text()
@@ -154,7 +156,9 @@ def test_bundle_evaluate_run_writes_the_ct_report(tmp_path, checkpoint):
     assert 0 < report["ood"][0]["eu_inside"] < float("inf")
     inside = report["ood"][0]
     assert inside["error_ratio"] > 0 and inside["total_ratio"] > 0 and 0 <= inside["coverage_90_inside"] <= 1
-    assert f"The same ratio of the squared error: {inside['error_ratio']:.2f}, on the model grid's 64 x 64" in text
+    first, second = inside["run_ratios"]
+    assert f"each run alone: {first:.2f} / {second:.2f}. The same ratio of the squared error: " \
+           f"{inside['error_ratio']:.2f}, on the model grid's 64 x 64" in text
     assert f"the error the network could draw) {inside['grid_error_ratio']:.2f};" in text
     assert f"Raw 90% intervals cover {inside['coverage_90_inside']:.3f} of its pixels" in text
     assert (out / "calibration.png").stat().st_size > 0 and (out / "ood_object.png").stat().st_size > 0

@@ -235,6 +235,9 @@ def test_reconstructor_returns_the_source_grid_and_the_exact_decomposition(check
     assert (out["eu"] > 0).float().mean() > 0.5 and (out["au"] > 0).float().mean() > 0.5  # M, N > 1: spread
     assert out["mean"].abs().max() <= 1000.0 + 1e-3  # x0 clipped to the model range, mapped to HU
     torch.testing.assert_close(out["mean"], again["mean"])
+    reseeded = recon.with_seed(8)
+    assert (reseeded.seed, recon.seed, reseeded.m_weights, reseeded.network) == (8, 7, 2, recon.network)
+    assert not torch.equal(reseeded(cond, gain, offset)["eu"], out["eu"])  # other weight sets
 
 
 def test_writer_writes_whole_cases_or_nothing(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 
@@ -82,6 +83,13 @@ class VolumeReconstructor:
         self.network, self.sampler = network, sampler
         self.img_size, self.m_weights, self.n_draws = img_size, m_weights, n_draws
         self.slice_batch, self.seed = slice_batch, seed
+
+    def with_seed(self, seed: int) -> VolumeReconstructor:
+        """This reconstructor drawing other weight sets and other diffusion noise (``seed``); nothing is copied
+        but the settings."""
+        other = copy.copy(self)
+        other.seed = seed
+        return other
 
     def _model_input(self, cond: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor, index: slice) -> tuple:
         """Slices ``index`` of ``cond [1, x, y, Z]`` in the model's range on its grid ``[b, 1, S, S]`` (CPU), and

@@ -152,8 +152,9 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                                           "slices": int(raw["mean"].shape[-1]), "check_alpha": check["alpha"]}
         return applied["noise_level"], applied["calibration"], flags
 
-    def object_figures(case: dict, mask: np.ndarray) -> dict:
-        """Inside the object (``mask [X, Y, Z]``, the loaded volume's order) against the rest of the body: ratios
+    def object_figures(case: dict, mask: np.ndarray, clean: np.ndarray) -> dict:
+        """Inside the object (``mask [X, Y, Z]``, the loaded volume's order) against the rest of the body (the
+        tissue of ``clean [X, Y, Z]``, the reference without the object, whose brightness cannot move it): ratios
         of EU (the mean map of ``repeats`` runs, and each run's), squared error (on the output grid and on the model
         grid, where sub-grid detail averages out) and predicted variance, the (calibrated) 90% coverage, and the
         maps of the middle slice; all but EU from the first run."""
@@ -161,7 +162,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
         raw = runs[0]
         case_flags = checked(case, raw)[2]  # adds the calibrated std map where calibrated
         eu, reference = np.mean([r["eu"][0].numpy() for r in runs], axis=0), case["label"][0].numpy()
-        body = reference > -990 if ct else reference > 0.1 * reference.max()  # tissue, not air
+        body = clean > -990 if ct else clean > 0.1 * clean.max()  # tissue, not air
         error = np.abs(raw["mean"][0].numpy() - reference)
         std = (raw["total_std_calibrated"] if "total_std_calibrated" in raw
                else raw["total"].clamp_min(0).sqrt())[0].numpy()
@@ -214,7 +215,8 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                     mask = insert(entry["image"], object_file)
                     ood.append({"case_id": entry["case_id"], "setting": setting, "object": name,
                                 **object_figures(load_case({"image": str(object_file), "case_id": "object"},
-                                                           setting_data, "simulate", size), mask)})
+                                                           setting_data, "simulate", size), mask,
+                                                 case["label"][0].numpy())})
 
                 # aleatoric: the same case at three measurement noise levels
                 for level in noise_levels:

@@ -40,10 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hyper_dm.data.config import FASTMRI_CENTER_FRACTIONS  # noqa: E402
-from hyper_dm.data.fastmri_knee import RECON_SHAPE  # noqa: E402
 from hyper_dm.diffusion import HyperDDIMSampler, LossConfig, make_ddim, make_ddpm, training_loss  # noqa: E402
+from hyper_dm.diffusion.probes import random_columns, random_objects  # noqa: E402
 from hyper_dm.io import atomic_write  # noqa: E402
-from hyper_dm.networks import ConditionalUNet, HyperNetwork, apply_weight_sets, noise_level  # noqa: E402
+from hyper_dm.networks import ConditionalUNet, HyperNetwork, apply_weight_sets  # noqa: E402
 from hyper_dm.uncertainty import ause, central_z, decompose, gaussian_coverage, psnr  # noqa: E402
 
 HU = 1000.0  # HU per model unit (hu_window [-1000, 1000])
@@ -204,49 +204,6 @@ def build(study: dict, recipe: dict, device: torch.device) -> HyperNetwork:
                                noise_level_input=recipe.get("noise_level_input", False))
     return HyperNetwork(backbone, z_dim=model["z_dim"], hidden=model["hidden"], rank=model["rank"],
                         offset_scale=model["offset_scale"]).to(device)
-
-
-def random_objects(cond: torch.Tensor, generator: torch.Generator, noisy: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``cond [B, 1, H, W]`` with three random ellipses of random value and stripe texture pasted in: inputs off
-    the training distribution where the KL term of mode ``eu`` keeps the weight sets apart; and where they lie
-    (bool ``[B, 1, H, W]``, for recipes whose term acts inside the objects only, ``probe_mask``). ``noisy``: the
-    objects carry Gaussian noise of each slice's own level (:func:`noise_level`), so that a probe departs from its
-    input in content only, not in how noisy it is."""
-    b, _, h, w = cond.shape
-    sigma = noise_level(cond).view(b, 1, 1) if noisy else None
-    out, pasted = cond.clone(), torch.zeros_like(cond, dtype=torch.bool)
-    yy, xx = torch.meshgrid(torch.arange(h, device=cond.device), torch.arange(w, device=cond.device),
-                            indexing="ij")
-    for _ in range(3):
-        r = torch.rand(b, 7, generator=generator, device=generator.device).to(cond.device)
-        cy, cx, ay, ax = r[:, 0] * h, r[:, 1] * w, 2 + r[:, 2] * h / 6, 2 + r[:, 3] * w / 6
-        inside = ((yy - cy.view(b, 1, 1)) / ay.view(b, 1, 1)) ** 2 + ((xx - cx.view(b, 1, 1)) / ax.view(b, 1, 1)) ** 2
-        period = 2 + (r[:, 4] * 4).floor().view(b, 1, 1)
-        value = (2 * r[:, 5] - 1).view(b, 1, 1) * (1 - ((xx // period) % 2) * r[:, 6].view(b, 1, 1))
-        if noisy:
-            value = value + sigma * torch.randn(b, h, w, generator=generator, device=generator.device).to(cond.device)
-        out[:, 0] = torch.where(inside <= 1, value, out[:, 0])
-        pasted[:, 0] |= inside <= 1
-    return out, pasted
-
-
-def random_columns(b: int, width: int, generator: torch.Generator) -> torch.Tensor:
-    """The k-space columns (bool ``[B, width]``, centred: column ``width // 2`` is DC) that the knee study's random
-    masks (fastMRI's 4x and 8x, ``FASTMRI_CENTER_FRACTIONS``; one drawn per slice) measure, as seen on a
-    ``width``-pixel model grid.
-    The grid's DFT has the 320-pixel image's frequency spacing, so it sees the central ``width`` of those
-    frequencies: fully sampled, the columns within ``round(fraction * 320) / 2`` of DC (27 at 4x, 13 at 8x; fastMRI's
-    centre block of ``round(fraction * 368)`` columns of the 368-wide k-space spans about 25 and 13 of them), and
-    outside them each column measured with the probability ``(1 / acceleration - fraction) / (1 - fraction)`` that
-    keeps a random mask's acceleration. An approximation: the data consistency works on the 368 columns."""
-    pick = torch.randint(0, len(FASTMRI_CENTER_FRACTIONS), (b,), generator=generator, device=generator.device).cpu()
-    acceleration = torch.tensor(list(FASTMRI_CENTER_FRACTIONS), dtype=torch.float32)[pick]
-    fraction = torch.tensor(list(FASTMRI_CENTER_FRACTIONS.values()), dtype=torch.float32)[pick]
-    distance = (torch.arange(width) - width // 2).abs()
-    band = distance[None] <= (fraction * RECON_SHAPE[1]).round()[:, None] / 2
-    chance = ((1 / acceleration - fraction) / (1 - fraction))[:, None]
-    return band | (torch.rand(b, width, generator=generator, device=generator.device).cpu() < chance)
 
 
 def train(args: argparse.Namespace) -> None:

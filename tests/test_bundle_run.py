@@ -308,6 +308,29 @@ def test_script_trains_the_knee_overlay_in_eu_mode(tmp_path, synthetic_dir):
     assert (Path(synthetic_dir) / "fastmri_knee_seed0").is_dir()
 
 
+def test_the_shipped_knee_model_fine_tunes_with_probes_through_the_script(tmp_path, synthetic_dir):
+    """The fine-tuning behind the shipped knee model as a user runs it: ``training.init`` starts from its weights,
+    mode ``eu`` with the KL inside pasted objects on the unmeasured columns' spread. At learning rate 0 the run
+    must end on exactly the weights it started from, with the KL logged."""
+    shipped = REPO / "bundle" / "models" / "knee" / "model.pt"
+    result = subprocess.run(
+        [sys.executable, "scripts/train.py", "--config", "bundle/configs/knee_singlecoil.yaml", "training.mode=eu",
+         "training.eu_term=kl", "training.m_weights=2", "training.lambda_eu=0.03", "training.probes=objects_inside",
+         "training.probe_columns=true", f"training.init={shipped}", "training.lr=0", "training.epochs=1",
+         "training.epoch_length=2", "training.batch_size=2", "training.val_M=2", "training.val_N=2",
+         "training.val_ddim_steps=2", "validate.evaluator.epoch_length=1", f"output_dir={tmp_path}",
+         f"data.synthetic_dir={synthetic_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    check(result)
+    events = EventAccumulator(str(tmp_path / "logs"))
+    events.Reload()
+    assert "train/kl" in events.Tags()["scalars"]
+    start = torch.load(shipped, weights_only=True)["hypernet"]
+    end = final_checkpoint(tmp_path)["hypernet"]
+    assert start.keys() == end.keys() and all(torch.equal(start[k], end[k]) for k in start)
+
+
 def test_native_overlay_trains_and_infers_at_256_on_cpu(tmp_path, synthetic_dir):
     """The native-resolution model (four levels, SDPA attention) at 256 x 256: a few training iterations, then a
     3-slice 256 x 256 volume reconstructed on its own grid with the trained checkpoint."""

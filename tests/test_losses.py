@@ -219,3 +219,52 @@ def test_option_errors_list_the_valid_choices():
         LossConfig(mode="standard", timestep_sampling="log")
     with pytest.raises(ValueError, match="prior_std"):
         LossConfig(mode="standard", prior_std=0.0)
+
+
+@pytest.mark.parametrize("probes, columns", [("objects", False), ("objects_inside", True)])
+def test_the_trainer_hands_its_probes_to_the_loss(model, monkeypatch, probes, columns):
+    """``training_cfg#probes`` / ``#probe_columns``: each iteration pastes objects into the batch's inputs, marks
+    them (``objects_inside`` only) and draws each slice's measured columns, and the loss gets all three."""
+    from monai.inferers import DiffusionInferer
+
+    from hyper_dm.engines import HyperDiffusionTrainer
+    from hyper_dm.engines import trainer as trainer_module
+
+    backbone, hyper = model
+    target, cond = batch()
+    seen, loss = [], trainer_module.training_loss
+    monkeypatch.setattr(trainer_module, "training_loss", lambda *a: seen.append(a) or loss(*a))
+    config = {"mode": "eu", "m_weights": 2, "lambda_eu": 0.01, "eu_term": "kl"}
+    trainer = HyperDiffusionTrainer("cpu", 1, [{"target": target, "cond": cond}], hyper,
+                                    torch.optim.SGD(hyper.trainable_parameters(), lr=0.0),
+                                    DiffusionInferer(make_ddpm()), config, probes=probes, probe_columns=columns)
+    trainer.run()
+    (args,) = seen
+    probe, pasted, measured = args[7:]
+    assert probe.shape == cond.shape and (probe != cond).any()
+    if probes == "objects_inside":
+        assert pasted.dtype == torch.bool and ((probe != cond) <= pasted).all()
+    else:
+        assert pasted is None
+    if columns:
+        assert measured.shape == (2, 16) and measured.dtype == torch.bool and measured[:, 8].all()  # DC measured
+    else:
+        assert measured is None
+    assert "kl" in trainer.state.output
+
+
+def test_the_trainer_refuses_probes_its_loss_cannot_use(model):
+    from monai.inferers import DiffusionInferer
+
+    from hyper_dm.engines import HyperDiffusionTrainer
+
+    _, hyper = model
+    build = lambda loss, **kw: HyperDiffusionTrainer("cpu", 1, [], hyper, torch.optim.SGD(  # noqa: E731
+        hyper.trainable_parameters(), lr=0.0), DiffusionInferer(make_ddpm()), loss, **kw)
+    eu_l1 = {"mode": "eu", "m_weights": 2, "lambda_eu": 0.01}
+    with pytest.raises(ValueError, match="unknown probes 'ellipses'"):
+        build(eu_l1, probes="ellipses")
+    with pytest.raises(ValueError, match="diversity term of mode 'eu'; the mode is 'standard'"):
+        build({"mode": "standard"}, probes="objects")
+    with pytest.raises(ValueError, match="needs probes and eu_term 'kl', got probes 'objects', eu_term 'l1'"):
+        build(eu_l1, probes="objects", probe_columns=True)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hyper_dm.diffusion.probes import random_columns, random_objects
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,9 +39,9 @@ def tiny_study(path: Path) -> None:
 
 def test_cut_training_run_resumes_from_its_state(recipes, tmp_path, monkeypatch, capsys):
     tiny_study(tmp_path / "data.pt")
-    argv = ["train", "--data", str(tmp_path / "data.pt"), "--recipe", "v_quadratic", "--minutes", "0.15",
-            "--batch", "2", "--M", "2", "--N", "2", "--steps", "2", "--track_slices", "2", "--track_points", "2",
-            "--save_minutes", "0", "--skip_eval", "--out", str(tmp_path / "runs")]
+    argv = ["train", "--data", str(tmp_path / "data.pt"), "--recipe", "v_quadratic", "--minutes", "5",
+            "--max_steps", "6", "--batch", "2", "--M", "2", "--N", "2", "--steps", "2", "--track_slices", "2",
+            "--track_points", "2", "--save_minutes", "0", "--skip_eval", "--out", str(tmp_path / "runs")]
     real_step, calls = torch.optim.AdamW.step, []
 
     def cut_after_three(self, *args, **kwargs):
@@ -98,7 +100,7 @@ def test_a_step_budget_stops_at_its_step_and_tracks_at_its_fractions(recipes, tm
 def test_probes_mark_their_objects_and_each_object_is_evaluated(recipes, tmp_path):
     """The eu recipes' probes say where they paste; an evaluation reports every unfamiliar object of the study."""
     cond = torch.zeros(4, 1, 32, 32)
-    probe, pasted = recipes.random_objects(cond, torch.Generator().manual_seed(0))
+    probe, pasted = random_objects(cond, torch.Generator().manual_seed(0))
     assert pasted.dtype == torch.bool and pasted.shape == cond.shape
     assert ((probe != cond) <= pasted).all() and pasted.flatten(1).any(1).all()
     assert (probe[~pasted] == 0).all()
@@ -106,7 +108,7 @@ def test_probes_mark_their_objects_and_each_object_is_evaluated(recipes, tmp_pat
     # axis, so a clean object's neighbours there are equal and a noisy one's differ by sqrt(2) sigma
     noisy = 0.1 * torch.randn(4, 1, 64, 64, generator=torch.Generator().manual_seed(1))
     for flag, expected in ((False, 0.0), (True, 0.6745 * 2**0.5 * 0.1)):  # the median |difference| of N(0, 2 s^2)
-        probe, pasted = recipes.random_objects(noisy, torch.Generator().manual_seed(0), noisy=flag)
+        probe, pasted = random_objects(noisy, torch.Generator().manual_seed(0), noisy=flag)
         both = pasted[:, :, 1:] & pasted[:, :, :-1]
         step = (probe[:, :, 1:] - probe[:, :, :-1]).abs()[both].median().item()
         assert step == pytest.approx(expected, abs=0.02), (flag, step)
@@ -126,7 +128,7 @@ def test_knee_probe_columns_follow_the_studys_masks_on_the_model_grid(recipes, t
     """The measured columns of recipe ``*_unmeasured``: a fully sampled centre band of the 4x or 8x mask (27 or 13
     of the 320-pixel image's frequencies) and, outside it, the share that keeps each acceleration; they reach the
     loss, one row per slice of the batch."""
-    columns = recipes.random_columns(4000, 64, torch.Generator().manual_seed(0))
+    columns = random_columns(4000, 64, torch.Generator().manual_seed(0))
     assert columns.dtype == torch.bool and columns.shape == (4000, 64)
     distance = (torch.arange(64) - 32).abs()
     eight = ~columns[:, (distance > 6) & (distance <= 13)].all(1)  # outside the 8x band, inside the 4x one

@@ -12,6 +12,7 @@ from monai.engines.utils import IterationEvents
 from monai.inferers import DiffusionInferer
 
 from ..diffusion.losses import LossConfig, training_loss
+from ..diffusion.probes import PROBES, random_columns, random_objects
 from ..networks.hypernet import HyperNetwork
 from .distributed import rank_and_world, unwrap
 
@@ -46,6 +47,12 @@ class HyperDiffusionTrainer(Trainer):
         optimizer: over ``network.trainable_parameters()``.
         inferer: ``DiffusionInferer`` whose ``scheduler`` (MONAI ``DDPMScheduler``) defines the forward process.
         loss: :class:`LossConfig` or its fields as a dict (``mode``, ``m_weights``, ``lambda_eu``, ...).
+        probes: mode ``eu``: where its diversity term acts (:data:`~hyper_dm.diffusion.probes.PROBES`): ``"none"``
+            (the batch's own inputs), ``"objects"`` (each input with random striped ellipses pasted in,
+            :func:`~hyper_dm.diffusion.probes.random_objects`) or ``"objects_inside"`` (the same, the term inside
+            the ellipses only).
+        probe_columns: with probes and ``eu_term="kl"``, single-coil MRI: the KL acts on the part of the spread in
+            k-space columns a random 4x / 8x mask leaves unmeasured (:func:`~hyper_dm.diffusion.probes.random_columns`).
         amp: mixed precision on CUDA (ignored, with a clean fallback, on the CPU).
         train_handlers: MONAI/Ignite handlers to attach.
     """
@@ -62,7 +69,17 @@ class HyperDiffusionTrainer(Trainer):
         epoch_length: int | None = None,
         amp: bool = False,
         train_handlers: Sequence | None = None,
+        probes: str = "none",
+        probe_columns: bool = False,
     ) -> None:
+        loss = loss if isinstance(loss, LossConfig) else LossConfig(**loss)
+        if probes not in PROBES:
+            raise ValueError(f"unknown probes {probes!r} (training_cfg#probes); expected one of {PROBES}")
+        if probes != "none" and loss.mode != "eu":
+            raise ValueError(f"probes {probes!r} act on the diversity term of mode 'eu'; the mode is {loss.mode!r}")
+        if probe_columns and (probes == "none" or loss.eu_term != "kl"):
+            raise ValueError("probe_columns (training_cfg#probe_columns) needs probes and eu_term 'kl', got "
+                             f"probes {probes!r}, eu_term {loss.eu_term!r}")
         device = torch.device(device)
         amp = bool(amp) and device.type == "cuda"
         super().__init__(
@@ -77,7 +94,7 @@ class HyperDiffusionTrainer(Trainer):
         self.network = network
         self.optimizer = optimizer
         self.inferer = inferer
-        self.loss_config = loss if isinstance(loss, LossConfig) else LossConfig(**loss)
+        self.loss_config, self.probes, self.probe_columns = loss, probes, bool(probe_columns)
         self.add_event_handler(Events.EPOCH_STARTED, self._new_pass)
 
     @staticmethod
@@ -95,9 +112,12 @@ class HyperDiffusionTrainer(Trainer):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         hypernet = _Generator(engine.network)
+        probe, pasted = random_objects(cond) if engine.probes != "none" else (None, None)
+        columns = random_columns(cond.shape[0], cond.shape[-1]).to(cond.device) if engine.probe_columns else None
         with torch.autocast("cuda", enabled=engine.amp):
             terms = training_loss(
-                hypernet, hypernet.target, engine.inferer.scheduler, target, cond, engine.loss_config
+                hypernet, hypernet.target, engine.inferer.scheduler, target, cond, engine.loss_config, None, probe,
+                pasted if engine.probes == "objects_inside" else None, columns,
             )
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)

@@ -188,6 +188,19 @@ def test_the_script_reports_a_misspelt_override_and_exits_2():
     assert "model.z_dimm" in result.stderr and "model.z_dim" in result.stderr
 
 
+@pytest.mark.parametrize("override, message", [
+    ("training.probes=ellipses", "unknown probes 'ellipses' (training_cfg#probes)"),
+    ("training.mode=foo", "unknown training mode 'foo'"),
+])
+def test_the_script_reports_a_bad_training_value_in_one_line_and_exits_2(tmp_path, override, message):
+    result = subprocess.run(
+        [sys.executable, "scripts/train.py", "training.mode=eu", override, f"output_dir={tmp_path}",
+         f"data.synthetic_dir={tmp_path / 'synthetic'}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"hyper-dm train: error: {message}" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_infer_flags_become_inference_overrides():
     from hyper_dm.cli import command_overrides, parser
 

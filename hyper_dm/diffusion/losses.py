@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
+from ..config import ConfigError
 from ..networks.functional import apply_weight_sets
 from ..networks.hypernet import HyperNetwork
 from .schedule import to_x0, training_target
@@ -86,24 +87,24 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"unknown training mode {self.mode!r}; expected one of {MODES}")
+            raise ConfigError(f"unknown training mode {self.mode!r}; expected one of {MODES}")
         if self.eu_term not in EU_TERMS:
-            raise ValueError(f"unknown eu_term {self.eu_term!r}; expected one of {EU_TERMS}")
+            raise ConfigError(f"unknown eu_term {self.eu_term!r}; expected one of {EU_TERMS}")
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown timestep_sampling {self.timestep_sampling!r}; expected one of {TIMESTEP_SAMPLINGS}"
             )
         if self.prior_std <= 0:
-            raise ValueError(f"prior_std must be > 0, got {self.prior_std}")
+            raise ConfigError(f"prior_std must be > 0, got {self.prior_std}")
         missing = [k for k in MODE_KEYS[self.mode] if getattr(self, k) is None]
         if missing:
-            raise ValueError(f"training mode {self.mode!r} needs {', '.join(missing)} (training_cfg#... in the "
+            raise ConfigError(f"training mode {self.mode!r} needs {', '.join(missing)} (training_cfg#... in the "
                              "bundle's train.yaml)")
         if self.mode == "eu" and (self.m_weights < 2 or self.lambda_eu < 0):
-            raise ValueError(f"mode 'eu' needs m_weights >= 2 (pairwise diversity) and lambda_eu >= 0, got "
+            raise ConfigError(f"mode 'eu' needs m_weights >= 2 (pairwise diversity) and lambda_eu >= 0, got "
                              f"{self.m_weights}, {self.lambda_eu}")
         if self.mode == "au" and (self.n_noisy < 1 or self.sigma_noise < 0):
-            raise ValueError(f"mode 'au' needs n_noisy >= 1 and sigma_noise >= 0, got {self.n_noisy}, "
+            raise ConfigError(f"mode 'au' needs n_noisy >= 1 and sigma_noise >= 0, got {self.n_noisy}, "
                              f"{self.sigma_noise}")
 
 

@@ -11,6 +11,7 @@ from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from monai.inferers import DiffusionInferer
 
+from ..config import ConfigError
 from ..diffusion.losses import LossConfig, training_loss
 from ..diffusion.probes import PROBES, random_columns, random_objects
 from ..networks.hypernet import HyperNetwork
@@ -74,11 +75,11 @@ class HyperDiffusionTrainer(Trainer):
     ) -> None:
         loss = loss if isinstance(loss, LossConfig) else LossConfig(**loss)
         if probes not in PROBES:
-            raise ValueError(f"unknown probes {probes!r} (training_cfg#probes); expected one of {PROBES}")
+            raise ConfigError(f"unknown probes {probes!r} (training_cfg#probes); expected one of {PROBES}")
         if probes != "none" and loss.mode != "eu":
-            raise ValueError(f"probes {probes!r} act on the diversity term of mode 'eu'; the mode is {loss.mode!r}")
+            raise ConfigError(f"probes {probes!r} act on the diversity term of mode 'eu'; the mode is {loss.mode!r}")
         if probe_columns and (probes == "none" or loss.eu_term != "kl"):
-            raise ValueError("probe_columns (training_cfg#probe_columns) needs probes and eu_term 'kl', got "
+            raise ConfigError("probe_columns (training_cfg#probe_columns) needs probes and eu_term 'kl', got "
                              f"probes {probes!r}, eu_term {loss.eu_term!r}")
         device = torch.device(device)
         amp = bool(amp) and device.type == "cuda"

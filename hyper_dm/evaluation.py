@@ -37,6 +37,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .calibration import Calibration
+from .config import ConfigError
 from .data import resolve_data_config, split_cases
 from .data.config import FASTMRI_CENTER_FRACTIONS, MEASUREMENT_NOISE
 from .data.synthetic import (
@@ -134,7 +135,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
     Returns the lists :func:`write_report` reads: ``rows`` (quality and distribution per case and setting),
     ``reliability``, ``sparsity``, ``ood``, ``noise``, ``seconds_per_slice`` and the ``calibration``."""
     if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+        raise ConfigError(f"repeats (evaluate.py --repeats, evaluate_cfg#repeats) must be >= 1, got {repeats}")
     data = resolve_data_config(data)
     ct = data["task"] == "ct"
     size = int(data["img_size"])
@@ -158,10 +159,11 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
         of EU (the mean map of ``repeats`` runs, and each run's), squared error (on the output grid and on the model
         grid, where sub-grid detail averages out) and predicted variance, the (calibrated) 90% coverage, and the
         maps of the middle slice; all but EU from the first run."""
-        runs = [reconstructor.with_seed(reconstructor.seed + k).reconstruct_case(case) for k in range(repeats)]
-        raw = runs[0]
+        raw = run(case)
+        runs = [raw["eu"][0].numpy()] + [reconstructor.with_seed(reconstructor.seed + k).reconstruct_case(case)["eu"][0]
+                                         .numpy() for k in range(1, repeats)]  # EU [X, Y, Z] of each run
         case_flags = checked(case, raw)[2]  # adds the calibrated std map where calibrated
-        eu, reference = np.mean([r["eu"][0].numpy() for r in runs], axis=0), case["label"][0].numpy()
+        eu, reference = np.mean(runs, axis=0), case["label"][0].numpy()
         body = clean > -990 if ct else clean > 0.1 * clean.max()  # tissue, not air
         error = np.abs(raw["mean"][0].numpy() - reference)
         std = (raw["total_std_calibrated"] if "total_std_calibrated" in raw
@@ -171,7 +173,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
         coarse_error = (coarse(raw["mean"][0].numpy()) - coarse(reference)) ** 2
         mid = eu.shape[-1] // 2
         return {"median_ratio": inside_over_body(eu, mask, body),
-                "run_ratios": [inside_over_body(r["eu"][0].numpy(), mask, body) for r in runs],
+                "run_ratios": [inside_over_body(e, mask, body) for e in runs],
                 "error_ratio": inside_over_body(error**2, mask, body),
                 "grid_error_ratio": inside_over_body(coarse_error, coarse(mask) > 0.5, coarse(body) > 0.5),
                 "total_ratio": inside_over_body(raw["total"][0].numpy(), mask, body),

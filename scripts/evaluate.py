@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                   "whose mean EU map gives its EU ratio")
     parser.add_argument("overrides", nargs="*", help="key.subkey=value, e.g. data.dataset_dir=/data/LUNA16")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     model = HyperDM.from_bundle(args.ckpt, config=args.config, calibration=args.calibration,
                                 **parse_overrides(args.overrides))
     results = evaluate(model.reconstructor(args.M, args.N, args.steps), model.data, model.calibration, args.cases,

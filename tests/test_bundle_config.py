@@ -179,6 +179,15 @@ def test_unknown_keys_list_close_matches_and_types_are_checked():
     assert parser["train"]["dataloader"]["pin_memory"] is True  # a new argument of a component is allowed
 
 
+def test_the_trainer_gets_the_probe_options_of_training_cfg():
+    files = config_files_for("train", "bundle/configs/knee_singlecoil.yaml")
+    parser = validate_overrides(files, parse_overrides(["training.mode=eu", "training.probes=objects_inside",
+                                                        "training.probe_columns=true", "training.init=/m.pt"]))
+    assert parser.get_parsed_content("train#trainer#probes") == "objects_inside"
+    assert parser.get_parsed_content("train#trainer#probe_columns") is True
+    assert "load_hypernet_state(@training_cfg::init" in parser["training"][0]  # the run's first step loads it
+
+
 def test_the_script_reports_a_misspelt_override_and_exits_2():
     result = subprocess.run(
         [sys.executable, "scripts/train.py", "--config", "bundle/configs/ct_luna16.yaml", "model.z_dimm=16"],

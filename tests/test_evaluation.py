@@ -125,6 +125,7 @@ def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
                                                                     for o in ("lesion", "square")}
     assert all(np.isfinite(r["median_ratio"]) and 0 <= r["coverage_90_inside"] <= 1 for r in report["ood"])
     assert all(len(r["run_ratios"]) == 2 and r["run_ratios"][0] != r["run_ratios"][1] for r in report["ood"])
+    assert all(r["median_ratio"] not in r["run_ratios"] for r in report["ood"])  # the ratio of the runs' mean EU
     assert "--repeats 2" in text and "on the mean EU map of 2 runs with other weight sets" in text
     for name in ("calibration.png", "ood_object.png", "ood_object_square.png"):
         assert (out / name).stat().st_size > 0, name

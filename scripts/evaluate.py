@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                         *([f"--calibration {args.calibration}"] if args.calibration else []),
                         f"--M {args.M} --N {args.N}", *([f"--steps {args.steps}"] if args.steps else []),
                         *([f"--cases {args.cases}"] if args.cases else []),
-                        *([f"--repeats {args.repeats}"] if args.repeats != 3 else []), *args.overrides])
+                        *([f"--repeats {args.repeats}"] if args.repeats != parser.get_default("repeats") else []),
+                        *args.overrides])
     print(f"wrote {write_report(args.out, results, model.data, command, args.label)}")
     return 0
 

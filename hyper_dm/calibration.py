@@ -21,6 +21,14 @@ calibration slices that departed at least as far; an in-distribution slice gets 
 most ``alpha``. With noise bins the reference is the slice's own bin: a photon-starved scan legitimately moves
 further than a clean one, and a clean slice that moves as far as a starved one is unlike the calibration data.
 
+The input check judges a slice as a whole; an unfamiliar *object* (metal, a lesion the training set never had)
+fills a few pixels of an otherwise ordinary slice. Where the generated weight sets disagree there, EU rises far above
+what it reaches anywhere on the calibration data, so the calibration also keeps :attr:`Calibration.eu_threshold`:
+the split-conformal ``eu_level`` (99.9%) quantile of the calibration pixels' EU in model units (EU over the squared
+magnitude scale ``gain``). A pixel above it is flagged unfamiliar (:meth:`Calibration.unfamiliar`); on data like the
+calibration's, at most a fraction ``1 - eu_level`` of pixels are (neighbours correlate, so the guarantee is
+empirical). The threshold holds for the ``M`` weight sets it was fitted with: EU from fewer is noisier.
+
 MRI masks of different accelerations leave different amounts open at the same noise level (an 8x input even reads a
 lower noise level than a 4x one), so a calibration fitted on several accelerations also holds one complete
 calibration per acceleration (:attr:`Calibration.accelerations`), each with its own noise bins and departures; a
@@ -33,6 +41,7 @@ Example::
     >>> calibration = calibration.at_acceleration(mask.size / mask.sum())  # MRI: the mask's [W] acceleration
     >>> std = calibration.scale_at(noise) * total.sqrt()          # noise [Z]: calibrated std [1, X, Y, Z]
     >>> p = calibration.departure_p(input_departure(cond, mean, gain), noise)  # [Z]: small where unlike calibration
+    >>> flagged = calibration.unfamiliar(eu, gain)                # [1, X, Y, Z] bool: EU beyond the calibration's
 """
 
 from __future__ import annotations
@@ -50,26 +59,37 @@ import torch.nn.functional as F
 from .io import atomic_write
 from .uncertainty import central_z
 
-__all__ = ["INPUT_CHECK_ALPHA", "LEVELS", "Calibration", "fit_calibration", "input_departure", "standardised_residuals"]
+__all__ = ["INPUT_CHECK_ALPHA", "LEVELS", "UNFAMILIAR_LEVEL", "Calibration", "eu_in_model_units", "fit_calibration",
+           "input_departure", "slice_samples", "standardised_residuals"]
 
 LEVELS = (0.5, 0.9, 0.95)
 INPUT_CHECK_ALPHA = 0.01
 """A slice whose input-departure p-value is at or below this is flagged as unlike the calibration data (with ``n``
 calibration slices the smallest p-value is ``1 / (n + 1)``: 0.01 needs at least 99 of them)."""
+UNFAMILIAR_LEVEL = 0.999
+"""The quantile of the calibration pixels' EU above which a pixel is flagged unfamiliar."""
 _VARIANCE_FLOOR = 1e-12  # model units^2: keeps r finite where the model predicts no spread at all
+
+
+def slice_samples(volume: torch.Tensor, max_pixels: int = 1 << 20) -> torch.Tensor:
+    """The pixels of each slice of ``volume`` ``[1, X, Y, Z]`` (slice axis last) at a fixed stride, at most
+    ``max_pixels`` in all: float64 ``[Z, P]``."""
+    z = volume.shape[-1]
+    return volume.reshape(-1, z).T[:, :: max(1, volume.numel() // max_pixels)].double()
 
 
 def standardised_residuals(mean: torch.Tensor, total: torch.Tensor, label: torch.Tensor, gain: float = 1.0,
                            max_pixels: int = 1 << 20) -> torch.Tensor:
-    """``|label - mean| / sqrt(total)`` per slice, float64 ``[Z, P]``: the last axis of the inputs is the slice
-    axis (``[1, X, Y, Z]``), and each slice keeps a fixed stride of its pixels, at most ``max_pixels`` in all.
+    """``|label - mean| / sqrt(total)`` per slice, float64 ``[Z, P]`` (:func:`slice_samples` of ``[1, X, Y, Z]``
+    inputs). ``gain`` (physical units per model unit) sets the variance floor ``1e-12 gain^2``."""
+    sigma = (slice_samples(total, max_pixels).clamp_min(0) + _VARIANCE_FLOOR * gain**2).sqrt()
+    return slice_samples(label - mean, max_pixels).abs() / sigma
 
-    ``gain`` (physical units per model unit) sets the variance floor ``1e-12 gain^2``."""
-    z = mean.shape[-1]
-    stride = max(1, mean.numel() // max_pixels)
-    per_slice = lambda x: x.reshape(-1, z).T[:, ::stride].double()  # noqa: E731
-    sigma = (per_slice(total).clamp_min(0) + _VARIANCE_FLOOR * gain**2).sqrt()
-    return per_slice(label - mean).abs() / sigma
+
+def eu_in_model_units(eu: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """EU ``[1, X, Y, Z]`` (physical units squared) over the squared magnitude scale ``gain`` (``[Z]`` or one value):
+    the model's own units, comparable across files, scanners and, for MRI, each file's own scale."""
+    return eu / gain.to(eu).reshape(1, 1, 1, -1) ** 2
 
 
 def input_departure(cond: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor, blocks: int = 4) -> torch.Tensor:
@@ -87,6 +107,12 @@ def _scales(r: torch.Tensor, levels: Sequence[float]) -> dict[str, float]:
     """Split-conformal std scale per level from sorted residuals ``r``."""
     n = r.numel()
     return {str(level): float(r[min(n, math.ceil((n + 1) * level)) - 1]) / central_z(level) for level in levels}
+
+
+def _conformal_quantile(values: torch.Tensor, level: float) -> float:
+    """The ``ceil((n + 1) level)``-th smallest of the ``n`` ``values`` (the largest where that exceeds ``n``)."""
+    n = values.numel()
+    return float(values.flatten().kthvalue(min(n, math.ceil((n + 1) * level))).values)
 
 
 def _nearest(accelerations: Sequence[str], acceleration: float) -> str:
@@ -110,7 +136,8 @@ class Calibration:
     ``departures``: the :func:`input_departure` of every calibration slice, ascending (empty: not recorded);
     ``noise_departures``: the same per noise bin (empty: one reference for all slices). ``accelerations``: MRI, a
     calibration per mask acceleration (key: the acceleration, e.g. ``"4"``; empty: one for every mask), each
-    holding its ``acceleration`` (``None``: fitted on every mask).
+    holding its ``acceleration`` (``None``: fitted on every mask). ``eu_threshold``: the ``eu_level`` quantile of
+    the calibration pixels' EU in model units (``None``: not recorded).
     """
 
     scales: dict[str, float]
@@ -126,6 +153,8 @@ class Calibration:
     noise_departures: list[list[float]] = field(default_factory=list)
     accelerations: dict[str, Calibration] = field(default_factory=dict)
     acceleration: float | None = None
+    eu_threshold: float | None = None
+    eu_level: float = UNFAMILIAR_LEVEL
 
     @property
     def scale(self) -> float:
@@ -180,6 +209,13 @@ class Calibration:
                 "input_unlike_calibration": bool(p.median() <= alpha), "slices_unlike_calibration": len(flagged),
                 "flagged_slices": flagged, "alpha": alpha}
 
+    def unfamiliar(self, eu: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        """Pixels whose EU ``[1, X, Y, Z]`` (physical units squared; ``gain`` ``[Z]``: physical units per model unit)
+        exceeds :attr:`eu_threshold`: bool, like ``eu``."""
+        if self.eu_threshold is None:
+            raise ValueError("this calibration holds no EU threshold; refit it with the 'calibrate' run id")
+        return eu_in_model_units(eu, gain) > self.eu_threshold
+
     def describe(self) -> str:
         """The ``reference_level`` scales in one line: overall, or per noise bin with the bins' ranges (and per
         acceleration)."""
@@ -223,6 +259,9 @@ class Calibration:
         if calibration.noise_scales and len(calibration.noise_scales) != len(calibration.noise_edges) + 1:
             raise ValueError(f"{len(calibration.noise_scales)} noise bins but {len(calibration.noise_edges)} "
                              "edges (expected one edge fewer than bins)")
+        if calibration.eu_threshold is not None and not (calibration.eu_threshold >= 0
+                                                         and math.isfinite(calibration.eu_threshold)):
+            raise ValueError(f"eu_threshold {calibration.eu_threshold} is not a non-negative number")
         if calibration.noise_departures and len(calibration.noise_departures) != len(calibration.noise_scales):
             raise ValueError(f"{len(calibration.noise_departures)} noise bins of input departures but "
                              f"{len(calibration.noise_scales)} of scales")
@@ -235,18 +274,21 @@ class Calibration:
 def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[torch.Tensor] | None = None,
                     bins: int = 1, checkpoint_sha256: str = "", levels: Sequence[float] = LEVELS,
                     reference_level: float = 0.9, departures: Sequence[torch.Tensor] = (),
-                    accelerations: Sequence[float] = (), acceleration_groups: Sequence[float] = ()) -> Calibration:
+                    accelerations: Sequence[float] = (), acceleration_groups: Sequence[float] = (),
+                    eu: Sequence[torch.Tensor] = ()) -> Calibration:
     """Split-conformal std scales (see the module docstring) from per-case standardised residuals ``[Z, P]`` and,
     for ``bins > 1``, the cases' per-slice noise levels ``[Z]`` (at most one bin per slice); ``departures``: the
-    cases' per-slice :func:`input_departure` ``[Z]`` to keep. With two or more ``acceleration_groups`` (MRI: the
-    nominal accelerations calibrated on) each case joins the group nearest its mask's measured acceleration
-    (``accelerations``, one per case) and every group also gets a calibration of its own."""
+    cases' per-slice :func:`input_departure` ``[Z]`` to keep; ``eu``: the cases' pixels' EU in model units (any
+    shape, e.g. :func:`slice_samples` of :func:`eu_in_model_units`) for :attr:`Calibration.eu_threshold`. With two
+    or more ``acceleration_groups`` (MRI: the nominal accelerations calibrated on) each case joins the group nearest
+    its mask's measured acceleration (``accelerations``, one per case) and every group also gets a calibration of
+    its own."""
     if len(acceleration_groups) > 1:
         if len(accelerations) != len(residuals):
             raise ValueError(f"{len(acceleration_groups)} acceleration groups need one measured acceleration per "
                              f"case, got {len(accelerations)} for {len(residuals)} cases")
         fitted = fit_calibration(residuals, noise_levels, bins, checkpoint_sha256, levels, reference_level,
-                                 departures)
+                                 departures, eu=eu)
         keys = [f"{a:g}" for a in acceleration_groups]
         for key in keys:
             members = [i for i, a in enumerate(accelerations) if _nearest(keys, a) == key]
@@ -256,7 +298,7 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
             fitted.accelerations[key] = group = fit_calibration(
                 [residuals[i] for i in members], None if noise_levels is None else [noise_levels[i] for i in members],
                 bins, checkpoint_sha256, levels, reference_level,
-                [departures[i] for i in members] if departures else ())
+                [departures[i] for i in members] if departures else (), eu=[eu[i] for i in members] if eu else ())
             group.acceleration = float(key)
         return fitted
     if reference_level not in levels:
@@ -271,6 +313,9 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
     raw = {str(level): float((r <= central_z(level)).double().mean()) for level in levels}
     calibration = Calibration(scales=_scales(r, levels), n_pixels=r.numel(), n_cases=len(residuals),
                               checkpoint_sha256=checkpoint_sha256, reference_level=reference_level, raw_coverage=raw)
+    if eu:
+        calibration.eu_threshold = _conformal_quantile(torch.cat([e.double().flatten() for e in eu]),
+                                                       calibration.eu_level)
     rounded = lambda d: [float(f"{x:.4g}") for x in d.sort().values.tolist()]  # noqa: E731
     departure = torch.cat([d.double().flatten() for d in departures]) if departures else None
     if departure is not None:

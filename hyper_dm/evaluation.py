@@ -101,12 +101,16 @@ def reliability(out: dict, label: torch.Tensor, calibration: Calibration | None,
     return curves
 
 
-def inside_over_body(values: np.ndarray, inside: np.ndarray, body: np.ndarray) -> float:
-    """Median over slices of the mean of ``values [X, Y, Z]`` inside the object over its mean in the rest of the
-    ``body`` (both boolean masks like ``values``)."""
-    return float(np.median([values[..., k][inside[..., k]].mean()
-                            / max(values[..., k][body[..., k] & ~inside[..., k]].mean(), 1e-30)
+def median_slice_ratio(values: np.ndarray, inside: np.ndarray, reference: np.ndarray, region: np.ndarray) -> float:
+    """Median over slices of the mean of ``values [X, Y, Z]`` inside the object (boolean ``inside``, like
+    ``values``) over the mean of ``reference`` in ``region``."""
+    return float(np.median([values[..., k][inside[..., k]].mean() / max(reference[..., k][region[..., k]].mean(), 1e-30)
                             for k in range(values.shape[-1])]))
+
+
+def inside_over_body(values: np.ndarray, inside: np.ndarray, body: np.ndarray) -> float:
+    """:func:`median_slice_ratio` of ``values`` inside the object over the rest of the ``body``."""
+    return median_slice_ratio(values, inside, values, body & ~inside)
 
 
 def on_model_grid(values: np.ndarray, size: int) -> np.ndarray:
@@ -150,21 +154,31 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
         applied = apply_calibration(raw, case, reconstructor, calibration)
         check = applied["input_check"]
         flags = {} if check is None else {"slices_flagged": check["slices_unlike_calibration"],
-                                          "slices": int(raw["mean"].shape[-1]), "check_alpha": check["alpha"]}
+                                          "slices": int(raw["mean"].shape[-1]), "check_alpha": check["alpha"],
+                                          **({"unfamiliar_fraction": check["unfamiliar_fraction"]}
+                                             if "unfamiliar_fraction" in check else {})}
         return applied["noise_level"], applied["calibration"], flags
 
-    def object_figures(case: dict, mask: np.ndarray, clean: np.ndarray) -> dict:
+    def object_figures(case: dict, mask: np.ndarray, clean: np.ndarray, clean_out: dict) -> dict:
         """Inside the object (``mask [X, Y, Z]``, the loaded volume's order) against the rest of the body (the
-        tissue of ``clean [X, Y, Z]``, the reference without the object, whose brightness cannot move it): ratios
-        of EU (the mean map of ``repeats`` runs, and each run's), squared error (on the output grid and on the model
-        grid, where sub-grid detail averages out) and predicted variance, the (calibrated) 90% coverage, and the
-        maps of the middle slice; all but EU from the first run."""
+        tissue of ``clean [X, Y, Z]``, the reference without the object, whose brightness cannot move it) and
+        against the same pixels of the case without it (``clean_out``: its calibrated reconstruction): ratios of EU
+        (the mean map of ``repeats`` runs, and each run's), squared error (on the output grid and on the model
+        grid, where sub-grid detail averages out) and predicted variance, the (calibrated) 90% coverage, the
+        fractions of pixels flagged unfamiliar (each run's, where the calibration records an EU threshold), and the
+        maps of the middle slice; all but EU and the flags from the first run."""
         raw = run(case)
         runs = [raw["eu"][0].numpy()] + [reconstructor.with_seed(reconstructor.seed + k).reconstruct_case(case)["eu"][0]
                                          .numpy() for k in range(1, repeats)]  # EU [X, Y, Z] of each run
-        case_flags = checked(case, raw)[2]  # adds the calibrated std map where calibrated
+        _, applied, case_flags = checked(case, raw)  # adds the calibrated std and unfamiliar maps where calibrated
         eu, reference = np.mean(runs, axis=0), case["label"][0].numpy()
         body = clean > -990 if ct else clean > 0.1 * clean.max()  # tissue, not air
+        flagged = {}
+        if "unfamiliar" in raw:
+            run_flags = [applied.unfamiliar(torch.from_numpy(e)[None], case["gain"])[0].numpy() for e in runs]
+            fraction = lambda region: [float(f[region].mean()) for f in run_flags]  # noqa: E731  one per run
+            flagged = {"flagged_inside": fraction(mask), "flagged_body": fraction(body & ~mask),
+                       "flagged_clean_body": float(clean_out["unfamiliar"][0].numpy()[body].mean())}
         error = np.abs(raw["mean"][0].numpy() - reference)
         std = (raw["total_std_calibrated"] if "total_std_calibrated" in raw
                else raw["total"].clamp_min(0).sqrt())[0].numpy()
@@ -177,13 +191,15 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 "error_ratio": inside_over_body(error**2, mask, body),
                 "grid_error_ratio": inside_over_body(coarse_error, coarse(mask) > 0.5, coarse(body) > 0.5),
                 "total_ratio": inside_over_body(raw["total"][0].numpy(), mask, body),
+                "same_place_ratio": median_slice_ratio(eu, mask, clean_out["eu"][0].numpy(), mask), **flagged,
                 "coverage_90_inside": float(covered[mask].mean()),
                 "coverage_90_body": float(covered[body & ~mask].mean()),
                 "eu_inside": float(eu[mask].mean()), "eu_body": float(eu[body & ~mask].mean()), **case_flags,
                 "maps": {"input": F.interpolate(case["cond"][0, ..., mid][None, None], size=eu.shape[:2],
                                                 mode="bilinear")[0, 0].numpy(),
                          "mean": raw["mean"][0, ..., mid].numpy(), "|error|": error[..., mid], "std": std[..., mid],
-                         "eu": eu[..., mid], "au": raw["au"][0, ..., mid].numpy()}}
+                         "eu": eu[..., mid], "au": raw["au"][0, ..., mid].numpy(),
+                         **({"unfamiliar": raw["unfamiliar"][0, ..., mid].numpy()} if "unfamiliar" in raw else {})}}
 
     rows, reliab, sparsity, ood, noise, timings = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,7 +234,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                     ood.append({"case_id": entry["case_id"], "setting": setting, "object": name,
                                 **object_figures(load_case({"image": str(object_file), "case_id": "object"},
                                                            setting_data, "simulate", size), mask,
-                                                 case["label"][0].numpy())})
+                                                 case["label"][0].numpy(), raw)})
 
                 # aleatoric: the same case at three measurement noise levels
                 for level in noise_levels:
@@ -250,7 +266,10 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
     avg = lambda items, key: float(np.mean([i[key] for i in items]))  # noqa: E731
     checked = "slices_flagged" in rows[0]  # the calibration records input departures
     total = lambda items, key: int(sum(i[key] for i in items))  # noqa: E731
-    noise_rows = [{"setting": s, "level": lv, **{k: avg(at, k) for k in NOISE_FIGURES if k in noise[0]},
+    fitted = results.get("calibration")
+    unfamiliar = "unfamiliar_fraction" in rows[0]  # the calibration records an EU threshold
+    noise_rows = [{"setting": s, "level": lv,
+                   **{k: avg(at, k) for k in (*NOISE_FIGURES, "unfamiliar_fraction") if k in noise[0]},
                    **({k: total(at, k) for k in ("slices_flagged", "slices")} if checked else {})}
                   for s in settings for lv in dict.fromkeys(n["level"] for n in noise)
                   for at in [[n for n in noise if n["setting"] == s and n["level"] == lv]]]
@@ -288,7 +307,9 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
         plot(out / figure, [("input", show(maps["input"], "gray")), ("mean", show(maps["mean"], "gray")),
                             (f"|error| ({unit})", show(maps["|error|"], "magma", shared)),
                             (std_name, show(maps["std"], "magma", shared)),
-                            ("EU", show(maps["eu"], "magma")), ("AU", show(maps["au"], "magma"))])
+                            ("EU", show(maps["eu"], "magma")), ("AU", show(maps["au"], "magma")),
+                            *([("unfamiliar (EU beyond calibration)", show(maps["unfamiliar"], "gray", 1.0))]
+                              if "unfamiliar" in maps else [])])
     fmt = (lambda v: f"{v:.1f}") if ct else (lambda v: f"{v:.3g}")  # noqa: E731
     input_name = "FBP" if ct else "zero-filled"
     pitch = "the series' own pitch" if data["fbp_pitch"] == "source" else "the model grid"
@@ -306,7 +327,9 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
         au, eu = [n["mean_au"] for n in nr], [n["mean_eu"] for n in nr]
         m = lambda key, sel=sel: avg(sel, key)  # noqa: E731
         each = lambda key, o, digits=2: ", ".join(f"{x[key]:.{digits}f}" for x in o)  # noqa: E731  one per case
-        runs = lambda o: "; ".join(" / ".join(f"{r:.2f}" for r in x["run_ratios"]) for x in o)  # noqa: E731
+        runs = lambda o, key="run_ratios", f="{:.2f}": "; ".join(  # noqa: E731
+            " / ".join(f.format(r) for r in x[key]) for x in o)
+        percent = lambda o, key: ", ".join(f"{100 * np.mean(x[key]):.2f}%" for x in o)  # noqa: E731 one per case
         i = lambda key, sel=sel: avg([r["input"] for r in sel], key)  # noqa: E731
         cal = ("| calibrated | " + " | ".join(f"{m(f'coverage_{q}_calibrated'):.3f}" for q in (50, 90, 95)) + " |"
                if calibrated else "| calibrated | (no calibration file given) | | |")
@@ -321,7 +344,9 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                  f"CRPS {fmt(m('crps'))} {unit}; UCE {fmt(m('uce'))} {var_unit}; AUSE {m('ause'):.3f} (random "
                  f"ordering {m('ause_random'):.3f}); mean EU {fmt(m('mean_eu'))} {var_unit}, mean AU "
                  f"{fmt(m('mean_au'))} {var_unit}, RMSE {fmt(m('rmse'))} {unit} (squared {fmt(m('rmse') ** 2)} "
-                 f"{var_unit} against a predicted total variance of {fmt(m('mean_total'))} {var_unit}).", "",
+                 f"{var_unit} against a predicted total variance of {fmt(m('mean_total'))} {var_unit})."
+                 + (f" Pixels flagged unfamiliar (EU above the calibration's {fitted.eu_level:g} quantile): "
+                    f"{100 * m('unfamiliar_fraction'):.3f}% of the volume." if unfamiliar else ""), "",
                  f"## {s + ' acceleration: ' if s else ''}epistemic: objects the training set never had", "",
                  *[line for name, o in per_object.items() for line in (
                    objects[name][2] + f" Median over slices of mean EU inside it / mean EU in the rest of the body, "
@@ -332,22 +357,31 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                    f"(area averages of the mean and the reference: the error the network could draw) "
                    f"{each('grid_error_ratio', o)}; of the predicted total variance: {each('total_ratio', o)}. "
                    f"{'Calibrated' if calibrated else 'Raw'} 90% intervals cover {each('coverage_90_inside', o, 3)} of "
-                   f"its pixels ({each('coverage_90_body', o, 3)} in the rest of the body)."
+                   f"its pixels ({each('coverage_90_body', o, 3)} in the rest of the body). EU inside it over EU "
+                   f"on the same pixels of the case without it (median over slices, against one run): "
+                   f"{each('same_place_ratio', o, 1)}."
+                   + (f" Pixels flagged unfamiliar by each run (EU above the calibration's {fitted.eu_level:g} "
+                      f"quantile, M weight sets as inference flags them): {percent(o, 'flagged_inside')} of the "
+                      f"object (each run: {runs(o, 'flagged_inside', '{:.1%}')}), {percent(o, 'flagged_body')} of "
+                      f"the rest of the body, {percent(o, 'flagged_clean_body')} of the body without the object."
+                      if "flagged_inside" in o[0] else "")
                    + (f" The input check flags {flags(o)} slices of the cases with the object (without it: "
                       f"{flags(sel)})." if checked else ""), "")],
                  f"## {s + ' acceleration: ' if s else ''}aleatoric: measurement noise", "",
                  f"| {noise_name} | mean AU ({var_unit}) | mean EU ({var_unit}) | RMSE ({unit}) | squared error / "
-                 "predicted variance | 90% raw | 90% calibrated |" + (" slices flagged |" if checked else ""),
-                 "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if checked else ""),
+                 "predicted variance | 90% raw | 90% calibrated |" + (" slices flagged |" if checked else "")
+                 + (" pixels flagged unfamiliar |" if unfamiliar else ""),
+                 "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if checked else "")
+                 + (" --- |" if unfamiliar else ""),
                  *[f"| {n['level']:.3g} | {fmt(n['mean_au'])} | {fmt(n['mean_eu'])} | {fmt(n['rmse'])} | "
                    f"{n['rmse'] ** 2 / max(n['mean_total'], 1e-30):.2f} | {n['coverage_90']:.3f} | "
                    + (f"{n['coverage_90_calibrated']:.3f} |" if calibrated else "- |")
-                   + (f" {flags([n])} |" if checked else "") for n in nr],
+                   + (f" {flags([n])} |" if checked else "")
+                   + (f" {100 * n['unfamiliar_fraction']:.3f}% |" if unfamiliar else "") for n in nr],
                  "", f"AU rises strictly with the noise: {all(a < b for a, b in zip(au, au[1:], strict=False))}; "
                  f"relative change of AU {(au[-1] - au[0]) / max(au[0], 1e-30):+.2f}, of EU "
                  f"{(eu[-1] - eu[0]) / max(eu[0], 1e-30):+.2f}; in {var_unit}, EU moved "
                  f"{(eu[-1] - eu[0]) / max(abs(au[-1] - au[0]), 1e-30):+.3g} times as far as AU.", ""]
-    fitted = results.get("calibration")
     references = lambda c: (f"{' / '.join(str(len(d)) for d in c.noise_departures)} per noise bin"  # noqa: E731
                             if c.noise_departures else f"{len(c.departures)}")
     alphas = " / ".join(f"{a:.3g}" for a in dict.fromkeys(r["check_alpha"] for r in rows if "check_alpha" in r))

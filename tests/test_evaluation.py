@@ -98,11 +98,13 @@ def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
     small = ["model.channels=[16,16,16]", "model.attention_levels=[false,false,false]", "model.norm_num_groups=8",
              "model.num_head_channels=8"]
     out = tmp_path / "report"
-    # per acceleration: at 4x 99 calibration slices that never moved their input (every 4x slice evaluated here is
-    # flagged), at 8x 99 that moved it further than anything can (none is)
-    at = lambda d: Calibration(scales={str(q): 1.0 for q in LEVELS}, n_pixels=1, n_cases=1, departures=[d] * 99)  # noqa: E731
+    # per acceleration: at 4x 99 calibration slices that never moved their input and pixels that never had EU (every
+    # 4x slice and pixel with EU > 0 evaluated here is flagged), at 8x 99 that moved it and EU further than anything
+    # can (none is)
+    at = lambda d: Calibration(scales={str(q): 1.0 for q in LEVELS}, n_pixels=1, n_cases=1,  # noqa: E731
+                               departures=[d] * 99, eu_threshold=d if d > 1 else 0.0)
     unmoved = Calibration(scales={str(q): 1.0 for q in LEVELS}, n_pixels=1, n_cases=1, departures=[1.0] * 99,
-                          accelerations={"4": at(1e-12), "8": at(1e12)})
+                          accelerations={"4": at(1e-12), "8": at(1e12)}, eu_threshold=1.0)
     assert evaluate.main(["--ckpt", str(tmp_path / "knee.pt"), "--config", str(configs / "knee_singlecoil.yaml"),
                           "--out", str(out), "--M", "2", "--N", "2", "--steps", "2", "--repeats", "2",
                           "--calibration", str(unmoved.save(tmp_path / "calibration.json")),
@@ -119,6 +121,20 @@ def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
     assert flagged == {("4x", 2, 2), ("8x", 0, 2)}, flagged  # each mask checked against its own acceleration
     assert "| 90% calibrated | slices flagged |" in text and "The input check flags 2 of 2 slices" in text
     assert "and acceleration (4x: 99; 8x: 99)" in text
+    unfamiliar = {(n["setting"], n["unfamiliar_fraction"]) for n in report["noise"]}
+    assert {s for s, f in unfamiliar if f > 0.8} == {"4x"} and {s for s, f in unfamiliar if f == 0} == {"8x"}
+    assert "| slices flagged | pixels flagged unfamiliar |" in text and "| 0.000% |" in text
+    for r in report["ood"]:  # each run's flags: most of the 4x object and body (EU > 0), nothing at 8x
+        flags = [*r["flagged_inside"], *r["flagged_body"], r["flagged_clean_body"]]
+        assert len(r["flagged_inside"]) == len(r["flagged_body"]) == 2
+        assert all(f > 0.5 for f in flags) if r["setting"] == "4x" else flags == [0.0] * 5, (r["setting"], flags)
+        assert np.isfinite(r["same_place_ratio"]) and r["same_place_ratio"] > 0
+        assert f"EU on the same pixels of the case without it (median over slices, against one run): " \
+               f"{r['same_place_ratio']:.1f}." in text
+        first, second = r["flagged_inside"]
+        assert f"{100 * (first + second) / 2:.2f}% of the object (each run: {first:.1%} / {second:.1%}), " \
+               f"{100 * np.mean(r['flagged_body']):.2f}% of the rest of the body, " \
+               f"{100 * r['flagged_clean_body']:.2f}% of the body without the object" in text
     worse = {r["setting"]: r["input"]["nmse"] for r in report["rows"]}
     assert worse["8x"] > worse["4x"]  # the 8x input lost more of k-space
     assert {(r["setting"], r["object"]) for r in report["ood"]} == {(s, o) for s in ("4x", "8x")

@@ -407,6 +407,33 @@ def test_split_conformal_scale_reaches_nominal_coverage_on_fresh_pixels():
         Calibration.load(__file__)
 
 
+def test_the_eu_threshold_flags_a_thousandth_of_familiar_pixels_and_an_object_whose_weight_sets_disagree(tmp_path):
+    """The calibration's 99.9% quantile of EU in model units: about 0.1% of fresh pixels like the calibration's lie
+    above it, a region whose EU is 10x the calibration's typical level is flagged whole, and the scale of each
+    slice (its gain) is divided out before comparing."""
+    from hyper_dm.calibration import Calibration, eu_in_model_units, fit_calibration, slice_samples
+
+    rng = torch.Generator().manual_seed(0)
+    gain = torch.tensor([1000.0, 2000.0, 500.0])  # physical units per model unit, one per slice
+    eu_of = lambda: torch.rand(1, 64, 64, 3, generator=rng) ** 4 * 1e-4 * gain**2  # noqa: E731 [1, X, Y, Z] units^2
+    samples = [slice_samples(eu_in_model_units(eu_of(), gain)) for _ in range(20)]
+    calibration = fit_calibration([torch.ones(3, 10)] * 20, eu=samples)
+    pooled = torch.cat([x.flatten() for x in samples]).sort().values
+    assert calibration.eu_threshold == pooled[math.ceil((pooled.numel() + 1) * 0.999) - 1]
+    assert calibration.eu_threshold == pytest.approx(0.999**4 * 1e-4, rel=0.01)  # the quantile of U^4 x 1e-4
+    fresh = eu_of()
+    assert 0.0003 < float(calibration.unfamiliar(fresh, gain).double().mean()) < 0.002
+    fresh[:, 20:30, 20:30] = 1e-3 * gain**2  # an object: 10x the largest EU on the calibration data
+    loaded = Calibration.load(calibration.save(tmp_path / "c.json"))
+    flagged = loaded.unfamiliar(fresh, gain)
+    assert flagged.shape == fresh.shape and flagged[:, 20:30, 20:30].all()
+    assert not calibration.unfamiliar(fresh / 100, gain)[:, 20:30, 20:30].any()
+    older = fit_calibration([torch.ones(2, 10)])  # a calibration file written before the EU threshold
+    assert older.eu_threshold is None
+    with pytest.raises(ValueError, match="holds no EU threshold; refit it"):
+        older.unfamiliar(fresh, gain)
+
+
 def test_input_departure_passes_noise_sees_a_shift_and_gets_a_conformal_p_value(tmp_path):
     """The input check's statistic: white noise and a finer input grid leave it near zero, a level shift in a quarter
     of the image shows in model units; its p-value against the calibration slices is exact and survives a save."""
@@ -575,6 +602,18 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     assert check["input_departure_p"] in {1 / (len(b) + 1) for b in by_bin}
     assert check["flagged_slices"] == list(range(total.shape[-1]))
     assert f"case {case.name}: the reconstruction moved its input's coarse content further" in run.stdout + run.stderr
+    # the unfamiliar map: EU in model units (CT: 1000 HU) above the calibration's threshold, a uint8 mask
+    threshold = fitted["eu_threshold"]
+    assert threshold > 0
+    image = nib.load(case / f"{case.name}_unfamiliar.nii.gz")
+    flagged = np.asarray(image.dataobj)
+    assert image.get_data_dtype() == np.uint8 and set(np.unique(flagged)) <= {0, 1}
+    eu = nib.load(case / f"{case.name}_eu.nii.gz")
+    assert np.allclose(image.affine, eu.affine) and flagged.shape == total.shape
+    expected = eu.get_fdata() / 1000.0**2 > threshold
+    assert (flagged.astype(bool) == expected).mean() > 0.999
+    assert metrics["unfamiliar_fraction"] == pytest.approx(flagged.mean(), abs=1e-3)
+    assert metrics["unfamiliar_fraction"] < 0.05  # a benchmark case like the calibration's
 
 
 def test_script_names_a_missing_input_in_one_line(tmp_path, checkpoint):

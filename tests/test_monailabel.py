@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundle" / "configs"
 APP = REPO / "hyper_dm" / "integrations" / "monailabel" / "app_folder"
 OVERLAY = yaml.safe_dump({**SMALL_MODEL, "data#img_size": 32, "diffusion#ddim_steps": 2})  # a small, fast model
-MAPS = ("mean", "eu", "au", "total", "total_std_calibrated")
+MAPS = ("mean", "eu", "au", "total", "total_std_calibrated", "unfamiliar")
 START_TIMEOUT_S = 180
 
 
@@ -88,7 +88,7 @@ def setup(tmp_path_factory) -> dict:
     torch.save({"hypernet": parser.get_parsed_content("network").state_dict()}, root / "model.pt")
     # found beside the checkpoint: std x 3 for 90% intervals; departures so small that every input is flagged
     Calibration(scales={"0.5": 1.0, "0.9": 3.0, "0.95": 4.0}, n_pixels=1, n_cases=1,
-                departures=[1e-6, 1e-6, 1e-6]).save(root / "calibration.json")
+                departures=[1e-6, 1e-6, 1e-6], eu_threshold=1e-5).save(root / "calibration.json")
     return {"root": root, "studies": studies, "ckpt": root / "model.pt", "overlay": root / "small.yaml"}
 
 
@@ -187,6 +187,12 @@ def test_maps_of_a_study_lie_on_its_grid_and_add_up(server, tmp_path):
     assert params["input_check"]["input_unlike_calibration"] is True, params  # the calibration's tiny departures
     assert params["input_check"]["slices_unlike_calibration"] == 8 and params["maps"]["total_std_calibrated"]
     assert infer(server, "hyperdm_total_std_calibrated", "chest1", output="json").json()["units"] == "HU"
+    # the unfamiliar map: a uint8 label map of EU above 1e-5 model units (10 HU^2 in the CT window of 1000 HU)
+    unfamiliar = maps["unfamiliar"]
+    assert unfamiliar.get_data_dtype() == np.uint8 and set(np.unique(unfamiliar.get_fdata())) <= {0.0, 1.0}
+    assert (unfamiliar.get_fdata().astype(bool) == (eu / 1000.0**2 > 1e-5)).mean() > 0.999
+    assert params["input_check"]["unfamiliar_fraction"] == pytest.approx(float((eu > 10.0).mean()), abs=2e-3)
+    assert infer(server, "hyperdm_unfamiliar", "chest1", output="json").json()["units"] == "label"
     assert max(rss) < 4 * 2**30
 
 

@@ -115,7 +115,7 @@ def test_service_keeps_the_last_result_and_refuses_while_the_lock_is_held(servic
     out, cached = service.reconstruct(str(study), sampling)
     assert not cached and out["eu"].shape == (1, 48, 48, 3)
     assert out["input_check"] is None and "total_std_calibrated" not in out  # no calibration beside the checkpoint
-    assert "total_std_calibrated" not in service.model_names
+    assert "total_std_calibrated" not in service.model_names and "unfamiliar" not in service.model_names
     again, cached = service.reconstruct(str(study), sampling)
     assert cached and again["eu"] is out["eu"]
     _, cached = service.reconstruct(str(study), Sampling(M=3, N=2, steps=1))

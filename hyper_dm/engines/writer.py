@@ -8,6 +8,8 @@ Layout (MONAI's ``SaveImage`` convention, one folder per case; ``{stem}`` checke
     {output_dir}/{stem}/{stem}_total.nii.gz   eu + au
     {output_dir}/{stem}/{stem}_{eu,au,total}_std.nii.gz   square roots (write_std=True)
     {output_dir}/{stem}/{stem}_total_std_calibrated.nii.gz  calibrated total std (when a calibration is given)
+    {output_dir}/{stem}/{stem}_unfamiliar.nii.gz  uint8 mask: 1 where EU exceeds the calibration's threshold (a
+                                              calibration that records one, see :mod:`hyper_dm.calibration`)
     {output_dir}/{stem}/{stem}_cond.nii.gz    the network's input (CT: sparse-view FBP, HU), when the evaluator
                                               is asked for it (``inference_cfg#write_cond``)
     {output_dir}/{stem}/{stem}_preview.png    middle slice: cond | mean | EU | AU | |error| | label
@@ -61,6 +63,7 @@ __all__ = ["CaseWriter", "save_map"]
 logger = logging.getLogger("hyper_dm.writer")
 
 _VARIANCES = ("eu", "au", "total")
+_MASKS = ("unfamiliar",)  # written as uint8
 _SUFFIX = re.compile(r"[A-Za-z0-9._+-]*")
 _DESCRIPTIONS = {
     "mean": "hyper_dm posterior mean",
@@ -71,6 +74,7 @@ _DESCRIPTIONS = {
     "au_std": "hyper_dm aleatoric standard deviation",
     "total_std": "hyper_dm total standard deviation",
     "total_std_calibrated": "hyper_dm total std x split-conformal scale",
+    "unfamiliar": "hyper_dm 1 where EU exceeds the calibration's",
     "cond": "hyper_dm input: sparse-view FBP (CT) / zero-filled",
 }
 
@@ -209,7 +213,7 @@ class CaseWriter:
                 maps.update({f"{v}_std": volumes[v].clamp_min(0).sqrt() for v in _VARIANCES})
             for name, volume in maps.items():
                 if name in _DESCRIPTIONS:
-                    _save_nifti(stage / f"{stem}{self.suffixes[name]}.nii.gz", volume, _DESCRIPTIONS[name])
+                    _save_nifti(stage / f"{stem}{self.suffixes[name]}.nii.gz", volume, name)
             if metrics is not None:
                 (stage / f"{stem}_metrics.json").write_text(json.dumps(_finite(metrics), indent=2) + "\n")
             if self.previews:
@@ -298,16 +302,19 @@ def _writer_alive(stage: Path) -> bool:
 
 def save_map(path: str | os.PathLike, volume: MetaTensor, name: str) -> None:
     """Write one output map ``name`` (``mean``, ``eu``, ``au``, ``total``, ...; ``[1, X, Y, Z]`` MetaTensor) as a
-    float32 NIfTI with its geometry and description, on its own (not atomic: for files such as a server's reply)."""
-    _save_nifti(Path(path), volume, _DESCRIPTIONS[name])
+    NIfTI with its geometry and description, on its own (not atomic: for files such as a server's reply)."""
+    _save_nifti(Path(path), volume, name)
 
 
-def _save_nifti(path: Path, volume: MetaTensor, description: str) -> None:
-    """``[1, X, Y, Z]`` MetaTensor -> float32 NIfTI with its affine, through MONAI's ``NibabelWriter``."""
+def _save_nifti(path: Path, volume: MetaTensor, name: str) -> None:
+    """Output map ``name`` (``[1, X, Y, Z]`` MetaTensor) -> NIfTI with its affine and description, through MONAI's
+    ``NibabelWriter``: float32, masks uint8."""
+    dtype = np.uint8 if name in _MASKS else np.float32
     header = nib.Nifti1Header()
-    header["descrip"] = description.encode()[:79]
+    header.set_data_dtype(dtype)
+    header["descrip"] = _DESCRIPTIONS[name].encode()[:79]
     header.set_xyzt_units("mm")
-    writer = NibabelWriter(output_dtype=np.float32)
+    writer = NibabelWriter(output_dtype=dtype)
     writer.set_data_array(volume, channel_dim=0)
     writer.set_metadata(volume.meta, resample=False)
     writer.write(str(path), verbose=False, header=header)

@@ -45,7 +45,10 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
     (:func:`~hyper_dm.inference.load_case`'s dict) in place, and say how far its input is from the calibration's.
 
     With a calibration, ``raw`` gains ``total_std_calibrated`` (physical units, not squared): the raw total std
-    times the scale of each slice's noise bin (MRI: in the calibration of the acceleration nearest the case's mask).
+    times the scale of each slice's noise bin (MRI: in the calibration of the acceleration nearest the case's mask),
+    and, where the calibration records an EU threshold, ``unfamiliar`` (1 where EU exceeds it, else 0; see
+    :meth:`~hyper_dm.calibration.Calibration.unfamiliar`), whose fraction of the volume the input check holds as
+    ``unfamiliar_fraction``.
     Returns ``noise_level`` ``[Z]`` (model units, what the network reads from each slice), ``departure`` ``[Z]``
     (:func:`~hyper_dm.calibration.input_departure`), ``acceleration`` (MRI: k-space columns per sampled column;
     CT: ``None``), ``calibration`` (the one applied) and ``input_check`` (:meth:`Calibration.input_check`, with
@@ -76,6 +79,20 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
     check = calibration.input_check(departure, noise) if calibration.departures else None
     if check is not None and calibration.acceleration is not None:
         check.update(mask_acceleration=round(acceleration, 2), calibration_acceleration=calibration.acceleration)
+    if calibration.eu_threshold is None:
+        logger.info("%s: the calibration holds no EU threshold, so no unfamiliar-pixel map is written (refit it with "
+                    "the 'calibrate' run id)", name)
+    else:
+        flagged = calibration.unfamiliar(raw["eu"], case["gain"])
+        raw["unfamiliar"] = flagged.float()
+        fraction = float(flagged.double().mean())
+        if check is not None:
+            check["unfamiliar_fraction"] = fraction
+        (logger.warning if fraction > 1 - calibration.eu_level else logger.info)(
+            "%s: %d pixels (%.3g%% of the volume; at most %.3g%% on data like the calibration's) have EU beyond the "
+            "calibration's %g quantile: the weight sets disagree there as on nothing the model was calibrated on "
+            "(the unfamiliar map)", name, int(flagged.sum()), 100 * fraction, 100 * (1 - calibration.eu_level),
+            calibration.eu_level)
     if check is not None and check["input_unlike_calibration"]:
         logger.warning("%s: the reconstruction moved its input's coarse content further than on the "
                        "calibration slices (median departure %.3g model units, calibrated up to %.3g; %d of %d "

@@ -22,7 +22,7 @@ from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
 from torch.utils.data import ConcatDataset
 
-from ..calibration import LEVELS, Calibration, fit_calibration, standardised_residuals
+from ..calibration import LEVELS, Calibration, eu_in_model_units, fit_calibration, slice_samples, standardised_residuals
 from ..data.config import MEASUREMENT_NOISE, fastmri_center_fraction, resolve_data_config
 from ..data.datasets import split_cases
 from ..data.validation import BadFileLog, BadInputError
@@ -151,8 +151,9 @@ class VolumeEvaluator(Evaluator):
         write_cond: also put the network's input in ``volumes`` as ``cond`` (CT: the sparse-view FBP, HU; MRI: the
             zero-filled magnitude), resized to the case's in-plane grid as the mean is (bilinear up, area down).
 
-    With a reference, ``engine.state.output["residuals"]`` holds the case's standardised residuals ``[Z, P]`` and
-    ``noise_level`` the noise the network reads from each slice ``[Z]`` (see :class:`CalibrationFitter`);
+    With a reference, ``engine.state.output["residuals"]`` holds the case's standardised residuals ``[Z, P]``,
+    ``eu_samples`` the same pixels' EU in model units and ``noise_level`` the noise the network reads from each
+    slice ``[Z]`` (see :class:`CalibrationFitter`);
     ``departure`` is each slice's :func:`~hyper_dm.calibration.input_departure` ``[Z]``, and with a calibration that
     records departures ``input_check`` holds :meth:`~hyper_dm.calibration.Calibration.input_check` (else ``None``).
     """
@@ -195,7 +196,7 @@ class VolumeEvaluator(Evaluator):
                 raise BadInputError(case.get("image", case["case_id"]), f"the reconstructed {name} holds "
                                     f"{int((~torch.isfinite(image)).sum())} NaN/infinite values (input out of range?)")
         label = case.get("label")
-        metrics = residuals = None
+        metrics = residuals = eu_samples = None
         if self.write_cond:  # [1, x, y, Z] -> [1, X, Y, Z]
             slices = resize_slices(case["cond"][0].permute(2, 0, 1)[:, None].float(), tuple(volume.shape[1:3]))
             raw["cond"] = slices[:, 0].permute(1, 2, 0)[None].contiguous()
@@ -207,6 +208,7 @@ class VolumeEvaluator(Evaluator):
                        **case_metrics(raw, label.float(), data_range, checks["calibration"], noise),
                        **{k: v for k, v in (input_check or {}).items() if k not in ("flagged_slices", "alpha")}}
             residuals = standardised_residuals(raw["mean"], raw["total"], label.float(), float(case["gain"].mean()))
+            eu_samples = slice_samples(eu_in_model_units(raw["eu"], case["gain"]))
         k = volume.shape[-1] // 2
         preview = {name: raw[name][0, ..., k].numpy() for name in ("mean", "eu", "au")}
         preview["cond"] = case["cond"][0, ..., k].numpy()
@@ -217,8 +219,8 @@ class VolumeEvaluator(Evaluator):
                     volume.shape[-1], tuple(volume.shape[1:3]), seconds, seconds / volume.shape[-1],
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         engine.state.output = {"case_id": case["case_id"], "metrics": metrics, "preview": preview, "seconds": seconds,
-                               "residuals": residuals, "noise_level": noise, "departure": checks["departure"],
-                               "acceleration": checks["acceleration"],
+                               "residuals": residuals, "eu_samples": eu_samples, "noise_level": noise,
+                               "departure": checks["departure"], "acceleration": checks["acceleration"],
                                "input_check": input_check,
                                "volumes": {name: to_source_layout(image, volume) for name, image in raw.items()}}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # runs `postprocessing` on engine.state.output
@@ -293,7 +295,7 @@ def calibration_dataset(data: Mapping, noise_levels: Sequence[float], on_bad_fil
 
 
 class CalibrationFitter:
-    """Ignite handler: collects each case's standardised residuals and per-slice noise levels and, when the run
+    """Ignite handler: collects each case's standardised residuals, per-slice noise levels and EU and, when the run
     completes, fits and saves the split-conformal :class:`~hyper_dm.calibration.Calibration` with ``bins`` noise
     bins to ``path`` (tied to ``checkpoint``'s digest); with two or more MRI ``accelerations`` also one per
     acceleration, each case counted with the one nearest its mask's."""
@@ -305,6 +307,7 @@ class CalibrationFitter:
         self.residuals: list[torch.Tensor] = []
         self.noise_levels: list[torch.Tensor] = []
         self.departures: list[torch.Tensor] = []
+        self.eu: list[torch.Tensor] = []
         self.accelerations: list[float] = []
 
     def attach(self, engine: Evaluator) -> None:
@@ -317,16 +320,21 @@ class CalibrationFitter:
             self.residuals.append(residuals)
             self.noise_levels.append(engine.state.output["noise_level"])
             self.departures.append(engine.state.output["departure"])
+            self.eu.append(engine.state.output["eu_samples"].float())
             self.accelerations.append(engine.state.output["acceleration"])
 
     def fit(self, engine: Evaluator | None = None) -> Calibration:
         digest = sha256_file(self.checkpoint) if self.checkpoint and Path(self.checkpoint).is_file() else ""
         calibration = fit_calibration(self.residuals, self.noise_levels, self.bins, checkpoint_sha256=digest,
                                       departures=self.departures, accelerations=self.accelerations,
-                                      acceleration_groups=self.groups)
+                                      acceleration_groups=self.groups, eu=self.eu)
         calibration.save(self.path)
         logger.info("calibration from %d cases (%d pixels): std scales %s, raw coverage %s -> %s", calibration.n_cases,
                     calibration.n_pixels, {k: round(v, 3) for k, v in calibration.scales.items()},
                     {k: round(v, 3) for k, v in calibration.raw_coverage.items()}, self.path)
         logger.info("calibration: %s", calibration.describe())
+        for group in [calibration, *calibration.accelerations.values()]:
+            logger.info("unfamiliar pixels%s: EU above %.3g model units (the %g quantile of the calibration pixels)",
+                        "" if group.acceleration is None else f" at {group.acceleration:g}x", group.eu_threshold,
+                        group.eu_level)
         return calibration

@@ -5,7 +5,7 @@ Example::
     >>> model = HyperDM.from_bundle("bundle/models/model.pt", config="bundle/configs/ct_luna16.yaml")
     >>> out = model.reconstruct("patient7.nii.gz", M=8, N=8)                  # a file, DICOM folder or .h5
     >>> out["mean"].shape, out["eu"].affine                                     # [1, X, Y, Z] HU, source geometry
-    >>> out["total_std_calibrated"], out["input_check"]                         # with calibration.json beside model.pt
+    >>> out["total_std_calibrated"], out["unfamiliar"], out["input_check"]      # with calibration.json beside model.pt
     >>> out = model.reconstruct(fbp_volume, M=8, N=8)                          # MetaTensor [1, X, Y, Z] HU (measured)
 
 The same loader, reconstructor and metrics run in ``python -m monai.bundle run inference``, the scripts and the
@@ -100,7 +100,8 @@ class HyperDM:
                     mode: str = "measured", seed: int = 0) -> dict[str, Any]:
         """Reconstruct a volume; returns ``mean``, ``eu``, ``au``, ``total`` ``[1, X, Y, Z]`` MetaTensors in
         physical units (variances squared) with the input's geometry and voxel layout. With a calibration, also
-        ``total_std_calibrated`` (physical units) and ``input_check`` (a dict, see
+        ``total_std_calibrated`` (physical units), ``unfamiliar`` (1 where EU exceeds the calibration's threshold,
+        where it records one) and ``input_check`` (a dict, see
         :meth:`~hyper_dm.calibration.Calibration.input_check`; ``None`` without calibration departures); a warning
         is logged when the input fails the check or its noise lies outside the calibrated range.
 

@@ -1,7 +1,8 @@
 """The MONAI Label app: Hyper-DM reconstructions with uncertainty maps, and studies ranked by epistemic uncertainty.
 
 Models (infer tasks): ``hyperdm_mean``, ``hyperdm_eu``, ``hyperdm_au``, ``hyperdm_total``, and
-``hyperdm_total_std_calibrated`` where the model has a calibration (see infer.py).
+``hyperdm_total_std_calibrated`` where the model has a calibration and ``hyperdm_unfamiliar`` where it records an EU
+threshold (see infer.py).
 Scoring method ``hyperdm_eu`` and strategy ``hyperdm_eu`` (see scoring.py); MONAI Label's ``random`` and ``first``
 strategies stay available. Settings come from ``--conf`` (see conf.py). Started by ``hyper-dm-label`` or by
 ``monailabel start_server --app <app folder>`` (docs/monailabel.md).
@@ -29,7 +30,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from .conf import LabelConf, RequestError
-from .infer import CALIBRATED, MODEL_NAMES, HyperDMInferTask, http_error
+from .infer import CALIBRATED, MODEL_NAMES, UNFAMILIAR, HyperDMInferTask, http_error
 from .safety import check_bind, server_host
 from .scoring import SCORE_KEY, EpistemicScoring
 from .service import ReconstructionService, lock_path
@@ -67,7 +68,8 @@ class HyperDMApp(MONAILabelApp):
         unknown = sorted(set(names) - set(served.values()))
         if unknown:
             missing = " (needs calibration.json beside the checkpoint, or --conf calibration)" \
-                if MODEL_NAMES[CALIBRATED] in unknown else ""
+                if MODEL_NAMES[CALIBRATED] in unknown else " (needs a calibration that records an EU threshold: " \
+                "refit it with the 'calibrate' run id)" if MODEL_NAMES[UNFAMILIAR] in unknown else ""
             raise ValueError(f"--conf models {wanted!r}: unknown {unknown}{missing}; use hyperdm (all maps) or a "
                              f"comma list of {list(served.values())}")
         return {model: HyperDMInferTask(self.service, output) for output, model in served.items() if model in names}

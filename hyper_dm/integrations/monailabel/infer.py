@@ -1,5 +1,6 @@
 """MONAI Label infer tasks: one per output map, ``hyperdm_mean``, ``hyperdm_eu``, ``hyperdm_au``, ``hyperdm_total``,
-and ``hyperdm_total_std_calibrated`` when the model has a calibration (``calibration.json`` beside the checkpoint).
+``hyperdm_total_std_calibrated`` when the model has a calibration (``calibration.json`` beside the checkpoint) and
+``hyperdm_unfamiliar`` when that calibration records an EU threshold.
 
 MONAI Label answers an infer request with one image file and a JSON ``params``; each map is therefore its own
 model name. All four come from the same M x N reconstruction, which the service keeps, so asking for the mean,
@@ -9,7 +10,8 @@ Request: ``POST /infer/hyperdm_eu?image=<study id>`` (or an uploaded ``file``), 
 ``params={"M": 4, "N": 4, "steps": 10}`` (any left out take the server's defaults, shown by ``GET /info/``).
 Reply: a float32 NIfTI on the study's own grid and geometry (``mean``: HU for CT, magnitude for MRI; ``eu``,
 ``au``, ``total``: variances in those units squared; ``total_std_calibrated``: a standard deviation in those units,
-scaled so that mean +- 1.645 x it covers 90% on the calibration data) and ``params``::
+scaled so that mean +- 1.645 x it covers 90% on the calibration data; ``unfamiliar``: a uint8 label map, 1 where
+EU exceeds the calibration's 99.9% quantile) and ``params``::
 
     {"map": "eu", "units": "HU^2", "M": 4, "N": 4, "steps": 10, "cached": false, "seconds": 3.1,
      "summary": {"mean_eu_body": ..., "mean_au_body": ..., "max_eu": ..., "body_fraction": ...},
@@ -34,16 +36,17 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ...engines.writer import save_map
 from .conf import RequestError
-from .service import CALIBRATED, MODEL_NAMES, ReconstructionService
+from .service import CALIBRATED, MODEL_NAMES, UNFAMILIAR, ReconstructionService
 from .summary import uncertainty_summary
 
-__all__ = ["CALIBRATED", "MODEL_NAMES", "HyperDMInferTask", "http_error"]
+__all__ = ["CALIBRATED", "MODEL_NAMES", "UNFAMILIAR", "HyperDMInferTask", "http_error"]
 
 logger = logging.getLogger("hyper_dm.monailabel")
 
 _MEANING = {"mean": "posterior mean reconstruction", "eu": "epistemic variance (weight sets disagree)",
             "au": "aleatoric variance (the measurement does not determine it)", "total": "total variance eu + au",
-            CALIBRATED: "calibrated total standard deviation (90% intervals: mean +- 1.645 x it)"}
+            CALIBRATED: "calibrated total standard deviation (90% intervals: mean +- 1.645 x it)",
+            UNFAMILIAR: "unfamiliar pixels: 1 where EU exceeds the calibration's 99.9% quantile"}
 
 
 def http_error(error: RequestError) -> HTTPException:
@@ -58,16 +61,17 @@ class HyperDMInferTask(InferTask):
     def __init__(self, service: ReconstructionService, output: str) -> None:
         conf = service.conf
         units = "HU" if service.task == "ct" else "magnitude"
+        self.units = {"mean": units, CALIBRATED: units, UNFAMILIAR: "label"}.get(output, f"{units}^2")
+        mask = output == UNFAMILIAR
         super().__init__(
-            type=InferType.OTHERS,
-            labels=None,
+            type=InferType.SEGMENTATION if mask else InferType.OTHERS,
+            labels={"unfamiliar": 1} if mask else None,
             dimension=3,
-            description=f"Hyper-DM {_MEANING[output]} ({units}{'' if output in ('mean', CALIBRATED) else '^2'}); "
+            description=f"Hyper-DM {_MEANING[output]} ({self.units}); "
                         f"M <= {conf.max_M}, N <= {conf.max_N}, steps <= {conf.max_steps}",
             config={"M": conf.M, "N": conf.N, "steps": conf.steps or service.default_steps},
         )
         self.service, self.output = service, output
-        self.units = units if output in ("mean", CALIBRATED) else f"{units}^2"
 
     def is_valid(self) -> bool:
         return True

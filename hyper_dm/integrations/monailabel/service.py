@@ -31,7 +31,7 @@ from ...data.validation import BadInputError
 from ...inference import OUTPUTS, HyperDM
 from .conf import LabelConf, RequestError, Sampling
 
-__all__ = ["CALIBRATED", "MODEL_NAMES", "RETRY_AFTER_S", "ReconstructionService", "lock_path"]
+__all__ = ["CALIBRATED", "MODEL_NAMES", "UNFAMILIAR", "RETRY_AFTER_S", "ReconstructionService", "lock_path"]
 
 logger = logging.getLogger("hyper_dm.monailabel")
 
@@ -39,7 +39,9 @@ RETRY_AFTER_S = 30
 """Seconds a refused request is told to wait (the ``Retry-After`` header)."""
 CALIBRATED = "total_std_calibrated"
 """The calibrated map, served where the model has a calibration."""
-MODEL_NAMES = {name: f"hyperdm_{name}" for name in (*OUTPUTS, CALIBRATED)}
+UNFAMILIAR = "unfamiliar"
+"""The mask of pixels whose EU exceeds the calibration's threshold, served where the calibration records one."""
+MODEL_NAMES = {name: f"hyperdm_{name}" for name in (*OUTPUTS, CALIBRATED, UNFAMILIAR)}
 """MONAI Label model name of each output map."""
 
 
@@ -59,8 +61,10 @@ class ReconstructionService:
         self.model = HyperDM.from_bundle(conf.ckpt, conf.config, device=device, calibration=conf.calibration)
         self.task = str(self.model.data["task"])
         self.default_steps = int(self.model.parser.get_parsed_content("diffusion#ddim_steps"))
-        self.model_names = {output: name for output, name in MODEL_NAMES.items()
-                            if output != CALIBRATED or self.model.calibration is not None}
+        calibration = self.model.calibration
+        served = {CALIBRATED: calibration is not None,
+                  UNFAMILIAR: calibration is not None and calibration.eu_threshold is not None}
+        self.model_names = {output: name for output, name in MODEL_NAMES.items() if served.get(output, True)}
         """The maps this model serves: MONAI Label model name of each."""
         self.lock = FileLock(str(lock_file))
         self._last: tuple[tuple, dict[str, Any]] | None = None

@@ -55,7 +55,7 @@ from .config import ConfigError, parse_choice
 from .data.config import resolve_data_config
 from .data.luna16 import read_annotations
 from .data.validation import BadInputError
-from .engines.writer import CaseWriter
+from .engines.writer import MASKS, CaseWriter
 from .inference.engine import VolumeEvaluator, input_entries, run_inference
 from .io import atomic_write, output_path, safe_stem
 
@@ -128,10 +128,11 @@ class DetectionLayout:
         self.orientation = Orientation(axcodes=axcodes, labels=None)
         self.spacing = Spacing(pixdim=pixdim, mode=mode, padding_mode=padding_mode, dtype=torch.float32)
 
-    def resample(self, volume: MetaTensor) -> MetaTensor:
-        """``volume [1, X, Y, Z]`` with its affine -> ``[1, X', Y', Z']`` float32 on the export grid."""
+    def resample(self, volume: MetaTensor, mode: str | None = None) -> MetaTensor:
+        """``volume [1, X, Y, Z]`` with its affine -> ``[1, X', Y', Z']`` float32 on the export grid (``mode``:
+        the interpolation, default the layout's)."""
         image = MetaTensor(volume.as_tensor().float(), meta=dict(volume.meta))  # geometry only, no transform trace
-        out = self.spacing(self.orientation(image))
+        out = self.spacing(self.orientation(image), mode=mode)
         return MetaTensor(out.as_tensor().contiguous(), meta=dict(out.meta))
 
     def __call__(self, output: Mapping) -> Mapping:
@@ -139,7 +140,8 @@ class DetectionLayout:
             return output
         given = output["volumes"]
         exact_total = {"eu", "au", "total"} <= given.keys()
-        volumes = {name: self.resample(image) for name, image in given.items() if name != "total" or not exact_total}
+        volumes = {name: self.resample(image, "nearest" if name in MASKS else None) for name, image in given.items()
+                   if name != "total" or not exact_total}
         if exact_total:  # the law of total variance stays exact on the new grid
             volumes["total"] = MetaTensor(volumes["eu"].as_tensor() + volumes["au"].as_tensor(),
                                           meta=dict(volumes["eu"].meta))

@@ -155,6 +155,22 @@ def test_detection_bundle_transforms_read_the_export(exported, luna):
         assert item["label"] == [0] * len(nodules)
 
 
+def test_the_unfamiliar_mask_stays_a_mask_on_the_export_grid(tmp_path, luna):
+    """The export resamples the maps bilinear and the unfamiliar mask nearest: the written file holds 0 and 1 only
+    (uint8), flagging about the share of the volume the source-grid mask did."""
+    mhd = sorted(luna.rglob("*.mhd"))[0]
+    volume = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(str(mhd)).clamp(-1000, 1000)
+    mask = volume * 0
+    mask[:, ::3, ::2] = 1.0  # a fine pattern: interpolation would make fractions of it
+    volumes = {"mean": volume, "eu": volume * 0, "au": volume * 0 + 1.0, "total": volume * 0 + 1.0, "unfamiliar": mask}
+    output = DetectionLayout(PIXDIM)({"case_id": "c", "volumes": volumes})
+    folder = CaseWriter(tmp_path, previews=False, suffixes={"mean": ""}).write("c", output["volumes"])
+    written = nib.load(folder / "c_unfamiliar.nii.gz")
+    values = np.asarray(written.dataobj)
+    assert written.get_data_dtype() == np.uint8 and set(np.unique(values)) == {0, 1}
+    assert abs(values.mean() - float(mask.mean())) < 0.05, (values.mean(), float(mask.mean()))
+
+
 def test_annotated_nodule_box_lands_on_the_nodule(tmp_path, exported, luna):
     annotations = read_annotations(luna)
     uid, nodules = max(annotations.items(), key=lambda kv: max(n["diameter_mm"] for n in kv[1]))

@@ -744,6 +744,10 @@ def test_the_shipped_knee_models_eu_rises_inside_an_object_it_never_saw(tmp_path
     ratios = [eu[..., z][square[..., z]].mean() / eu[..., z][body[..., z] & ~square[..., z]].mean()
               for z in range(eu.shape[-1])]
     assert np.median(ratios) >= 3, ratios  # measured: 7.0 (this file), 11.0 (seed 5); before 0.9.6: 1.07, 1.09
+    # the unfamiliar map (the shipped 4x calibration's EU threshold) flags half the square, a few % of the rest
+    flagged = nib.load(tmp_path / "out" / "square" / "square_unfamiliar.nii.gz").get_fdata() > 0.5
+    inside, elsewhere = flagged[square].mean(), flagged[body & ~square].mean()
+    assert inside > 0.3 and inside > 5 * elsewhere, (inside, elsewhere)  # measured: 0.49 and 0.060
 
 
 def test_the_shipped_knee_model_reconstructs_a_challenge_file_after_a_clone(tmp_path):

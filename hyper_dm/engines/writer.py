@@ -58,12 +58,13 @@ from ..io import atomic_write, output_path, overwrite_hint, safe_stem, sha256_fi
 from .distributed import from_rank0, rank_and_world
 from .previews import write_preview
 
-__all__ = ["CaseWriter", "save_map"]
+__all__ = ["MASKS", "CaseWriter", "save_map"]
 
 logger = logging.getLogger("hyper_dm.writer")
 
 _VARIANCES = ("eu", "au", "total")
-_MASKS = ("unfamiliar",)  # written as uint8
+MASKS = ("unfamiliar",)
+"""Output maps that are masks: written as uint8, resampled nearest."""
 _SUFFIX = re.compile(r"[A-Za-z0-9._+-]*")
 _DESCRIPTIONS = {
     "mean": "hyper_dm posterior mean",
@@ -309,7 +310,7 @@ def save_map(path: str | os.PathLike, volume: MetaTensor, name: str) -> None:
 def _save_nifti(path: Path, volume: MetaTensor, name: str) -> None:
     """Output map ``name`` (``[1, X, Y, Z]`` MetaTensor) -> NIfTI with its affine and description, through MONAI's
     ``NibabelWriter``: float32, masks uint8."""
-    dtype = np.uint8 if name in _MASKS else np.float32
+    dtype = np.uint8 if name in MASKS else np.float32
     header = nib.Nifti1Header()
     header.set_data_dtype(dtype)
     header["descrip"] = _DESCRIPTIONS[name].encode()[:79]

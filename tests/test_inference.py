@@ -591,7 +591,9 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     manifest = json.loads((case / f"{case.name}_manifest.json").read_text())
     assert metrics["input_unlike_calibration"] is False and metrics["input_departure_p"] > 0.01
     assert manifest["input_check"]["slices_unlike_calibration"] == len(manifest["input_check"]["flagged_slices"])
-    # a calibration whose inputs the model followed ten times closer: every slice of the same input departs further
+    # a calibration whose inputs the model followed ten times closer: every slice of the same input departs further;
+    # written before 0.9.8 (no EU threshold), so no unfamiliar map
+    threshold = fitted.pop("eu_threshold")
     fitted["departures"] = [d / 10 for d in departures]
     fitted["noise_departures"] = [[d / 10 for d in b] for b in by_bin]
     (tmp_path / "calibration.json").write_text(json.dumps(fitted))
@@ -602,8 +604,9 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     assert check["input_departure_p"] in {1 / (len(b) + 1) for b in by_bin}
     assert check["flagged_slices"] == list(range(total.shape[-1]))
     assert f"case {case.name}: the reconstruction moved its input's coarse content further" in run.stdout + run.stderr
+    assert "unfamiliar_fraction" not in check and not list((tmp_path / "again").rglob("*_unfamiliar.nii.gz"))
+    assert "the calibration holds no EU threshold, so no unfamiliar-pixel map is written" in run.stdout + run.stderr
     # the unfamiliar map: EU in model units (CT: 1000 HU) above the calibration's threshold, a uint8 mask
-    threshold = fitted["eu_threshold"]
     assert threshold > 0
     image = nib.load(case / f"{case.name}_unfamiliar.nii.gz")
     flagged = np.asarray(image.dataobj)

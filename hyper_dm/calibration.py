@@ -103,16 +103,14 @@ def input_departure(cond: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor, 
     return ((pooled(cond) - pooled(mean)) / gain.double().view(-1, 1, 1)).flatten(1).pow(2).mean(1).sqrt()
 
 
+def _conformal_rank(n: int, level: float) -> int:
+    """Split-conformal rank of the ``level`` quantile of ``n`` scores: ``ceil((n + 1) level)``, at most ``n``."""
+    return min(n, math.ceil((n + 1) * level))
+
+
 def _scales(r: torch.Tensor, levels: Sequence[float]) -> dict[str, float]:
     """Split-conformal std scale per level from sorted residuals ``r``."""
-    n = r.numel()
-    return {str(level): float(r[min(n, math.ceil((n + 1) * level)) - 1]) / central_z(level) for level in levels}
-
-
-def _conformal_quantile(values: torch.Tensor, level: float) -> float:
-    """The ``ceil((n + 1) level)``-th smallest of the ``n`` ``values`` (the largest where that exceeds ``n``)."""
-    n = values.numel()
-    return float(values.flatten().kthvalue(min(n, math.ceil((n + 1) * level))).values)
+    return {str(level): float(r[_conformal_rank(r.numel(), level) - 1]) / central_z(level) for level in levels}
 
 
 def _nearest(accelerations: Sequence[str], acceleration: float) -> str:
@@ -137,7 +135,9 @@ class Calibration:
     ``noise_departures``: the same per noise bin (empty: one reference for all slices). ``accelerations``: MRI, a
     calibration per mask acceleration (key: the acceleration, e.g. ``"4"``; empty: one for every mask), each
     holding its ``acceleration`` (``None``: fitted on every mask). ``eu_threshold``: the ``eu_level`` quantile of
-    the calibration pixels' EU in model units (``None``: not recorded).
+    the calibration pixels' EU in model units (``None``: not recorded); ``eu_flagged_max``: the largest fraction of
+    one calibration case's pixels above it. ``sampling``: the ``M``, ``N`` and DDIM ``steps`` the calibration cases
+    were reconstructed with (empty: not recorded); scales and threshold hold for those.
     """
 
     scales: dict[str, float]
@@ -155,6 +155,8 @@ class Calibration:
     acceleration: float | None = None
     eu_threshold: float | None = None
     eu_level: float = UNFAMILIAR_LEVEL
+    eu_flagged_max: float | None = None
+    sampling: dict[str, int] = field(default_factory=dict)
 
     @property
     def scale(self) -> float:
@@ -262,6 +264,8 @@ class Calibration:
         if calibration.eu_threshold is not None and not (calibration.eu_threshold >= 0
                                                          and math.isfinite(calibration.eu_threshold)):
             raise ValueError(f"eu_threshold {calibration.eu_threshold} is not a non-negative number")
+        if not 0 < calibration.eu_level < 1:
+            raise ValueError(f"eu_level {calibration.eu_level} is not a quantile level between 0 and 1")
         if calibration.noise_departures and len(calibration.noise_departures) != len(calibration.noise_scales):
             raise ValueError(f"{len(calibration.noise_departures)} noise bins of input departures but "
                              f"{len(calibration.noise_scales)} of scales")
@@ -314,8 +318,12 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
     calibration = Calibration(scales=_scales(r, levels), n_pixels=r.numel(), n_cases=len(residuals),
                               checkpoint_sha256=checkpoint_sha256, reference_level=reference_level, raw_coverage=raw)
     if eu:
-        calibration.eu_threshold = _conformal_quantile(torch.cat([e.double().flatten() for e in eu]),
-                                                       calibration.eu_level)
+        if len(eu) != len(residuals):
+            raise ValueError(f"{len(eu)} cases of EU samples for {len(residuals)} cases of residuals")
+        pooled = torch.cat([e.float().flatten() for e in eu])
+        threshold = pooled.kthvalue(_conformal_rank(pooled.numel(), calibration.eu_level)).values
+        calibration.eu_threshold = float(threshold)
+        calibration.eu_flagged_max = max(float((e.float() > threshold).double().mean()) for e in eu)
     rounded = lambda d: [float(f"{x:.4g}") for x in d.sort().values.tolist()]  # noqa: E731
     departure = torch.cat([d.double().flatten() for d in departures]) if departures else None
     if departure is not None:

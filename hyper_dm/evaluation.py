@@ -362,8 +362,9 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                    f"{each('same_place_ratio', o, 1)}."
                    + (f" Pixels flagged unfamiliar by each run (EU above the calibration's {fitted.eu_level:g} "
                       f"quantile, M weight sets as inference flags them): {percent(o, 'flagged_inside')} of the "
-                      f"object (each run: {runs(o, 'flagged_inside', '{:.1%}')}), {percent(o, 'flagged_body')} of "
-                      f"the rest of the body, {percent(o, 'flagged_clean_body')} of the body without the object."
+                      f"object (each run: {runs(o, 'flagged_inside', '{:.2%}')}), {percent(o, 'flagged_body')} of "
+                      f"the rest of the body, {percent(o, 'flagged_clean_body')} of the body without the object (one "
+                      "run)."
                       if "flagged_inside" in o[0] else "")
                    + (f" The input check flags {flags(o)} slices of the cases with the object (without it: "
                       f"{flags(sel)})." if checked else ""), "")],

@@ -9,6 +9,8 @@ The export is the inference workflow (``inference.yaml``: :class:`~hyper_dm.infe
 
     {outdir}/{case}/{case}.nii.gz          posterior mean, HU, float32, RAS voxel order, export_cfg#pixdim spacing
     {outdir}/{case}/{case}_{eu,au,total}.nii.gz   the variances on the same grid (HU^2)
+    {outdir}/{case}/{case}_unfamiliar.nii.gz  with a calibration that records an EU threshold: the uint8 mask of
+                                           inference, resampled nearest
     {outdir}/{case}/{case}_preview.png     (and {case}_metrics.json for simulated input, as inference writes)
     {outdir}/datalist.json                 {"validation": [{"image": "{case}/{case}.nii.gz", "eu": ..., "au": ...,
                                            "total": ...}, ...]}, paths relative to outdir

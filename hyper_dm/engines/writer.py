@@ -75,7 +75,7 @@ _DESCRIPTIONS = {
     "au_std": "hyper_dm aleatoric standard deviation",
     "total_std": "hyper_dm total standard deviation",
     "total_std_calibrated": "hyper_dm total std x split-conformal scale",
-    "unfamiliar": "hyper_dm 1 where EU exceeds the calibration's",
+    "unfamiliar": "hyper_dm 1 where EU exceeds the calibration's threshold",
     "cond": "hyper_dm input: sparse-view FBP (CT) / zero-filled",
 }
 

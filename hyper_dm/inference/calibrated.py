@@ -70,6 +70,10 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
                        "to inference_cfg#calibration_accelerations and recalibrate)", name, acceleration,
                        ", ".join(f"{a}x" for a in pooled.accelerations),
                        calibration.acceleration)
+    used = {"M": reconstructor.m_weights, "N": reconstructor.n_draws, "steps": len(reconstructor.sampler.timesteps)}
+    if calibration.sampling and calibration.sampling != {k: used[k] for k in calibration.sampling}:
+        logger.warning("%s: reconstructed with %s, the calibration with %s: its scales and EU threshold hold for its "
+                       "own settings (fewer weight sets give a noisier EU)", name, used, calibration.sampling)
     raw["total_std_calibrated"] = calibration.scale_at(noise).float() * raw["total"].clamp_min(0).sqrt()
     low, high = calibration.noise_range or (0.0, float("inf"))
     if not low <= float(noise.median()) <= high:
@@ -88,11 +92,11 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
         fraction = float(flagged.double().mean())
         if check is not None:
             check["unfamiliar_fraction"] = fraction
-        (logger.warning if fraction > 1 - calibration.eu_level else logger.info)(
-            "%s: %d pixels (%.3g%% of the volume; at most %.3g%% on data like the calibration's) have EU beyond the "
+        usual = calibration.eu_flagged_max if calibration.eu_flagged_max is not None else 1 - calibration.eu_level
+        (logger.warning if fraction > usual else logger.info)(
+            "%s: %d pixels (%.3g%% of the volume; at most %.3g%% in any calibration case) have EU beyond the "
             "calibration's %g quantile: the weight sets disagree there as on nothing the model was calibrated on "
-            "(the unfamiliar map)", name, int(flagged.sum()), 100 * fraction, 100 * (1 - calibration.eu_level),
-            calibration.eu_level)
+            "(the unfamiliar map)", name, int(flagged.sum()), 100 * fraction, 100 * usual, calibration.eu_level)
     if check is not None and check["input_unlike_calibration"]:
         logger.warning("%s: the reconstruction moved its input's coarse content further than on the "
                        "calibration slices (median departure %.3g model units, calibrated up to %.3g; %d of %d "

@@ -298,11 +298,13 @@ class CalibrationFitter:
     """Ignite handler: collects each case's standardised residuals, per-slice noise levels and EU and, when the run
     completes, fits and saves the split-conformal :class:`~hyper_dm.calibration.Calibration` with ``bins`` noise
     bins to ``path`` (tied to ``checkpoint``'s digest); with two or more MRI ``accelerations`` also one per
-    acceleration, each case counted with the one nearest its mask's."""
+    acceleration, each case counted with the one nearest its mask's. ``sampling`` (``M``, ``N``, ``steps``) records
+    how the cases were reconstructed."""
 
     def __init__(self, path: str, checkpoint: str | None = None, bins: int = 1,
-                 accelerations: Sequence[int] | None = None) -> None:
+                 accelerations: Sequence[int] | None = None, sampling: Mapping[str, int] | None = None) -> None:
         self.path, self.checkpoint, self.bins = path, checkpoint, int(bins)
+        self.sampling = {key: int(value) for key, value in (sampling or {}).items()}
         self.groups = list(accelerations or [])
         self.residuals: list[torch.Tensor] = []
         self.noise_levels: list[torch.Tensor] = []
@@ -328,6 +330,8 @@ class CalibrationFitter:
         calibration = fit_calibration(self.residuals, self.noise_levels, self.bins, checkpoint_sha256=digest,
                                       departures=self.departures, accelerations=self.accelerations,
                                       acceleration_groups=self.groups, eu=self.eu)
+        for group in [calibration, *calibration.accelerations.values()]:
+            group.sampling = dict(self.sampling)
         calibration.save(self.path)
         logger.info("calibration from %d cases (%d pixels): std scales %s, raw coverage %s -> %s", calibration.n_cases,
                     calibration.n_pixels, {k: round(v, 3) for k, v in calibration.scales.items()},

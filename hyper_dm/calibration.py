@@ -73,17 +73,17 @@ _VARIANCE_FLOOR = 1e-12  # model units^2: keeps r finite where the model predict
 
 def slice_samples(volume: torch.Tensor, max_pixels: int = 1 << 20) -> torch.Tensor:
     """The pixels of each slice of ``volume`` ``[1, X, Y, Z]`` (slice axis last) at a fixed stride, at most
-    ``max_pixels`` in all: float64 ``[Z, P]``."""
+    ``max_pixels`` in all: ``[Z, P]``, ``volume``'s dtype."""
     z = volume.shape[-1]
-    return volume.reshape(-1, z).T[:, :: max(1, volume.numel() // max_pixels)].double()
+    return volume.reshape(-1, z).T[:, :: max(1, volume.numel() // max_pixels)]
 
 
 def standardised_residuals(mean: torch.Tensor, total: torch.Tensor, label: torch.Tensor, gain: float = 1.0,
                            max_pixels: int = 1 << 20) -> torch.Tensor:
     """``|label - mean| / sqrt(total)`` per slice, float64 ``[Z, P]`` (:func:`slice_samples` of ``[1, X, Y, Z]``
     inputs). ``gain`` (physical units per model unit) sets the variance floor ``1e-12 gain^2``."""
-    sigma = (slice_samples(total, max_pixels).clamp_min(0) + _VARIANCE_FLOOR * gain**2).sqrt()
-    return slice_samples(label - mean, max_pixels).abs() / sigma
+    sigma = (slice_samples(total, max_pixels).double().clamp_min(0) + _VARIANCE_FLOOR * gain**2).sqrt()
+    return slice_samples(label - mean, max_pixels).double().abs() / sigma
 
 
 def eu_in_model_units(eu: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
@@ -157,6 +157,11 @@ class Calibration:
     eu_level: float = UNFAMILIAR_LEVEL
     eu_flagged_max: float | None = None
     sampling: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def groups(self) -> list[Calibration]:
+        """This calibration and, after it, its per-acceleration ones."""
+        return [self, *self.accelerations.values()]
 
     @property
     def scale(self) -> float:
@@ -279,11 +284,12 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                     bins: int = 1, checkpoint_sha256: str = "", levels: Sequence[float] = LEVELS,
                     reference_level: float = 0.9, departures: Sequence[torch.Tensor] = (),
                     accelerations: Sequence[float] = (), acceleration_groups: Sequence[float] = (),
-                    eu: Sequence[torch.Tensor] = ()) -> Calibration:
+                    eu: Sequence[torch.Tensor] = (), sampling: dict[str, int] | None = None) -> Calibration:
     """Split-conformal std scales (see the module docstring) from per-case standardised residuals ``[Z, P]`` and,
     for ``bins > 1``, the cases' per-slice noise levels ``[Z]`` (at most one bin per slice); ``departures``: the
     cases' per-slice :func:`input_departure` ``[Z]`` to keep; ``eu``: the cases' pixels' EU in model units (any
-    shape, e.g. :func:`slice_samples` of :func:`eu_in_model_units`) for :attr:`Calibration.eu_threshold`. With two
+    shape, e.g. :func:`slice_samples` of :func:`eu_in_model_units`) for :attr:`Calibration.eu_threshold`;
+    ``sampling``: how the cases were reconstructed (:attr:`Calibration.sampling`). With two
     or more ``acceleration_groups`` (MRI: the nominal accelerations calibrated on) each case joins the group nearest
     its mask's measured acceleration (``accelerations``, one per case) and every group also gets a calibration of
     its own."""
@@ -292,7 +298,7 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
             raise ValueError(f"{len(acceleration_groups)} acceleration groups need one measured acceleration per "
                              f"case, got {len(accelerations)} for {len(residuals)} cases")
         fitted = fit_calibration(residuals, noise_levels, bins, checkpoint_sha256, levels, reference_level,
-                                 departures, eu=eu)
+                                 departures, eu=eu, sampling=sampling)
         keys = [f"{a:g}" for a in acceleration_groups]
         for key in keys:
             members = [i for i, a in enumerate(accelerations) if _nearest(keys, a) == key]
@@ -302,7 +308,8 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
             fitted.accelerations[key] = group = fit_calibration(
                 [residuals[i] for i in members], None if noise_levels is None else [noise_levels[i] for i in members],
                 bins, checkpoint_sha256, levels, reference_level,
-                [departures[i] for i in members] if departures else (), eu=[eu[i] for i in members] if eu else ())
+                [departures[i] for i in members] if departures else (), eu=[eu[i] for i in members] if eu else (),
+                sampling=sampling)
             group.acceleration = float(key)
         return fitted
     if reference_level not in levels:
@@ -316,7 +323,8 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
         raise ValueError("no residuals to calibrate on (no validation case with a reference?)")
     raw = {str(level): float((r <= central_z(level)).double().mean()) for level in levels}
     calibration = Calibration(scales=_scales(r, levels), n_pixels=r.numel(), n_cases=len(residuals),
-                              checkpoint_sha256=checkpoint_sha256, reference_level=reference_level, raw_coverage=raw)
+                              checkpoint_sha256=checkpoint_sha256, reference_level=reference_level, raw_coverage=raw,
+                              sampling=dict(sampling or {}))
     if eu:
         if len(eu) != len(residuals):
             raise ValueError(f"{len(eu)} cases of EU samples for {len(residuals)} cases of residuals")

@@ -322,22 +322,20 @@ class CalibrationFitter:
             self.residuals.append(residuals)
             self.noise_levels.append(engine.state.output["noise_level"])
             self.departures.append(engine.state.output["departure"])
-            self.eu.append(engine.state.output["eu_samples"].float())
+            self.eu.append(engine.state.output["eu_samples"])
             self.accelerations.append(engine.state.output["acceleration"])
 
     def fit(self, engine: Evaluator | None = None) -> Calibration:
         digest = sha256_file(self.checkpoint) if self.checkpoint and Path(self.checkpoint).is_file() else ""
         calibration = fit_calibration(self.residuals, self.noise_levels, self.bins, checkpoint_sha256=digest,
                                       departures=self.departures, accelerations=self.accelerations,
-                                      acceleration_groups=self.groups, eu=self.eu)
-        for group in [calibration, *calibration.accelerations.values()]:
-            group.sampling = dict(self.sampling)
+                                      acceleration_groups=self.groups, eu=self.eu, sampling=self.sampling)
         calibration.save(self.path)
         logger.info("calibration from %d cases (%d pixels): std scales %s, raw coverage %s -> %s", calibration.n_cases,
                     calibration.n_pixels, {k: round(v, 3) for k, v in calibration.scales.items()},
                     {k: round(v, 3) for k, v in calibration.raw_coverage.items()}, self.path)
         logger.info("calibration: %s", calibration.describe())
-        for group in [calibration, *calibration.accelerations.values()]:
+        for group in calibration.groups:
             logger.info("unfamiliar pixels%s: EU above %.3g model units (the %g quantile of the calibration pixels)",
                         "" if group.acceleration is None else f" at {group.acceleration:g}x", group.eu_threshold,
                         group.eu_level)

@@ -62,9 +62,8 @@ class ReconstructionService:
         self.task = str(self.model.data["task"])
         self.default_steps = int(self.model.parser.get_parsed_content("diffusion#ddim_steps"))
         calibration = self.model.calibration
-        thresholds = [] if calibration is None else [calibration, *calibration.accelerations.values()]
         served = {CALIBRATED: calibration is not None,  # unfamiliar: whichever acceleration a study's mask takes
-                  UNFAMILIAR: bool(thresholds) and all(c.eu_threshold is not None for c in thresholds)}
+                  UNFAMILIAR: calibration is not None and all(c.eu_threshold is not None for c in calibration.groups)}
         self.model_names = {output: name for output, name in MODEL_NAMES.items() if served.get(output, True)}
         """The maps this model serves: MONAI Label model name of each."""
         self.lock = FileLock(str(lock_file))

@@ -86,6 +86,10 @@ def parser() -> argparse.ArgumentParser:
             cmd.add_argument("--min-score", type=float, help="leave out detections scoring below (findings.min_score)")
             cmd.add_argument("--outdir", help="where findings.json/.csv go (findings.output_dir; default the export)")
             cmd.add_argument("--overwrite", action="store_true", help="replace earlier findings (findings.overwrite)")
+        if name == "train":
+            cmd.add_argument("--outdir", help="where model.pt, checkpoints/ and logs/ go (output_dir)")
+            cmd.add_argument("--overwrite", action="store_true",
+                             help="replace another run's model, checkpoints and logs there (training.overwrite)")
         if name in ("infer", "export"):
             cmd.add_argument("--input", help="a volume file, DICOM folder, folder of volumes or datalist JSON "
                                              "(inference.input; default: the test split of data.dataset_dir)")
@@ -112,6 +116,8 @@ def command_overrides(args: argparse.Namespace) -> dict[str, Any]:
         flags.update({f"inference_cfg#{k}": v for k, v in {
             "input": args.input, "input_mode": args.mode, "ckpt": args.ckpt, "M": args.M, "N": args.N,
             "outdir": args.outdir, "overwrite": True if args.overwrite else None}.items()})
+    if args.command == "train":
+        flags.update({"output_dir": args.outdir, "training_cfg#overwrite": True if args.overwrite else None})
     if args.command == "export":
         flags["export_cfg#annotations"] = args.annotations
     if args.command == "findings":

@@ -139,8 +139,8 @@ def output_path(out_dir: str | os.PathLike, stem: str, suffix: str) -> Path:
 
 def overwrite_hint(section: str) -> str:
     """How to replace earlier results of the run whose settings are config ``section`` (``inference``,
-    ``findings``), in each of the ways a run is started."""
-    script = {"inference": "infer"}.get(section, section)
+    ``findings``, ``training``), in each of the ways a run is started."""
+    script = {"inference": "infer", "training": "train"}.get(section, section)
     return (f"pass --overwrite (python scripts/{script}.py), "
             f"--{section}_cfg#overwrite True (python -m monai.bundle run) or overwrite=True (Python), or choose "
             "another output directory")

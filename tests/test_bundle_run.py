@@ -256,6 +256,34 @@ def test_resume_into_another_model_config_names_the_file_the_key_and_both_values
     assert not list((resumed.parts / "other").rglob("*.pt"))
 
 
+def test_training_into_another_runs_folder_is_refused_unless_it_resumes_or_overwrites(resumed, synthetic_dir,
+                                                                                       tmp_path):
+    """A folder holding another run's model.pt (e.g. the shipped bundle/models), checkpoints and TensorBoard logs:
+    a new run is refused before it writes anything, naming the files and the ways out; with overwrite it runs and
+    leaves only its own checkpoints and logs."""
+    out = tmp_path / "models"
+    shutil.copytree(resumed.whole, out)
+    earlier = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert Path("model.pt") in earlier and len(list((out / "logs").glob("events.*"))) == 1
+    common = ["--config_file", TRAIN, "--output_dir", str(out), "--data#synthetic_dir", synthetic_dir, *SMALL_RUN,
+              "--training_cfg#epochs", "1"]
+    refused = bundle("training", *common)
+    assert refused.returncode != 0
+    assert f"refusing to train into {out}: it holds another run's {out / 'model.pt'}" in refused.stderr, \
+        refused.stderr[-3000:]
+    assert "--training_cfg#overwrite True" in refused.stderr and "training_cfg#resume" in refused.stderr
+    script = subprocess.run([sys.executable, "scripts/train.py", "--outdir", str(out), f"data.synthetic_dir="
+                             f"{synthetic_dir}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert script.returncode == 2 and "pass --overwrite (python scripts/train.py)" in script.stderr, script.stderr
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier  # untouched
+    check(bundle("training", *common, "--training_cfg#overwrite", "True"))
+    assert (out / "model.pt").read_bytes() != earlier[Path("model.pt")]  # this run's best model
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["checkpoint_epoch=1.pt",
+                                                                         "checkpoint_final.pt"]
+    assert final_checkpoint(out)["trainer"]["iteration"] == 2
+    assert len(list((out / "logs").glob("events.*"))) == 1 and scalars(out / "logs", "val_psnr")[-1][0] == 1
+
+
 def test_inference_refuses_a_checkpoint_of_another_task_or_size(resumed):
     from hyper_dm.data.validation import BadInputError
     from hyper_dm.inference import HyperDM

@@ -1,6 +1,6 @@
 """Ignite engines and handlers: training, validation/inference, checkpoints, TensorBoard panels, case writing."""
 
-from .checkpoint import AtomicCheckpointSaver, CheckpointLoader, check_config, read_checkpoint
+from .checkpoint import AtomicCheckpointSaver, CheckpointLoader, check_config, claim_training_folder, read_checkpoint
 from .distributed import ReplicaCheck, from_rank0, gather, parameter_digest, rank_and_world, unwrap
 from .evaluator import HyperDiffusionEvaluator
 from .metrics import CalibrationScore, SliceMean
@@ -23,6 +23,7 @@ __all__ = [
     "UncertaintyPanelHandler",
     "SliceMean",
     "check_config",
+    "claim_training_folder",
     "from_rank0",
     "gather",
     "panel_image",

@@ -9,6 +9,7 @@
 - :func:`read_checkpoint`: ``torch.load(weights_only=True)`` whose every failure names the file, and which compares
   the stored config with the current one (:func:`check_config`).
 - :class:`CheckpointLoader`: MONAI's loader reading through :func:`read_checkpoint`.
+- :func:`claim_training_folder`: a run starts only in a folder free of another run's model, checkpoints and logs.
 
 A config record is the plain dict of the values the weights depend on (``checkpoint_config`` in ``common.yaml``:
 task, image size, the model section, the diffusion process); keys are compared flattened to bundle ids
@@ -29,8 +30,10 @@ from monai.handlers import CheckpointLoader as MonaiCheckpointLoader
 from monai.handlers import CheckpointSaver
 
 from ..data.validation import BadInputError
+from ..io import overwrite_hint
+from .distributed import from_rank0
 
-__all__ = ["AtomicCheckpointSaver", "CheckpointLoader", "check_config", "read_checkpoint"]
+__all__ = ["AtomicCheckpointSaver", "CheckpointLoader", "check_config", "claim_training_folder", "read_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -189,3 +192,31 @@ class CheckpointLoader(MonaiCheckpointLoader):
                                                 "epochs of this run; raise training_cfg#epochs to train on")
         engine.state.max_epochs = prior_max_epochs
         self.logger.info(f"Restored all variables from {self.load_path}")
+
+
+def claim_training_folder(output_dir: str | Path, ckpt_dir: str | Path, log_dir: str | Path,
+                          resume: str | None = None, overwrite: bool = False) -> None:
+    """Refuse (``FileExistsError`` naming the files) to start a training run where another run left its outputs:
+    ``model.pt`` in ``output_dir`` (the model inference reads, e.g. the shipped one), checkpoints (``*.pt``) in
+    ``ckpt_dir``, TensorBoard event files in ``log_dir``; a run would replace the model at its first validation and
+    mix its checkpoints and curves with the other run's. A ``resume`` continues its run and may. With ``overwrite``
+    the other run's checkpoints and event files are removed now and its ``model.pt`` is replaced at the new run's
+    first validation. Checked on rank 0 under ``torch.distributed`` (every rank raises if it fails)."""
+    model = Path(output_dir) / "model.pt"
+    def claim() -> None:
+        files = sorted(Path(ckpt_dir).glob("*.pt")) + sorted(Path(log_dir).glob("events.out.tfevents.*"))
+        earlier = [model] * model.is_file() + [p for p in files if p != model]
+        if not earlier or resume:
+            return
+        names = ", ".join(map(str, earlier[:3])) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
+        if not overwrite:
+            raise FileExistsError(f"refusing to train into {output_dir}: it holds another run's {names}; choose "
+                                  "another output folder (--output_dir DIR with python -m monai.bundle run, "
+                                  "--outdir DIR with scripts/train.py), continue that run (training_cfg#resume "
+                                  f"<checkpoint>) or replace it: {overwrite_hint('training')}")
+        for path in earlier[1:] if earlier[0] == model else earlier:
+            path.unlink()
+        logger.warning("training_cfg#overwrite: removed the earlier run's checkpoints and TensorBoard logs in %s; "
+                       "its model.pt, if any, is replaced at this run's first validation", output_dir)
+
+    from_rank0(claim)

@@ -1,7 +1,7 @@
 """Seed-style command line: ``hyper-dm train|infer|export|findings`` (also ``scripts/train.py``, ``scripts/infer.py``,
 ``scripts/export.py``, ``scripts/findings.py``).
 
-    hyper-dm train --config bundle/configs/ct_luna16.yaml training.mode=eu training.lr=1e-4 model.z_dim=16
+    hyper-dm train --config bundle/configs/ct_luna16.yaml --outdir runs/ct_eu training.mode=eu training.lr=1e-4
     hyper-dm infer --config bundle/configs/ct_luna16.yaml --ckpt bundle/models/model.pt --M 10 --N 10 \\
         --outdir results/ct/
     hyper-dm infer --config bundle/configs/ct_luna16.yaml --input my_fbp.nii.gz --mode measured

@@ -34,6 +34,12 @@ lower noise level than a 4x one), so a calibration fitted on several acceleratio
 calibration per acceleration (:attr:`Calibration.accelerations`), each with its own noise bins and departures; a
 case takes the one nearest its own mask's acceleration (:meth:`Calibration.at_acceleration`).
 
+The MRI model reads magnitudes over a scale, the file's fully sampled max (fastMRI's ``max`` attribute). A challenge
+file has no such attribute, and the peak of its zero-filled image is lower (the missing columns blur it), so the
+calibration also keeps :attr:`Calibration.scale_ratio`, the median over its cases of the scale over the one the
+zero-filled image alone gives (:func:`hyper_dm.inference.loading.zero_filled_scales`); inference multiplies the
+zero-filled scale of such a file by it.
+
 Example::
 
     >>> calibration = fit_calibration(residuals, noise_levels, bins=3, departures=departures)  # [Z, P], [Z], [Z]
@@ -137,7 +143,9 @@ class Calibration:
     holding its ``acceleration`` (``None``: fitted on every mask). ``eu_threshold``: the ``eu_level`` quantile of
     the calibration pixels' EU in model units (``None``: not recorded); ``eu_flagged_max``: the largest fraction of
     one calibration case's pixels above it. ``sampling``: the ``M``, ``N`` and DDIM ``steps`` the calibration cases
-    were reconstructed with (empty: not recorded); scales and threshold hold for those.
+    were reconstructed with (empty: not recorded); scales and threshold hold for those. ``scale_ratio``: MRI, the
+    median over the cases of their magnitude scale over their zero-filled image's (``None``: not recorded),
+    ``scale_ratio_range`` the lowest and highest.
     """
 
     scales: dict[str, float]
@@ -157,6 +165,8 @@ class Calibration:
     eu_level: float = UNFAMILIAR_LEVEL
     eu_flagged_max: float | None = None
     sampling: dict[str, int] = field(default_factory=dict)
+    scale_ratio: float | None = None
+    scale_ratio_range: list[float] = field(default_factory=list)
 
     @property
     def groups(self) -> list[Calibration]:
@@ -269,6 +279,9 @@ class Calibration:
         if calibration.eu_threshold is not None and not (calibration.eu_threshold >= 0
                                                          and math.isfinite(calibration.eu_threshold)):
             raise ValueError(f"eu_threshold {calibration.eu_threshold} is not a non-negative number")
+        if calibration.scale_ratio is not None and not (calibration.scale_ratio > 0
+                                                        and math.isfinite(calibration.scale_ratio)):
+            raise ValueError(f"scale_ratio {calibration.scale_ratio} is not a positive number")
         if not 0 < calibration.eu_level < 1:
             raise ValueError(f"eu_level {calibration.eu_level} is not a quantile level between 0 and 1")
         if calibration.noise_departures and len(calibration.noise_departures) != len(calibration.noise_scales):
@@ -284,12 +297,14 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                     bins: int = 1, checkpoint_sha256: str = "", levels: Sequence[float] = LEVELS,
                     reference_level: float = 0.9, departures: Sequence[torch.Tensor] = (),
                     accelerations: Sequence[float] = (), acceleration_groups: Sequence[float] = (),
-                    eu: Sequence[torch.Tensor] = (), sampling: dict[str, int] | None = None) -> Calibration:
+                    eu: Sequence[torch.Tensor] = (), sampling: dict[str, int] | None = None,
+                    scale_ratios: Sequence[float] = ()) -> Calibration:
     """Split-conformal std scales (see the module docstring) from per-case standardised residuals ``[Z, P]`` and,
     for ``bins > 1``, the cases' per-slice noise levels ``[Z]`` (at most one bin per slice); ``departures``: the
     cases' per-slice :func:`input_departure` ``[Z]`` to keep; ``eu``: the cases' pixels' EU in model units (any
     shape, e.g. :func:`slice_samples` of :func:`eu_in_model_units`) for :attr:`Calibration.eu_threshold`;
-    ``sampling``: how the cases were reconstructed (:attr:`Calibration.sampling`). With two
+    ``sampling``: how the cases were reconstructed (:attr:`Calibration.sampling`); ``scale_ratios``: MRI, each
+    case's magnitude scale over its zero-filled image's (:attr:`Calibration.scale_ratio`). With two
     or more ``acceleration_groups`` (MRI: the nominal accelerations calibrated on) each case joins the group nearest
     its mask's measured acceleration (``accelerations``, one per case) and every group also gets a calibration of
     its own."""
@@ -298,7 +313,7 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
             raise ValueError(f"{len(acceleration_groups)} acceleration groups need one measured acceleration per "
                              f"case, got {len(accelerations)} for {len(residuals)} cases")
         fitted = fit_calibration(residuals, noise_levels, bins, checkpoint_sha256, levels, reference_level,
-                                 departures, eu=eu, sampling=sampling)
+                                 departures, eu=eu, sampling=sampling, scale_ratios=scale_ratios)
         keys = [f"{a:g}" for a in acceleration_groups]
         for key in keys:
             members = [i for i, a in enumerate(accelerations) if _nearest(keys, a) == key]
@@ -309,7 +324,7 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                 [residuals[i] for i in members], None if noise_levels is None else [noise_levels[i] for i in members],
                 bins, checkpoint_sha256, levels, reference_level,
                 [departures[i] for i in members] if departures else (), eu=[eu[i] for i in members] if eu else (),
-                sampling=sampling)
+                sampling=sampling, scale_ratios=[scale_ratios[i] for i in members] if scale_ratios else ())
             group.acceleration = float(key)
         return fitted
     if reference_level not in levels:
@@ -332,6 +347,12 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
         threshold = pooled.kthvalue(_conformal_rank(pooled.numel(), calibration.eu_level)).values
         calibration.eu_threshold = float(threshold)
         calibration.eu_flagged_max = max(float((e.float() > threshold).double().mean()) for e in eu)
+    if scale_ratios:
+        if len(scale_ratios) != len(residuals):
+            raise ValueError(f"{len(scale_ratios)} scale ratios for {len(residuals)} cases of residuals")
+        ratios = torch.tensor([float(r) for r in scale_ratios], dtype=torch.float64)
+        calibration.scale_ratio = float(ratios.median())
+        calibration.scale_ratio_range = [float(ratios.min()), float(ratios.max())]
     rounded = lambda d: [float(f"{x:.4g}") for x in d.sort().values.tolist()]  # noqa: E731
     departure = torch.cat([d.double().flatten() for d in departures]) if departures else None
     if departure is not None:

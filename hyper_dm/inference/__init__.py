@@ -6,11 +6,12 @@ Public API::
     load_case(entry, data, mode, img_size) -> loaded case dict        # MONAI readers, MetaTensor geometry
     VolumeReconstructor(network, sampler, img_size, M, N)(cond, gain, offset) -> {mean, eu, au, total}
     HyperDM.from_bundle(...).reconstruct(volume, M=..., N=...)        # one call from Python
+    scale_like_calibration(case, calibration)                         # MRI without a fully sampled max: its scale
     apply_calibration(raw, case, reconstructor, calibration)          # calibrated std + input check of one case
     CaseDataset, VolumeEvaluator, case_entries, case_metrics          # the bundle's inference workflow
 """
 
-from .calibrated import apply_calibration, load_calibration
+from .calibrated import apply_calibration, load_calibration, scale_like_calibration
 from .engine import (
     CalibrationFitter,
     CaseDataset,
@@ -28,5 +29,5 @@ from .reconstructor import OUTPUTS, VolumeReconstructor
 __all__ = [
     "OUTPUTS", "CalibrationFitter", "CaseDataset", "HyperDM", "InputMode", "VolumeEvaluator", "VolumeReconstructor",
     "apply_calibration", "calibration_dataset", "case_entries", "case_metrics", "find_cases", "load_calibration",
-    "load_case", "load_hypernet_state", "run_inference", "to_source_layout",
+    "load_case", "load_hypernet_state", "run_inference", "scale_like_calibration", "to_source_layout",
 ]

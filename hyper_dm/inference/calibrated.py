@@ -18,7 +18,7 @@ from ..calibration import Calibration, input_departure
 from ..io import sha256_file
 from .reconstructor import VolumeReconstructor
 
-__all__ = ["apply_calibration", "load_calibration"]
+__all__ = ["apply_calibration", "load_calibration", "scale_like_calibration"]
 
 logger = logging.getLogger("hyper_dm.inference")
 
@@ -37,6 +37,35 @@ def load_calibration(path: str | Path | None, checkpoint: str | Path | None = No
                        checkpoint)
     logger.info("calibrated std = scale x raw std, from %s: %s", path, calibration.describe())
     return calibration
+
+
+def _mask_acceleration(case: Mapping) -> float | None:
+    """MRI: k-space columns per sampled column of the case's mask; CT: ``None``."""
+    mask = case.get("kspace_mask")
+    return None if mask is None else float(mask.size / max(int(mask.sum()), 1))
+
+
+def scale_like_calibration(case: Mapping, calibration: Calibration | None) -> Mapping:
+    """The case to reconstruct: an MRI case whose magnitude scale came from its zero-filled image alone (a
+    challenge file without ``max``: ``scale_ratio`` is ``None``) gets that scale times the calibration's
+    :attr:`~hyper_dm.calibration.Calibration.scale_ratio` (its ``gain``/``offset`` likewise, and the ratio used as
+    ``scale_ratio_applied``); without one recorded the case is kept and a warning names it. Any other case is
+    returned as it is."""
+    if "scale_ratio" not in case or case["scale_ratio"] is not None:
+        return case
+    name = f"case {case['case_id']}" if "case_id" in case else "the volume"
+    fitted = None if calibration is None else calibration.at_acceleration(_mask_acceleration(case))
+    if fitted is None or fitted.scale_ratio is None:
+        logger.warning("%s: no fully sampled max (fastMRI's 'max' attribute), so the magnitude scale is the "
+                       "zero-filled image's max, lower than the scale the model trained on (the missing columns "
+                       "blur the peak): the input reads brighter than in training and EU and the unfamiliar map read "
+                       "high; a calibration from the 'calibrate' run id records the ratio that corrects it", name)
+        return case
+    ratio = fitted.scale_ratio
+    logger.info("%s: no fully sampled max, so the magnitude scale is the zero-filled image's max times %.3f, the "
+                "calibration's median ratio%s (its cases: %.3f-%.3f)", name, ratio,
+                "" if fitted.acceleration is None else f" at {fitted.acceleration:g}x", *fitted.scale_ratio_range)
+    return {**case, "gain": case["gain"] * ratio, "offset": case["offset"] * ratio, "scale_ratio_applied": ratio}
 
 
 def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor: VolumeReconstructor,
@@ -58,8 +87,7 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
     name = f"case {case['case_id']}" if "case_id" in case else "the volume"
     noise = reconstructor.noise_levels(case["cond"], case["gain"], case["offset"])
     departure = input_departure(case["cond"], raw["mean"], case["gain"])
-    mask = case.get("kspace_mask")
-    acceleration = None if mask is None else float(mask.size / max(int(mask.sum()), 1))
+    acceleration = _mask_acceleration(case)
     applied = {"noise_level": noise, "departure": departure, "acceleration": acceleration}
     if calibration is None:
         return {**applied, "calibration": None, "input_check": None}
@@ -85,6 +113,8 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
     check = calibration.input_check(departure, noise) if calibration.departures else None
     if check is not None and calibration.acceleration is not None:
         check.update(mask_acceleration=round(acceleration, 2), calibration_acceleration=calibration.acceleration)
+    if check is not None and "scale_ratio_applied" in case:
+        check["zero_filled_scale_ratio"] = case["scale_ratio_applied"]
     if calibration.eu_threshold is None:
         logger.info("%s: the calibration holds no EU threshold, so no unfamiliar-pixel map is written (refit it with "
                     "the 'calibrate' run id)", name)

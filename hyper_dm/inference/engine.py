@@ -30,7 +30,7 @@ from ..engines.distributed import from_rank0, gather, rank_and_world
 from ..engines.writer import CaseWriter
 from ..io import safe_stem, sha256_file
 from ..uncertainty import ause, gaussian_coverage, gaussian_crps, psnr, ssim, uce
-from .calibrated import apply_calibration
+from .calibrated import apply_calibration, scale_like_calibration
 from .inputs import case_id_of, find_cases
 from .loading import InputMode, load_case, to_source_layout
 from .reconstructor import VolumeReconstructor, resize_slices
@@ -190,6 +190,7 @@ class VolumeEvaluator(Evaluator):
     def _reconstruct(self, engine: VolumeEvaluator, case: dict) -> dict:
         start = time.perf_counter()
         volume = case["volume"]
+        case = scale_like_calibration(case, self.calibration)
         raw = self.reconstructor.reconstruct_case(case)
         for name, image in raw.items():
             if not torch.isfinite(image).all():
@@ -221,6 +222,8 @@ class VolumeEvaluator(Evaluator):
         engine.state.output = {"case_id": case["case_id"], "metrics": metrics, "preview": preview, "seconds": seconds,
                                "residuals": residuals, "eu_samples": eu_samples, "noise_level": noise,
                                "departure": checks["departure"], "acceleration": checks["acceleration"],
+                               "scale_ratio": None if case.get("scale_ratio") is None
+                               else float(case["scale_ratio"].median()),
                                "input_check": input_check,
                                "volumes": {name: to_source_layout(image, volume) for name, image in raw.items()}}
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # runs `postprocessing` on engine.state.output
@@ -311,6 +314,7 @@ class CalibrationFitter:
         self.departures: list[torch.Tensor] = []
         self.eu: list[torch.Tensor] = []
         self.accelerations: list[float] = []
+        self.scale_ratios: list[float] = []
 
     def attach(self, engine: Evaluator) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
@@ -324,12 +328,16 @@ class CalibrationFitter:
             self.departures.append(engine.state.output["departure"])
             self.eu.append(engine.state.output["eu_samples"])
             self.accelerations.append(engine.state.output["acceleration"])
+            if engine.state.output["scale_ratio"] is not None:
+                self.scale_ratios.append(engine.state.output["scale_ratio"])
 
     def fit(self, engine: Evaluator | None = None) -> Calibration:
         digest = sha256_file(self.checkpoint) if self.checkpoint and Path(self.checkpoint).is_file() else ""
         calibration = fit_calibration(self.residuals, self.noise_levels, self.bins, checkpoint_sha256=digest,
                                       departures=self.departures, accelerations=self.accelerations,
-                                      acceleration_groups=self.groups, eu=self.eu, sampling=self.sampling)
+                                      acceleration_groups=self.groups, eu=self.eu, sampling=self.sampling,
+                                      scale_ratios=self.scale_ratios if len(self.scale_ratios) == len(self.residuals)
+                                      else ())
         calibration.save(self.path)
         logger.info("calibration from %d cases (%d pixels): std scales %s, raw coverage %s -> %s", calibration.n_cases,
                     calibration.n_pixels, {k: round(v, 3) for k, v in calibration.scales.items()},

@@ -29,9 +29,9 @@ from ..data.intensity import physical_map
 from ..data.validation import BadInputError
 from ..engines.checkpoint import read_checkpoint
 from ..io import safe_stem
-from .calibrated import apply_calibration, load_calibration
+from .calibrated import apply_calibration, load_calibration, scale_like_calibration
 from .inputs import case_id_of
-from .loading import InputMode, load_case, to_source_layout
+from .loading import InputMode, load_case, to_source_layout, zero_filled_scales
 from .reconstructor import VolumeReconstructor
 
 __all__ = ["HyperDM", "load_hypernet_state"]
@@ -115,6 +115,7 @@ class HyperDM:
             case = load_case(entry, self.data, InputMode.parse(mode), int(self.data["img_size"]))
         else:
             case = self._case_from_tensor(volume)
+        case = scale_like_calibration(case, self.calibration)
         reconstructor = self.reconstructor(M, N, steps, seed)
         raw = reconstructor.reconstruct_case(case)
         input_check = apply_calibration(raw, case, reconstructor, self.calibration)["input_check"]
@@ -130,7 +131,9 @@ class HyperDM:
         if self.data["task"] == "ct":
             gain, offset = physical_map("ct", self.data["hu_window"])
             cond = volume.as_tensor().float().clamp(*self.data["hu_window"])
-        else:
-            gain, offset = physical_map("mri", self.data["hu_window"], float(volume.max()) or 1.0)
-            cond = volume.as_tensor().float()
-        return {"volume": volume, "cond": cond, "gain": torch.full((z,), gain), "offset": torch.full((z,), offset)}
+            return {"volume": volume, "cond": cond, "gain": torch.full((z,), gain), "offset": torch.full((z,), offset)}
+        cond = volume.as_tensor().float()
+        scales = zero_filled_scales(cond[0].permute(2, 0, 1).numpy(), self.data["mri_norm"])
+        gains = torch.tensor([physical_map("mri", self.data["hu_window"], float(s)) for s in scales])
+        return {"volume": volume, "cond": cond, "gain": gains[:, 0].float(), "offset": gains[:, 1].float(),
+                "scale_ratio": None}  # the scale of the condition alone

@@ -57,12 +57,12 @@ def scale_like_calibration(case: Mapping, calibration: Calibration | None) -> Ma
     fitted = None if calibration is None else calibration.at_acceleration(_mask_acceleration(case))
     if fitted is None or fitted.scale_ratio is None:
         logger.warning("%s: no fully sampled max (fastMRI's 'max' attribute), so the magnitude scale is the "
-                       "zero-filled image's max, lower than the scale the model trained on (the missing columns "
-                       "blur the peak): the input reads brighter than in training and EU and the unfamiliar map read "
-                       "high; a calibration from the 'calibrate' run id records the ratio that corrects it", name)
+                       "zero-filled image's peak, lower than the scale the model trained on (the missing columns "
+                       "blur it): the input reads brighter than in training and EU and the unfamiliar map read high; "
+                       "a calibration from the 'calibrate' run id records the ratio that corrects it", name)
         return case
     ratio = fitted.scale_ratio
-    logger.info("%s: no fully sampled max, so the magnitude scale is the zero-filled image's max times %.3f, the "
+    logger.info("%s: no fully sampled max, so the magnitude scale is the zero-filled image's peak times %.3f, the "
                 "calibration's median ratio%s (its cases: %.3f-%.3f)", name, ratio,
                 "" if fitted.acceleration is None else f" at {fitted.acceleration:g}x", *fitted.scale_ratio_range)
     return {**case, "gain": case["gain"] * ratio, "offset": case["offset"] * ratio, "scale_ratio_applied": ratio}

@@ -1,4 +1,5 @@
-"""Output files: atomic writes, file stems that stay inside the output directory, no silent overwrites.
+"""Output files: atomic writes, file stems that stay inside the output directory, no silent overwrites, one run
+per output folder.
 
 Example::
 
@@ -11,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -20,8 +22,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = [
-    "atomic_write", "check_no_overwrite", "file_stem", "output_path", "overwrite_hint", "safe_stem", "sha256_file",
+    "atomic_write", "check_no_overwrite", "file_stem", "lock_folder", "output_path", "overwrite_hint", "safe_stem",
+    "sha256_file",
 ]
+
+LOCK_NAME = ".hyper_dm.lock"
 
 _MAX_STEM = 200  # leaves room for the longest suffix within the 255-byte file-name limit
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
@@ -156,3 +161,24 @@ def check_no_overwrite(paths: Iterable[str | os.PathLike], overwrite: bool, sect
         names = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
         raise FileExistsError(f"refusing to overwrite earlier results: {names} already exist(s); "
                               f"{overwrite_hint(section)}")
+
+
+def lock_folder(folder: str | os.PathLike) -> tuple[int, str]:
+    """Take the exclusive lock of ``folder`` (created if needed) for this run: ``flock`` on its ``.hyper_dm.lock``,
+    into which the run's record ``"<pid> <token>"`` is written. Returns the open file descriptor (the lock lasts
+    while it is open; the operating system releases it when the process ends, even killed) and the record.
+    ``FileExistsError`` names the process of another run holding it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = (os.pread(fd, 128, 0).decode(errors="replace").split() or ["?"])[0]
+        os.close(fd)
+        raise FileExistsError(f"another run (process {holder}) is writing into {folder}; wait for it to finish or "
+                              "choose another output folder") from None
+    run = f"{os.getpid()} {secrets.token_hex(8)}"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{run}\n".encode(), 0)
+    return fd, run

@@ -21,6 +21,8 @@ import SimpleITK as sitk
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from hyper_dm.io import lock_folder
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = "['bundle/configs/common.yaml','bundle/configs/train.yaml']"
 INFER = "['bundle/configs/common.yaml','bundle/configs/inference.yaml']"
@@ -263,7 +265,9 @@ def test_training_into_another_runs_folder_is_refused_unless_it_resumes_or_overw
     leaves only its own checkpoints and logs."""
     out = tmp_path / "models"
     shutil.copytree(resumed.whole, out)
-    earlier = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    files = lambda: {p.relative_to(out): p.read_bytes() for p in out.rglob("*")  # noqa: E731
+                     if p.is_file() and p.name != ".hyper_dm.lock"}  # the lock records the last run to take it
+    earlier = files()
     assert Path("model.pt") in earlier and len(list((out / "logs").glob("events.*"))) == 1
     common = ["--config_file", TRAIN, "--output_dir", str(out), "--data#synthetic_dir", synthetic_dir, *SMALL_RUN,
               "--training_cfg#epochs", "1"]
@@ -275,13 +279,21 @@ def test_training_into_another_runs_folder_is_refused_unless_it_resumes_or_overw
     script = subprocess.run([sys.executable, "scripts/train.py", "--outdir", str(out), f"data.synthetic_dir="
                              f"{synthetic_dir}"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert script.returncode == 2 and "pass --overwrite (python scripts/train.py)" in script.stderr, script.stderr
-    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier  # untouched
+    assert files() == earlier  # untouched
     check(bundle("training", *common, "--training_cfg#overwrite", "True"))
     assert (out / "model.pt").read_bytes() != earlier[Path("model.pt")]  # this run's best model
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["checkpoint_epoch=1.pt",
                                                                          "checkpoint_final.pt"]
     assert final_checkpoint(out)["trainer"]["iteration"] == 2
     assert len(list((out / "logs").glob("events.*"))) == 1 and scalars(out / "logs", "val_psnr")[-1][0] == 1
+    fresh = tmp_path / "fresh"  # an empty folder another run holds (its lock): refused too, nothing written
+    fd, _ = lock_folder(fresh)
+    try:
+        busy = bundle("training", *common[:2], "--output_dir", str(fresh), *common[4:])
+    finally:
+        os.close(fd)
+    assert busy.returncode != 0 and f"another run (process {os.getpid()}) is writing into {fresh}" in busy.stderr
+    assert sorted(p.name for p in fresh.iterdir()) == [".hyper_dm.lock"]
 
 
 def test_inference_refuses_a_checkpoint_of_another_task_or_size(resumed):

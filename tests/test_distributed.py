@@ -129,5 +129,5 @@ def test_sharded_inference_writes_every_case_once_and_refuses_another_run(tmp_pa
         holder.kill()
         holder.wait()
     assert refused.returncode != 0
-    assert f"another inference run (process {holder.pid})" in refused.stdout + refused.stderr
+    assert f"another run (process {holder.pid})" in refused.stdout + refused.stderr
     assert "rank 0 failed, so rank 1 stops too" in refused.stdout + refused.stderr

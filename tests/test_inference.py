@@ -357,7 +357,7 @@ def test_one_run_at_a_time_per_output_folder_and_a_killed_run_frees_it(tmp_path)
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(FileExistsError, match=f"another inference run \\(process {holder.pid}\\)"):
+        with pytest.raises(FileExistsError, match=f"another run \\(process {holder.pid}\\)"):
             CaseWriter(tmp_path).pending(["a"])
     finally:
         holder.kill()  # SIGKILL: no clean-up code runs

@@ -30,7 +30,7 @@ from monai.handlers import CheckpointLoader as MonaiCheckpointLoader
 from monai.handlers import CheckpointSaver
 
 from ..data.validation import BadInputError
-from ..io import overwrite_hint
+from ..io import lock_folder, overwrite_hint
 from .distributed import from_rank0
 
 __all__ = ["AtomicCheckpointSaver", "CheckpointLoader", "check_config", "claim_training_folder", "read_checkpoint"]
@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "config"  # the checkpoint entry holding the config record
 ADDED_KEYS = {"model#noise_level_input": False}  # record keys added later: what a record without them was written with
+_HELD: list[int] = []  # descriptors of the training folders' locks this process holds
 
 
 class _AtomicDiskSaver(DiskSaver):
@@ -199,11 +200,14 @@ def claim_training_folder(output_dir: str | Path, ckpt_dir: str | Path, log_dir:
     """Refuse (``FileExistsError`` naming the files) to start a training run where another run left its outputs:
     ``model.pt`` in ``output_dir`` (the model inference reads, e.g. the shipped one), checkpoints (``*.pt``) in
     ``ckpt_dir``, TensorBoard event files in ``log_dir``; a run would replace the model at its first validation and
-    mix its checkpoints and curves with the other run's. A ``resume`` continues its run and may. With ``overwrite``
+    mix its checkpoints and curves with the other run's. A ``resume`` continues its run and may. The folder's lock
+    (:func:`~hyper_dm.io.lock_folder`) is held until the process ends, so a second run started meanwhile is refused
+    too. With ``overwrite``
     the other run's checkpoints and event files are removed now and its ``model.pt`` is replaced at the new run's
     first validation. Checked on rank 0 under ``torch.distributed`` (every rank raises if it fails)."""
     model = Path(output_dir) / "model.pt"
     def claim() -> None:
+        _HELD.append(lock_folder(output_dir)[0])  # held while this process runs (the OS releases it)
         files = sorted(Path(ckpt_dir).glob("*.pt")) + sorted(Path(log_dir).glob("events.out.tfevents.*"))
         earlier = [model] * model.is_file() + [p for p in files if p != model]
         if not earlier or resume:

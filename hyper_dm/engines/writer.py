@@ -35,7 +35,6 @@ the other ranks check that record (a rank of another run finds another token and
 from __future__ import annotations
 
 import csv
-import fcntl
 import json
 import logging
 import math
@@ -54,7 +53,7 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor, NibabelWriter
 
 from .. import __version__
-from ..io import atomic_write, output_path, overwrite_hint, safe_stem, sha256_file
+from ..io import LOCK_NAME, atomic_write, lock_folder, output_path, overwrite_hint, safe_stem, sha256_file
 from .distributed import from_rank0, rank_and_world
 from .previews import write_preview
 
@@ -117,6 +116,7 @@ class CaseWriter:
         """Where the volume ``name`` (``mean``, ``eu``, ...) of ``case_id`` is (or will be) written."""
         stem = safe_stem(case_id)
         return self.case_dir(case_id) / f"{stem}{self.suffixes[name]}.nii.gz"
+
     def lock(self) -> None:
         """Take the folder's exclusive lock for this run (once); another run holding it is an error. The holder
         removes the staging folders of writers that are no longer running (a killed run).
@@ -130,7 +130,7 @@ class CaseWriter:
         run = from_rank0(self._take_lock)  # "<pid> <token>", as written into the lock file
         if rank == 0:
             return
-        path = self.output_dir / ".hyper_dm.lock"
+        path = self.output_dir / LOCK_NAME
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -144,21 +144,8 @@ class CaseWriter:
         self._lock_fd = fd
 
     def _take_lock(self) -> str:
-        """Lock ``.hyper_dm.lock`` (``flock``, exclusive), write ``"<pid> <run token>"`` into it and return that."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.output_dir / ".hyper_dm.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = (os.pread(fd, 128, 0).decode(errors="replace").split() or ["?"])[0]
-            os.close(fd)
-            raise FileExistsError(f"another inference run (process {holder}) is writing into {self.output_dir}; "
-                                  "wait for it to finish or choose another output folder") from None
-        run = f"{os.getpid()} {secrets.token_hex(8)}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{run}\n".encode(), 0)
-        self._lock_fd = fd
+        """:func:`~hyper_dm.io.lock_folder` of the output folder; returns the run's record."""
+        self._lock_fd, run = lock_folder(self.output_dir)
         for stage in self.output_dir.glob(".*.partial-*"):
             if not _writer_alive(stage):
                 shutil.rmtree(stage, ignore_errors=True)

@@ -200,24 +200,25 @@ def claim_training_folder(output_dir: str | Path, ckpt_dir: str | Path, log_dir:
     """Refuse (``FileExistsError`` naming the files) to start a training run where another run left its outputs:
     ``model.pt`` in ``output_dir`` (the model inference reads, e.g. the shipped one), checkpoints (``*.pt``) in
     ``ckpt_dir``, TensorBoard event files in ``log_dir``; a run would replace the model at its first validation and
-    mix its checkpoints and curves with the other run's. A ``resume`` continues its run and may. The folder's lock
-    (:func:`~hyper_dm.io.lock_folder`) is held until the process ends, so a second run started meanwhile is refused
-    too. With ``overwrite``
-    the other run's checkpoints and event files are removed now and its ``model.pt`` is replaced at the new run's
-    first validation. Checked on rank 0 under ``torch.distributed`` (every rank raises if it fails)."""
+    mix its checkpoints and curves with the other run's. A ``resume`` continues its run and may. Then the folder's
+    lock (:func:`~hyper_dm.io.lock_folder`) is taken and held until the process ends, so a second run started
+    meanwhile is refused too; with ``overwrite`` the other run's checkpoints and event files are removed after it,
+    and its ``model.pt`` is replaced at the new run's first validation. Checked on rank 0 under
+    ``torch.distributed`` (every rank raises if it fails)."""
     model = Path(output_dir) / "model.pt"
+
     def claim() -> None:
-        _HELD.append(lock_folder(output_dir)[0])  # held while this process runs (the OS releases it)
         files = sorted(Path(ckpt_dir).glob("*.pt")) + sorted(Path(log_dir).glob("events.out.tfevents.*"))
-        earlier = [model] * model.is_file() + [p for p in files if p != model]
-        if not earlier or resume:
-            return
-        names = ", ".join(map(str, earlier[:3])) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
-        if not overwrite:
+        earlier = [] if resume else [model] * model.is_file() + [p for p in files if p != model]
+        if earlier and not overwrite:
+            names = ", ".join(map(str, earlier[:3])) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
             raise FileExistsError(f"refusing to train into {output_dir}: it holds another run's {names}; choose "
                                   "another output folder (--output_dir DIR with python -m monai.bundle run, "
                                   "--outdir DIR with scripts/train.py), continue that run (training_cfg#resume "
                                   f"<checkpoint>) or replace it: {overwrite_hint('training')}")
+        _HELD.append(lock_folder(output_dir)[0])  # held while this process runs (the OS releases it)
+        if not earlier:
+            return
         for path in earlier[1:] if earlier[0] == model else earlier:
             path.unlink()
         logger.warning("training_cfg#overwrite: removed the earlier run's checkpoints and TensorBoard logs in %s; "

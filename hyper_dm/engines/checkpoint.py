@@ -219,8 +219,9 @@ def claim_training_folder(output_dir: str | Path, ckpt_dir: str | Path, log_dir:
         _HELD.append(lock_folder(output_dir)[0])  # held while this process runs (the OS releases it)
         if not earlier:
             return
-        for path in earlier[1:] if earlier[0] == model else earlier:
-            path.unlink()
+        for path in earlier:
+            if path != model:  # replaced at this run's first validation, not before
+                path.unlink()
         logger.warning("training_cfg#overwrite: removed the earlier run's checkpoints and TensorBoard logs in %s; "
                        "its model.pt, if any, is replaced at this run's first validation", output_dir)
 

@@ -86,3 +86,24 @@ def test_check_no_overwrite(tmp_path):
     hint = r"--overwrite \(python scripts/findings\.py\), --findings_cfg#overwrite True"
     with pytest.raises(FileExistsError, match=r"c_mean\.nii\.gz.*" + hint):
         check_no_overwrite([fresh, existing], overwrite=False, section="findings")
+
+
+def test_a_training_folder_is_claimed_once_per_process_and_refused_to_another(tmp_path):
+    """A later run in the same process (a notebook cell run again) keeps the lock it holds; another process is
+    refused while it is held; and the same process still may not train over a run's model.pt."""
+    import subprocess
+    import sys
+
+    from hyper_dm.engines import claim_training_folder
+
+    out = tmp_path / "runs"
+    parts = (out, out / "checkpoints", out / "logs")
+    claim_training_folder(*parts)
+    claim_training_folder(*parts)  # again in this process: no "another run (process <own pid>)"
+    other = subprocess.run([sys.executable, "-c", "import sys; from hyper_dm.engines import claim_training_folder;"
+                            " claim_training_folder(*sys.argv[1:])", *map(str, parts)], capture_output=True, text=True)
+    assert other.returncode != 0
+    assert f"another run (process {os.getpid()}) is writing into {out.resolve()}" in other.stderr, other.stderr
+    (out / "model.pt").write_bytes(b"a finished run's model")
+    with pytest.raises(FileExistsError, match="holds another run's"):
+        claim_training_folder(*parts)

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "config"  # the checkpoint entry holding the config record
 ADDED_KEYS = {"model#noise_level_input": False}  # record keys added later: what a record without them was written with
-_HELD: list[int] = []  # descriptors of the training folders' locks this process holds
+_HELD: dict[Path, int] = {}  # the training folders whose locks this process holds, with their descriptors
 
 
 class _AtomicDiskSaver(DiskSaver):
@@ -202,9 +202,10 @@ def claim_training_folder(output_dir: str | Path, ckpt_dir: str | Path, log_dir:
     ``ckpt_dir``, TensorBoard event files in ``log_dir``; a run would replace the model at its first validation and
     mix its checkpoints and curves with the other run's. A ``resume`` continues its run and may. Then the folder's
     lock (:func:`~hyper_dm.io.lock_folder`) is taken and held until the process ends, so a second run started
-    meanwhile is refused too; with ``overwrite`` the other run's checkpoints and event files are removed after it,
-    and its ``model.pt`` is replaced at the new run's first validation. Checked on rank 0 under
-    ``torch.distributed`` (every rank raises if it fails)."""
+    meanwhile is refused too (a later run in the same process, e.g. a notebook's, keeps the lock it holds); with
+    ``overwrite`` the other run's checkpoints and event files are removed after it, and its ``model.pt`` is replaced
+    at the new run's first validation. Checked on rank 0 under ``torch.distributed`` (every rank raises if it
+    fails)."""
     model = Path(output_dir) / "model.pt"
 
     def claim() -> None:
@@ -216,7 +217,9 @@ def claim_training_folder(output_dir: str | Path, ckpt_dir: str | Path, log_dir:
                                   "another output folder (--output_dir DIR with python -m monai.bundle run, "
                                   "--outdir DIR with scripts/train.py), continue that run (training_cfg#resume "
                                   f"<checkpoint>) or replace it: {overwrite_hint('training')}")
-        _HELD.append(lock_folder(output_dir)[0])  # held while this process runs (the OS releases it)
+        folder = Path(output_dir).resolve()
+        if folder not in _HELD:
+            _HELD[folder] = lock_folder(folder)[0]  # held while this process runs (the OS releases it)
         if not earlier:
             return
         for path in earlier:

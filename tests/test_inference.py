@@ -7,6 +7,7 @@ The bundle run is a subprocess exactly as users type it.
 import hashlib
 import json
 import locale
+import logging
 import math
 import os
 import subprocess
@@ -133,15 +134,19 @@ def test_calibration_covers_each_fbp_pitch_asked_for(luna):
         calibration_dataset(data, [1e5], fbp_pitches=["native"])
 
 
-def test_calibration_covers_each_mri_acceleration_asked_for(tmp_path):
+def test_calibration_covers_each_mri_acceleration_asked_for(tmp_path, caplog):
     """``inference_cfg#calibration_accelerations``: the validation files once per k-space noise level and fastMRI
     mask (4x with an 8% centre, 8x with 4%): the 8x cases see half the columns; another acceleration gets the
-    centre fastMRI's pairs imply (0.32 / acceleration), and one of 1 or less is refused naming the key."""
+    centre fastMRI's pairs imply (0.32 / acceleration), and one of 1 or less is refused naming the key. A
+    validation split of one file is used with a warning that the calibration then describes one patient."""
     from hyper_dm.inference import calibration_dataset
 
     write_fastmri_knee_like(tmp_path, n_files=3, seed=4, n_slices=(2, 2))
     data = resolve_data_config({"task": "mri", "dataset_dir": str(tmp_path), "img_size": 32})
-    both = calibration_dataset(data, [0.0, 0.1], accelerations=[4, 8])
+    with caplog.at_level(logging.WARNING, logger="hyper_dm.inference"):
+        both = calibration_dataset(data, [0.0, 0.1], accelerations=[4, 8])
+    assert f"calibrating on 1 validation case(s) of {tmp_path}" in caplog.text
+    assert "describe one patient; list at least 3" in caplog.text
     assert len(both) == 2 * len(calibration_dataset(data, [0.0, 0.1])) > 0
     ids = [d.data[0]["case_id"] for d in both.datasets]
     assert ids[0].endswith("_kspace_noise0_4x") and ids[-1].endswith("_kspace_noise0.1_8x"), ids

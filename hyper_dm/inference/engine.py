@@ -23,7 +23,7 @@ from monai.engines.utils import IterationEvents
 from torch.utils.data import ConcatDataset
 
 from ..calibration import LEVELS, Calibration, eu_in_model_units, fit_calibration, slice_samples, standardised_residuals
-from ..data.config import MEASUREMENT_NOISE, fastmri_center_fraction, resolve_data_config
+from ..data.config import MEASUREMENT_NOISE, dataset_root, fastmri_center_fraction, resolve_data_config
 from ..data.datasets import split_cases
 from ..data.validation import BadFileLog, BadInputError
 from ..engines.distributed import from_rank0, gather, rank_and_world
@@ -40,6 +40,7 @@ __all__ = ["CalibrationFitter", "CaseDataset", "VolumeEvaluator", "calibration_d
 
 logger = logging.getLogger("hyper_dm.inference")
 
+FEW_CALIBRATION_CASES = 3  # fewer validation cases than this: the calibration describes too few patients
 _METRIC_PIXELS = 1 << 21  # AUSE / UCE on at most this many pixels (a fixed stride), the rest on all
 
 
@@ -290,6 +291,11 @@ def calibration_dataset(data: Mapping, noise_levels: Sequence[float], on_bad_fil
             raise ValueError(f"inference_cfg#calibration_accelerations: {e}") from e
     named = len(measurements) > 1  # one measurement: no suffix
     cases = split_cases(data, "validation")
+    if len(cases) < FEW_CALIBRATION_CASES:
+        logger.warning("calibrating on %d validation case(s) of %s: the scales, the EU threshold and the input check's "
+                       "references then describe %s; list at least %d in the datalist's validation split",
+                       len(cases), dataset_root(data), "one patient" if len(cases) == 1 else "few patients",
+                       FEW_CALIBRATION_CASES)
     return ConcatDataset([
         CaseDataset([{"image": c["image"], "case_id": f"{c['case_id']}_{key}{level:g}{suffix if named else ''}"}
                      for c in cases],

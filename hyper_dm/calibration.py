@@ -36,7 +36,7 @@ case takes the one nearest its own mask's acceleration (:meth:`Calibration.at_ac
 
 The MRI model reads magnitudes over a scale, the file's fully sampled max (fastMRI's ``max`` attribute). A challenge
 file has no such attribute, and the peak of its zero-filled image is lower (the missing columns blur it), so the
-calibration also keeps :attr:`Calibration.scale_ratio`, the median over its cases of the scale over the one the
+calibration also keeps :attr:`Calibration.scale_ratio`, the median over many cases of the scale over the one the
 zero-filled image alone gives (:func:`hyper_dm.inference.loading.zero_filled_scales`); inference multiplies the
 zero-filled scale of such a file by it.
 
@@ -144,7 +144,8 @@ class Calibration:
     the calibration pixels' EU in model units (``None``: not recorded); ``eu_flagged_max``: the largest fraction of
     one calibration case's pixels above it. ``sampling``: the ``M``, ``N`` and DDIM ``steps`` the calibration cases
     were reconstructed with (empty: not recorded); scales and threshold hold for those. ``scale_ratio``: MRI, the
-    median over the cases of their magnitude scale over their zero-filled image's (``None``: not recorded),
+    median over the cases measured for it (:func:`hyper_dm.inference.scale_ratio_cases`: files of the training and
+    validation splits) of their magnitude scale over their zero-filled image's (``None``: not recorded),
     ``scale_ratio_range`` the lowest and highest.
     """
 
@@ -303,8 +304,9 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
     for ``bins > 1``, the cases' per-slice noise levels ``[Z]`` (at most one bin per slice); ``departures``: the
     cases' per-slice :func:`input_departure` ``[Z]`` to keep; ``eu``: the cases' pixels' EU in model units (any
     shape, e.g. :func:`slice_samples` of :func:`eu_in_model_units`) for :attr:`Calibration.eu_threshold`;
-    ``sampling``: how the cases were reconstructed (:attr:`Calibration.sampling`); ``scale_ratios``: MRI, each
-    case's magnitude scale over its zero-filled image's (:attr:`Calibration.scale_ratio`). With two
+    ``sampling``: how the cases were reconstructed (:attr:`Calibration.sampling`); ``scale_ratios``: MRI,
+    ``(mask acceleration, magnitude scale over the zero-filled image's)`` of each case measured for
+    :attr:`Calibration.scale_ratio` (any cases: it needs no reconstruction). With two
     or more ``acceleration_groups`` (MRI: the nominal accelerations calibrated on) each case joins the group nearest
     its mask's measured acceleration (``accelerations``, one per case) and every group also gets a calibration of
     its own."""
@@ -324,7 +326,7 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                 [residuals[i] for i in members], None if noise_levels is None else [noise_levels[i] for i in members],
                 bins, checkpoint_sha256, levels, reference_level,
                 [departures[i] for i in members] if departures else (), eu=[eu[i] for i in members] if eu else (),
-                sampling=sampling, scale_ratios=[scale_ratios[i] for i in members] if scale_ratios else ())
+                sampling=sampling, scale_ratios=[r for r in scale_ratios if _nearest(keys, r[0]) == key])
             group.acceleration = float(key)
         return fitted
     if reference_level not in levels:
@@ -348,9 +350,7 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
         calibration.eu_threshold = float(threshold)
         calibration.eu_flagged_max = max(float((e.float() > threshold).double().mean()) for e in eu)
     if scale_ratios:
-        if len(scale_ratios) != len(residuals):
-            raise ValueError(f"{len(scale_ratios)} scale ratios for {len(residuals)} cases of residuals")
-        ratios = torch.tensor([float(r) for r in scale_ratios], dtype=torch.float64)
+        ratios = torch.tensor([float(r) for _, r in scale_ratios], dtype=torch.float64)
         calibration.scale_ratio = float(ratios.median())
         calibration.scale_ratio_range = [float(ratios.min()), float(ratios.max())]
     rounded = lambda d: [float(f"{x:.4g}") for x in d.sort().values.tolist()]  # noqa: E731

@@ -255,14 +255,14 @@ def test_a_knee_file_without_its_max_takes_the_scale_ratio_the_calibration_measu
 
     residuals = [torch.rand(2, 64)] * 3
     calibration = fit_calibration(residuals, accelerations=[4.1, 3.9, 8.2], acceleration_groups=[4, 8],
-                                  scale_ratios=[ratio, 1.1, 1.3])
+                                  scale_ratios=[(4.1, ratio), (3.9, 1.1), (8.2, 1.3)])
     loaded = Calibration.load(calibration.save(tmp_path / "calibration.json"))
     four = loaded.at_acceleration(4.0)
     assert four.scale_ratio == pytest.approx(min(ratio, 1.1))  # the lower middle of two
     assert four.scale_ratio_range == pytest.approx(sorted([1.1, ratio]))
     assert loaded.accelerations["8"].scale_ratio == pytest.approx(1.3)
     assert loaded.scale_ratio == pytest.approx(sorted([ratio, 1.1, 1.3])[1])
-    exact = fit_calibration(residuals[:1], scale_ratios=[ratio])  # a calibration that saw this very mask
+    exact = fit_calibration(residuals[:1], scale_ratios=[(4.0, ratio)])  # a calibration that saw this very mask
     rescaled = scale_like_calibration(measured, exact)
     torch.testing.assert_close(rescaled["gain"], known["gain"], rtol=1e-6, atol=0)
     torch.testing.assert_close(rescaled["offset"], known["offset"], rtol=1e-6, atol=0)
@@ -275,8 +275,17 @@ def test_a_knee_file_without_its_max_takes_the_scale_ratio_the_calibration_measu
     (tmp_path / "bad.json").write_text(json.dumps({**content, "scale_ratio": -1.0}))
     with pytest.raises(ValueError, match=r"bad.json.*scale_ratio -1.0 is not a positive number"):
         Calibration.load(tmp_path / "bad.json")
-    with pytest.raises(ValueError, match="2 scale ratios for 3 cases"):
-        fit_calibration(residuals, scale_ratios=[1.1, 1.2])
+    # calibrate measures the ratio on the training and validation files (no reconstruction), many more than it
+    # reconstructs: here each of the 4 files at two k-space noise levels and two masks
+    from hyper_dm.inference import scale_ratio_cases
+
+    root = tmp_path / "set"
+    write_fastmri_knee_like(root, n_files=4, seed=5, n_slices=(2, 2))  # 2 training files, 1 validation, 1 test
+    cases = scale_ratio_cases({**data, "dataset_dir": str(root)}, [0.0, 0.1], [4, 8])
+    assert len(cases) == 3 * 2 * 2, cases
+    assert all(1.05 < r < 1.6 for _, r in cases) and sum(a < 4 * 2**0.5 for a, _ in cases) == 6, cases  # 4x, 8x
+    assert scale_ratio_cases({**data, "dataset_dir": str(root)}, [0.0], [4], max_files=2).__len__() == 2
+    assert scale_ratio_cases({"task": "ct"}, [1e5]) == []
 
 
 def test_reconstructor_returns_the_source_grid_and_the_exact_decomposition(checkpoint):

@@ -9,6 +9,7 @@ Public API::
     scale_like_calibration(case, calibration)                         # MRI without a fully sampled max: its scale
     apply_calibration(raw, case, reconstructor, calibration)          # calibrated std + input check of one case
     CaseDataset, VolumeEvaluator, case_entries, case_metrics          # the bundle's inference workflow
+    calibration_dataset, CalibrationFitter, scale_ratio_cases         # its 'calibrate' run id
 """
 
 from .calibrated import apply_calibration, load_calibration, scale_like_calibration
@@ -20,6 +21,7 @@ from .engine import (
     case_entries,
     case_metrics,
     run_inference,
+    scale_ratio_cases,
 )
 from .inputs import find_cases
 from .loading import InputMode, load_case, to_source_layout
@@ -29,5 +31,6 @@ from .reconstructor import OUTPUTS, VolumeReconstructor
 __all__ = [
     "OUTPUTS", "CalibrationFitter", "CaseDataset", "HyperDM", "InputMode", "VolumeEvaluator", "VolumeReconstructor",
     "apply_calibration", "calibration_dataset", "case_entries", "case_metrics", "find_cases", "load_calibration",
-    "load_case", "load_hypernet_state", "run_inference", "scale_like_calibration", "to_source_layout",
+    "load_case", "load_hypernet_state", "run_inference", "scale_like_calibration", "scale_ratio_cases",
+    "to_source_layout",
 ]

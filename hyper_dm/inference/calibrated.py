@@ -18,7 +18,7 @@ from ..calibration import Calibration, input_departure
 from ..io import sha256_file
 from .reconstructor import VolumeReconstructor
 
-__all__ = ["apply_calibration", "load_calibration", "scale_like_calibration"]
+__all__ = ["apply_calibration", "load_calibration", "mask_acceleration", "scale_like_calibration"]
 
 logger = logging.getLogger("hyper_dm.inference")
 
@@ -39,7 +39,7 @@ def load_calibration(path: str | Path | None, checkpoint: str | Path | None = No
     return calibration
 
 
-def _mask_acceleration(case: Mapping) -> float | None:
+def mask_acceleration(case: Mapping) -> float | None:
     """MRI: k-space columns per sampled column of the case's mask; CT: ``None``."""
     mask = case.get("kspace_mask")
     return None if mask is None else float(mask.size / max(int(mask.sum()), 1))
@@ -54,7 +54,7 @@ def scale_like_calibration(case: Mapping, calibration: Calibration | None) -> Ma
     if "scale_ratio" not in case or case["scale_ratio"] is not None:
         return case
     name = f"case {case['case_id']}" if "case_id" in case else "the volume"
-    fitted = None if calibration is None else calibration.at_acceleration(_mask_acceleration(case))
+    fitted = None if calibration is None else calibration.at_acceleration(mask_acceleration(case))
     if fitted is None or fitted.scale_ratio is None:
         logger.warning("%s: no fully sampled max (fastMRI's 'max' attribute), so the magnitude scale is the "
                        "zero-filled image's peak, lower than the scale the model trained on (the missing columns "
@@ -87,7 +87,7 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
     name = f"case {case['case_id']}" if "case_id" in case else "the volume"
     noise = reconstructor.noise_levels(case["cond"], case["gain"], case["offset"])
     departure = input_departure(case["cond"], raw["mean"], case["gain"])
-    acceleration = _mask_acceleration(case)
+    acceleration = mask_acceleration(case)
     applied = {"noise_level": noise, "departure": departure, "acceleration": acceleration}
     if calibration is None:
         return {**applied, "calibration": None, "input_check": None}

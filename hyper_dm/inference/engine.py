@@ -311,7 +311,7 @@ def scale_ratio_cases(data: Mapping, noise_levels: Sequence[float], acceleration
     validation splits (at most ``max_files``) at each calibration noise level and acceleration, the cases
     :attr:`~hyper_dm.calibration.Calibration.scale_ratio` is the median of. The ratio is a property of the data and
     the masks, not of the model, so it is measured on more files than calibration reconstructs (loading only, about
-    0.4 s a case on a CPU); one file's ratio is 5% off the median of many at 8x. CT: ``[]``."""
+    0.15 s a case on 2 CPU cores): one file's ratio lies up to 5% from the median of many. CT: ``[]``."""
     if resolve_data_config(data)["task"] != "mri":
         return []
     cases = calibration_dataset(data, noise_levels, on_bad_file, accelerations=accelerations,

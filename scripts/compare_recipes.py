@@ -76,6 +76,9 @@ RECIPES = {
     "regression": {**_BASE, "regression": True},
     "knee_v_quadratic": {**_V, "timestep_sampling": "quadratic"},  # with a knee study (prepare --task mri)
     "knee_v_quadratic_nl": {**_V, "timestep_sampling": "quadratic", "noise_level_input": True},
+    # knee deep-ensemble members: the shipped knee model's first recipe with other seeds
+    **{f"knee_v_quadratic_nl_s{k}": {**_V, "timestep_sampling": "quadratic", "noise_level_input": True, "seed": k}
+       for k in (1, 2)},
     **{f"v_quadratic_s{k}": {**_V, "timestep_sampling": "quadratic", "seed": k} for k in (1, 2, 3)},
     "v_quadratic_offset2": {**_V, "timestep_sampling": "quadratic", "model": {"offset_scale": 2.0}},  # weight spread
 }

@@ -4,6 +4,7 @@
     python scripts/evaluate.py --ckpt bundle/models/model.pt --out docs/           # synthetic test split
     python scripts/evaluate.py --ckpt model.pt --config bundle/configs/ct_luna16.yaml data.dataset_dir=/data/LUNA16
     python scripts/evaluate.py --ckpt knee.pt --config bundle/configs/knee_singlecoil.yaml --out docs/mri/
+    python scripts/evaluate.py --ckpt ens/model.pt --M 3 model.ensemble_members=3    # a deep ensemble (ensemble.py)
 """
 
 from __future__ import annotations

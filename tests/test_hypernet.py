@@ -125,3 +125,35 @@ def test_noise_level_input_adds_one_plane_per_condition_channel_and_is_read():
     with torch.no_grad():
         without = unet.unet(torch.cat([x, cond, torch.zeros_like(cond)], 1), t)
     assert (direct - without).abs().max() > 1e-3
+
+
+def test_a_deep_ensemble_hands_out_each_members_weight_sets_in_turn():
+    from hyper_dm.config import ConfigError
+    from hyper_dm.engines import HyperDiffusionTrainer
+    from hyper_dm.networks import DeepEnsemble, hyper_network
+
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)  # trained apart: other initial weights
+        members.append(HyperNetwork(ConditionalMLP(hidden=16, depth=2), z_dim=4, hidden=8, rank=2))
+    ensemble = DeepEnsemble(members)
+    z = ensemble.sample_z(4, torch.Generator().manual_seed(3))
+    weights = ensemble(z)
+    own = [members[0](z[0::2]), members[1](z[1::2])]
+    for name in weights:
+        assert weights[name].shape[0] == 4
+        torch.testing.assert_close(weights[name][0::2], own[0][name])  # sets 0, 2: member 0 from its own z
+        torch.testing.assert_close(weights[name][1::2], own[1][name])
+    assert ensemble.target is members[0].target and len(ensemble.trainable_parameters()) > 0
+    with pytest.raises(ValueError, match="needs M a multiple of 2"):
+        ensemble(z[:3])
+    with pytest.raises(ValueError, match="share one architecture"):
+        DeepEnsemble([members[0], HyperNetwork(ConditionalMLP(hidden=8, depth=2), z_dim=4, hidden=8, rank=2)])
+    with pytest.raises(ValueError, match="at least 2 members"):
+        DeepEnsemble(members[:1])
+    built = hyper_network(ConditionalMLP(hidden=16, depth=2), z_dim=4, hidden=8, rank=2, ensemble_members=3)
+    assert isinstance(built, DeepEnsemble) and len(built.members) == 3
+    assert built.members[1].target is not built.members[0].target  # each member loads its own template
+    assert isinstance(hyper_network(ConditionalMLP(hidden=16, depth=2), z_dim=4), HyperNetwork)
+    with pytest.raises(ConfigError, match="train each member"):  # members are trained apart, not through it
+        HyperDiffusionTrainer("cpu", 1, [], ensemble, None, None, {"mode": "standard"})

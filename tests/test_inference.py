@@ -873,3 +873,58 @@ def test_the_shipped_knee_model_reconstructs_a_challenge_file_after_a_clone(tmp_
     eu = {name: nib.load(tmp_path / "out" / name / f"{name}_eu.nii.gz").get_fdata()[knee] for name in ("knee_scan",
                                                                                                      "with_max")}
     assert 0.67 < eu["knee_scan"].mean() / eu["with_max"].mean() < 1.5, {k: v.mean() for k, v in eu.items()}
+
+
+def test_a_deep_ensemble_of_models_trained_apart_runs_as_one_model(tmp_path, luna, checkpoint):
+    """scripts/ensemble.py combines K members' checkpoints into one; the Python API and the bundle load it with
+    ``model#ensemble_members`` K (forgetting it is an error naming the key), with each member's weights as trained
+    (which weight set comes from which member: tests/test_hypernet.py)."""
+    from monai.bundle import ConfigParser
+
+    from hyper_dm.networks import DeepEnsemble
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import ensemble  # noqa: E402  (scripts/ensemble.py)
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / "inference.yaml")])
+    parser.update({**SMALL_MODEL, "device": "$torch.device('cpu')"})
+    record = parser.get_parsed_content("checkpoint_config")
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)  # each member from its own initial weights, as training with its own seed
+        members.append(tmp_path / f"member{seed}.pt")
+        torch.save({"hypernet": parser.get_parsed_content("network", lazy=False).state_dict(), "config": record},
+                   members[-1])
+    path = tmp_path / "ensemble" / "model.pt"
+    assert ensemble.main(["--members", *map(str, members), "--to", str(path)]) == 0
+    with pytest.raises(BadInputError, match="model#ensemble_members is 2 in the checkpoint but 1 in this config"):
+        HyperDM.from_bundle(path, device="cpu", **SMALL_MODEL)
+    model = HyperDM.from_bundle(path, device="cpu", **SMALL_MODEL, **{"model#ensemble_members": 2})
+    assert isinstance(model.network, DeepEnsemble)
+    loaded = model.network.members[1].state_dict()
+    for name, tensor in torch.load(members[1], weights_only=True)["hypernet"].items():
+        torch.testing.assert_close(loaded[name], tensor)  # member 1's template and HyperNetwork, as trained
+    cond = torch.linspace(-800, 800, 32 * 32 * 2).reshape(1, 32, 32, 2)
+    gain, offset = torch.full((2,), 1000.0), torch.zeros(2)
+    out = model.reconstructor(M=2, N=2, steps=2)(cond, gain, offset)
+    torch.testing.assert_close(out["total"], out["eu"] + out["au"])
+    assert float(out["eu"].min()) >= 0 and (out["eu"] > 0).float().mean() > 0.5  # the two members disagree
+    with pytest.raises(ValueError, match="M=3: a deep ensemble of 2 members needs M a multiple of 2"):
+        model.reconstructor(M=3, N=2)
+    with pytest.raises(BadInputError, match="already a deep ensemble"):
+        ensemble.main(["--members", str(path), str(members[0]), "--to", str(tmp_path / "twice.pt")])
+    with pytest.raises(BadInputError, match="config record"):
+        ensemble.main(["--members", str(members[0]), str(checkpoint), "--to", str(tmp_path / "bare.pt")])
+    torch.save({"hypernet": torch.load(members[1], weights_only=True)["hypernet"],
+                "config": {**record, "model": {**record["model"], "rank": 8}}}, tmp_path / "other.pt")
+    with pytest.raises(BadInputError, match=r"other\.pt.*model#rank is 8 in the checkpoint but 4"):
+        ensemble.main(["--members", str(members[0]), str(tmp_path / "other.pt"), "--to", str(tmp_path / "x.pt")])
+    assert not (tmp_path / "x.pt").exists()
+    nifti = oblique_nifti(sorted(luna.rglob("*.mhd"))[0], tmp_path / "study.nii.gz")
+    run = bundle_inference("--inference_cfg#ckpt", str(path), "--model#ensemble_members", "2", "--inference_cfg#input",
+                           str(tmp_path / "study.nii.gz"), "--inference_cfg#input_mode", "measured",
+                           "--inference_cfg#outdir", str(tmp_path / "out"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    eu = nib.load(tmp_path / "out" / "study" / "study_eu.nii.gz")
+    assert eu.shape == nifti.shape and float(eu.get_fdata().mean()) > 0

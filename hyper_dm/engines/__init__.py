@@ -1,6 +1,13 @@
 """Ignite engines and handlers: training, validation/inference, checkpoints, TensorBoard panels, case writing."""
 
-from .checkpoint import AtomicCheckpointSaver, CheckpointLoader, check_config, claim_training_folder, read_checkpoint
+from .checkpoint import (
+    AtomicCheckpointSaver,
+    CheckpointLoader,
+    check_config,
+    claim_training_folder,
+    read_checkpoint,
+    write_ensemble,
+)
 from .distributed import ReplicaCheck, from_rank0, gather, parameter_digest, rank_and_world, unwrap
 from .evaluator import HyperDiffusionEvaluator
 from .metrics import CalibrationScore, SliceMean
@@ -31,5 +38,6 @@ __all__ = [
     "rank_and_world",
     "read_checkpoint",
     "unwrap",
+    "write_ensemble",
     "write_preview",
 ]

@@ -9,6 +9,7 @@
 - :func:`read_checkpoint`: ``torch.load(weights_only=True)`` whose every failure names the file, and which compares
   the stored config with the current one (:func:`check_config`).
 - :class:`CheckpointLoader`: MONAI's loader reading through :func:`read_checkpoint`.
+- :func:`write_ensemble`: K trained models' checkpoints as one deep-ensemble checkpoint.
 - :func:`claim_training_folder`: a run starts only in a folder free of another run's model, checkpoints and logs.
 
 A config record is the plain dict of the values the weights depend on (``checkpoint_config`` in ``common.yaml``:
@@ -30,15 +31,17 @@ from monai.handlers import CheckpointLoader as MonaiCheckpointLoader
 from monai.handlers import CheckpointSaver
 
 from ..data.validation import BadInputError
-from ..io import lock_folder, overwrite_hint
+from ..io import atomic_write, lock_folder, overwrite_hint
 from .distributed import from_rank0
 
-__all__ = ["AtomicCheckpointSaver", "CheckpointLoader", "check_config", "claim_training_folder", "read_checkpoint"]
+__all__ = ["AtomicCheckpointSaver", "CheckpointLoader", "check_config", "claim_training_folder", "read_checkpoint",
+           "write_ensemble"]
 
 logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "config"  # the checkpoint entry holding the config record
-ADDED_KEYS = {"model#noise_level_input": False}  # record keys added later: what a record without them was written with
+# record keys added later: what a record without them was written with
+ADDED_KEYS = {"model#noise_level_input": False, "model#ensemble_members": 1}
 _HELD: dict[Path, int] = {}  # the training folders whose locks this process holds, with their descriptors
 
 
@@ -229,3 +232,30 @@ def claim_training_folder(output_dir: str | Path, ckpt_dir: str | Path, log_dir:
                        "its model.pt, if any, is replaced at this run's first validation", output_dir)
 
     from_rank0(claim)
+
+
+def write_ensemble(members: list[str | Path], path: str | Path) -> dict:
+    """Write the checkpoints ``members`` (K >= 2 models trained apart, one config record) as the deep-ensemble
+    checkpoint ``path``: ``{"hypernet": members.<i>.<name> -> tensor, "config": the record with
+    model.ensemble_members = K}``, which the bundle loads with ``model#ensemble_members`` K
+    (:class:`~hyper_dm.networks.DeepEnsemble`). Returns the record. A member that is itself an ensemble, lacks a
+    record or records another config than the first is an error naming it."""
+    if len(members) < 2:
+        raise ValueError(f"a deep ensemble needs at least 2 member checkpoints, got {len(members)}")
+    states, record = {}, None
+    for i, member in enumerate(members):
+        checkpoint = read_checkpoint(member, config=record)
+        if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get(CONFIG_KEY), Mapping) \
+                or "hypernet" not in checkpoint:
+            raise BadInputError(member, "is not a model checkpoint with a config record ('hypernet' and 'config' "
+                                        "entries, as training's model.pt)")
+        if record is None:
+            record = checkpoint[CONFIG_KEY]
+        if _flat(checkpoint[CONFIG_KEY]).get("model#ensemble_members", 1) != 1:
+            raise BadInputError(member, "is already a deep ensemble; give the single models it was made of")
+        states.update({f"members.{i}.{name}": tensor for name, tensor in checkpoint["hypernet"].items()})
+    record = {**record, "model": {**record["model"], "ensemble_members": len(members)}}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        torch.save({"hypernet": states, CONFIG_KEY: record}, tmp)
+    return record

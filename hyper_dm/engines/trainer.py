@@ -14,6 +14,7 @@ from monai.inferers import DiffusionInferer
 from ..config import ConfigError
 from ..diffusion.losses import LossConfig, training_loss
 from ..diffusion.probes import PROBES, random_columns, random_objects
+from ..networks.ensemble import DeepEnsemble
 from ..networks.hypernet import HyperNetwork
 from .distributed import rank_and_world, unwrap
 
@@ -74,6 +75,10 @@ class HyperDiffusionTrainer(Trainer):
         probe_columns: bool = False,
     ) -> None:
         loss = loss if isinstance(loss, LossConfig) else LossConfig(**loss)
+        if isinstance(unwrap(network), DeepEnsemble):
+            raise ConfigError("model#ensemble_members > 1 describes a deep-ensemble checkpoint, which is not trained "
+                              "as one: train each member with ensemble_members 1 and its own training_cfg#seed, then "
+                              "combine them with scripts/ensemble.py")
         if probes not in PROBES:
             raise ConfigError(f"unknown probes {probes!r} (training_cfg#probes); expected one of {PROBES}")
         if probes != "none" and loss.mode != "eu":

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..diffusion.sampler import HyperDDIMSampler
 from ..networks.backbone import noise_level
+from ..networks.ensemble import DeepEnsemble
 from ..networks.hypernet import HyperNetwork
 from ..uncertainty import Decomposition, decompose
 
@@ -54,7 +55,8 @@ class VolumeReconstructor:
     """M x N Hyper-DM reconstruction of whole volumes, slice by slice (the last axis).
 
     Args:
-        network: the trained HyperNetwork (its ``target`` is the backbone); moved to nothing, runs where it is.
+        network: the trained HyperNetwork (its ``target`` is the backbone), or a
+            :class:`~hyper_dm.networks.DeepEnsemble`; moved to nothing, runs where it is.
         sampler: the DDIM sampler (steps, eta, spacing, clipping, images per network call, precision).
         img_size: the model grid S (slices are resized to S x S); ``None`` runs at the volume's own size.
         m_weights: M, weight sets per volume. ``n_draws``: N, draws per weight set.
@@ -64,7 +66,7 @@ class VolumeReconstructor:
 
     def __init__(
         self,
-        network: HyperNetwork,
+        network: HyperNetwork | DeepEnsemble,
         sampler: HyperDDIMSampler,
         img_size: int | None,
         m_weights: int = 4,
@@ -75,6 +77,10 @@ class VolumeReconstructor:
         if m_weights < 1 or n_draws < 1 or slice_batch < 1:
             raise ValueError(f"M, N and slice_batch must be >= 1, got M={m_weights}, N={n_draws}, "
                              f"slice_batch={slice_batch}")
+        members = len(network.members) if isinstance(network, DeepEnsemble) else 1
+        if m_weights % members:
+            raise ValueError(f"M={m_weights}: a deep ensemble of {members} members needs M a multiple of {members} "
+                             f"(each member gives M / {members} weight sets; inference_cfg#M, --M)")
         if m_weights == 1:
             logger.warning("M=1: with a single weight set EU cannot be estimated; the EU map is zero")
         if n_draws == 1:

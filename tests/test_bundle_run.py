@@ -412,3 +412,12 @@ def test_a_checkpoint_recorded_before_the_noise_level_input_is_read_as_without_i
                                             "the string 'true' / 'false'.*write True / False"):
         read_checkpoint(resumed.parts / "model.pt", config={**record, "model": {**record["model"],
                                                                                "noise_level_input": "true"}})
+
+
+def test_training_refuses_an_ensemble_before_it_claims_the_folder(tmp_path, synthetic_dir):
+    """Members of a deep ensemble are trained apart; asking the bundle to train one is an error that leaves the
+    output folder untouched, so the corrected command runs there."""
+    result = bundle("training", "--config_file", TRAIN, "--output_dir", str(tmp_path / "run"), "--data#synthetic_dir",
+                    synthetic_dir, "--model#ensemble_members", "2", *SMALL_RUN)
+    assert result.returncode != 0 and "train each member with ensemble_members 1" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -14,7 +14,7 @@ from .metrics import CalibrationScore, SliceMean
 from .panels import UncertaintyPanelHandler, panel_image
 from .previews import write_preview
 from .random_state import RNGState
-from .trainer import GradScalerState, HyperDiffusionTrainer
+from .trainer import GradScalerState, HyperDiffusionTrainer, refuse_ensemble
 from .writer import CaseWriter
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "parameter_digest",
     "rank_and_world",
     "read_checkpoint",
+    "refuse_ensemble",
     "unwrap",
     "write_ensemble",
     "write_preview",

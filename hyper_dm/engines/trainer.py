@@ -10,6 +10,7 @@ from ignite.engine import Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from monai.inferers import DiffusionInferer
+from torch import nn
 
 from ..config import ConfigError
 from ..diffusion.losses import LossConfig, training_loss
@@ -18,7 +19,16 @@ from ..networks.ensemble import DeepEnsemble
 from ..networks.hypernet import HyperNetwork
 from .distributed import rank_and_world, unwrap
 
-__all__ = ["GradScalerState", "HyperDiffusionTrainer"]
+__all__ = ["GradScalerState", "HyperDiffusionTrainer", "refuse_ensemble"]
+
+
+def refuse_ensemble(network: nn.Module) -> None:
+    """A :class:`~hyper_dm.networks.DeepEnsemble` (or its DDP wrapper) is an error: its members are trained apart.
+    Training's first step (``train.yaml``), before the output folder is claimed, and the trainer's."""
+    if isinstance(unwrap(network), DeepEnsemble):
+        raise ConfigError("model#ensemble_members > 1 describes a deep-ensemble checkpoint, which is not trained as "
+                          "one: train each member with ensemble_members 1 and its own training_cfg#seed, then "
+                          "combine them with scripts/ensemble.py")
 
 
 class HyperDiffusionTrainer(Trainer):
@@ -75,10 +85,7 @@ class HyperDiffusionTrainer(Trainer):
         probe_columns: bool = False,
     ) -> None:
         loss = loss if isinstance(loss, LossConfig) else LossConfig(**loss)
-        if isinstance(unwrap(network), DeepEnsemble):
-            raise ConfigError("model#ensemble_members > 1 describes a deep-ensemble checkpoint, which is not trained "
-                              "as one: train each member with ensemble_members 1 and its own training_cfg#seed, then "
-                              "combine them with scripts/ensemble.py")
+        refuse_ensemble(network)
         if probes not in PROBES:
             raise ConfigError(f"unknown probes {probes!r} (training_cfg#probes); expected one of {PROBES}")
         if probes != "none" and loss.mode != "eu":

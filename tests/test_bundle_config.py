@@ -185,8 +185,10 @@ def test_the_trainer_gets_the_probe_options_of_training_cfg():
                                                         "training.probe_columns=true", "training.init=/m.pt"]))
     assert parser.get_parsed_content("train#trainer#probes") == "objects_inside"
     assert parser.get_parsed_content("train#trainer#probe_columns") is True
-    assert "claim_training_folder(@output_dir" in parser["training"][0]  # nothing is loaded into a refused folder
-    assert "load_hypernet_state(@training_cfg::init" in parser["training"][1]  # the run's next step loads it
+    steps = parser["training"]
+    assert "refuse_ensemble(@network_def)" in steps[0]  # an ensemble is refused before the folder is touched
+    assert "claim_training_folder(@output_dir" in steps[1]  # nothing is loaded into a refused folder
+    assert "load_hypernet_state(@training_cfg::init" in steps[2]  # the run's next step loads it
 
 
 def test_the_script_reports_a_misspelt_override_and_exits_2():

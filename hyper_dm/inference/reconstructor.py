@@ -77,10 +77,8 @@ class VolumeReconstructor:
         if m_weights < 1 or n_draws < 1 or slice_batch < 1:
             raise ValueError(f"M, N and slice_batch must be >= 1, got M={m_weights}, N={n_draws}, "
                              f"slice_batch={slice_batch}")
-        members = len(network.members) if isinstance(network, DeepEnsemble) else 1
-        if m_weights % members:
-            raise ValueError(f"M={m_weights}: a deep ensemble of {members} members needs M a multiple of {members} "
-                             f"(each member gives M / {members} weight sets; inference_cfg#M, --M)")
+        if isinstance(network, DeepEnsemble):
+            network.check_weight_sets(m_weights)  # at construction, not at the first case
         if m_weights == 1:
             logger.warning("M=1: with a single weight set EU cannot be estimated; the EU map is zero")
         if n_draws == 1:

@@ -39,7 +39,6 @@ class DeepEnsemble(nn.Module):
             raise ValueError("the members of a deep ensemble must share one architecture (parameter names, shapes "
                              "and z_dim)")
         self.members = nn.ModuleList(members)
-        self.z_dim = members[0].z_dim
 
     @property
     def target(self) -> nn.Module:
@@ -49,18 +48,19 @@ class DeepEnsemble(nn.Module):
         """``m`` latent draws ``[m, z_dim]`` (row ``i`` feeds member ``i mod K``)."""
         return self.members[0].sample_z(m, generator)
 
+    def check_weight_sets(self, m: int) -> None:
+        """Raise ``ValueError`` unless ``m`` weight sets give every member the same number."""
+        k = len(self.members)
+        if m % k:
+            raise ValueError(f"M={m}: a deep ensemble of {k} members needs M a multiple of {k} (each member gives "
+                             f"M / {k} weight sets; inference_cfg#M, --M)")
+
     def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """Weight sets ``name -> [M, *shape]`` for ``z [M, z_dim]``: set ``i`` from member ``i mod K``."""
+        self.check_weight_sets(z.shape[0])
         k = len(self.members)
-        if z.ndim != 2 or z.shape[0] % k:
-            raise ValueError(f"a deep ensemble of {k} members needs M a multiple of {k} (one or more weight sets "
-                             f"per member), got z of shape {tuple(z.shape)}")
         sets = [member(z[i::k]) for i, member in enumerate(self.members)]  # member i: rows i, i + K, ...
         return {name: torch.stack([s[name] for s in sets], 1).flatten(0, 1) for name in sets[0]}
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The members' trainable parameters (an ensemble is trained member by member, not through this)."""
-        return [p for member in self.members for p in member.trainable_parameters()]
 
 
 def hyper_network(target: nn.Module, z_dim: int = 8, hidden: int = 64, rank: int = 4, offset_scale: float = 0.5,

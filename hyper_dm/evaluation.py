@@ -246,8 +246,10 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                     noise.append({"case_id": entry["case_id"], "setting": setting, "level": level,
                                   **{k: v for k, v in at_level.items() if k in NOISE_FIGURES}, **noisy_flags})
 
+    members = getattr(reconstructor.network, "members", ())  # a DeepEnsemble's trained models
+    model = f"deep ensemble ({len(members)} models)" if members else "Hyper-DM"
     return {"rows": rows, "reliability": reliab, "sparsity": sparsity, "ood": ood, "noise": noise,
-            "seconds_per_slice": timings, "calibration": calibration}
+            "seconds_per_slice": timings, "calibration": calibration, "model": model}
 
 
 def write_report(out: str | Path, results: dict, data: dict, command: str, label: str = "") -> Path:
@@ -336,7 +338,7 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
         text += [f"## {s + ' acceleration: ' if s else ''}quality (mean of the test cases)", "",
                  "| | PSNR (dB) | SSIM | NMSE |", "| --- | --- | --- | --- |",
                  f"| {input_name} (input) | {i('psnr_db'):.2f} | {i('ssim'):.3f} | {i('nmse'):.4f} |",
-                 f"| Hyper-DM mean | {m('psnr_db'):.2f} | {m('ssim'):.3f} | {m('nmse'):.4f} |", "",
+                 f"| {results['model']} mean | {m('psnr_db'):.2f} | {m('ssim'):.3f} | {m('nmse'):.4f} |", "",
                  f"Gain over {input_name}: {m('psnr_db') - i('psnr_db'):+.2f} dB.", "",
                  f"## {s + ' acceleration: ' if s else ''}distribution", "",
                  "| intervals | 50% | 90% | 95% |", "| --- | --- | --- | --- |",
@@ -396,7 +398,8 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                if checked else []),
              "![calibration](calibration.png)", "",
              *[line for name, figure in figure_names.items() for line in (f"![{name}]({figure})", "")]]
-    summary = {"rows": rows, "ood": [{k: v for k, v in o.items() if k != "maps"} for o in ood], "noise": noise_rows}
+    summary = {"model": results["model"], "rows": rows,
+               "ood": [{k: v for k, v in o.items() if k != "maps"} for o in ood], "noise": noise_rows}
     with atomic_write(out / "report.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     with atomic_write(out / "report.md") as tmp:

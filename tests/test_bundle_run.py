@@ -421,3 +421,17 @@ def test_training_refuses_an_ensemble_before_it_claims_the_folder(tmp_path, synt
                     synthetic_dir, "--model#ensemble_members", "2", *SMALL_RUN)
     assert result.returncode != 0 and "train each member with ensemble_members 1" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_config_error_in_the_trainer_leaves_the_folder_free_for_the_corrected_command(tmp_path, synthetic_dir):
+    """The TensorBoard writer exists before the trainer is built, so a typo in a trainer option used to leave an
+    event file that refused the corrected rerun; the claim now sees it holds no curves."""
+    from hyper_dm.engines import claim_training_folder
+
+    out = tmp_path / "run"
+    result = bundle("training", "--config_file", TRAIN, "--output_dir", str(out), "--data#synthetic_dir",
+                    synthetic_dir, "--training_cfg#probes", "objcts", *SMALL_RUN)
+    assert result.returncode != 0 and "unknown probes 'objcts' (training_cfg#probes)" in result.stderr
+    assert len(list((out / "logs").glob("events.out.tfevents.*"))) == 1  # what the failed start left
+    claim_training_folder(out, out / "checkpoints", out / "logs")  # the corrected command's claim
+    assert not list((out / "logs").glob("events.out.tfevents.*"))

@@ -76,6 +76,8 @@ def test_an_empty_split_is_refused_naming_the_key(tmp_path):
     with pytest.raises(BadInputError, match=r"no test cases.*data#train_frac \+ data#val_frac") as error:
         split_cases(data, "test")
     assert error.value.path == tmp_path
+    with pytest.raises(BadInputError, match="no test cases"):  # several splits: each must have cases
+        split_cases(data, "training", "test")
     build_datalist(data, write_to=tmp_path / "datalist.json")  # a datalist with an empty split: its own advice
     with pytest.raises(BadInputError, match="datalist.json lists none there"):
         split_cases(data, "validation")

@@ -163,7 +163,7 @@ def test_bundle_evaluate_run_writes_the_ct_report(tmp_path, checkpoint):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     text = (out / "report.md").read_text()
     assert text.startswith("# Hyper-DM evaluation: sparse-view CT") and "an untrained model" in text
-    assert "FBP (input)" in text and "(no calibration file given)" in text
+    assert "FBP (input)" in text and "(no calibration file given)" in text and "| Hyper-DM mean |" in text
     assert "python -m monai.bundle run evaluate" in text and "1 test case(s)" in text
     report = json.loads((out / "report.json").read_text())
     assert [n["level"] for n in report["noise"]] == list(MEASUREMENT_NOISE["ct"][1])

@@ -912,6 +912,12 @@ def test_a_deep_ensemble_of_models_trained_apart_runs_as_one_model(tmp_path, lun
     assert float(out["eu"].min()) >= 0 and (out["eu"] > 0).float().mean() > 0.5  # the two members disagree
     with pytest.raises(ValueError, match="M=3: a deep ensemble of 2 members needs M a multiple of 2"):
         model.reconstructor(M=3, N=2)
+    from hyper_dm.evaluation import evaluate, write_report
+
+    results = evaluate(model.reconstructor(M=2, N=2, steps=2), {**model.data, "dataset_dir": str(luna)}, cases=1,
+                       repeats=1)
+    report = write_report(tmp_path / "report", results, {**model.data, "dataset_dir": str(luna)}, "a command")
+    assert "| deep ensemble (2 models) mean |" in report.read_text()  # the report names what it measured
     with pytest.raises(BadInputError, match="already a deep ensemble"):
         ensemble.main(["--members", str(path), str(members[0]), "--to", str(tmp_path / "twice.pt")])
     with pytest.raises(BadInputError, match="config record"):

@@ -107,3 +107,22 @@ def test_a_training_folder_is_claimed_once_per_process_and_refused_to_another(tm
     (out / "model.pt").write_bytes(b"a finished run's model")
     with pytest.raises(FileExistsError, match="holds another run's"):
         claim_training_folder(*parts)
+
+
+def test_a_claim_removes_event_files_a_failed_start_left_and_keeps_a_runs_curves(tmp_path):
+    """A SummaryWriter that was created and closed before any step (a config error while the trainer was built)
+    leaves an event file holding only its version record: not another run's, so the claim removes it; a file with
+    one scalar is a run's curve and is refused."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from hyper_dm.engines import claim_training_folder
+
+    out = tmp_path / "runs"
+    SummaryWriter(log_dir=str(out / "logs")).close()
+    claim_training_folder(out, out / "checkpoints", out / "logs")
+    assert not list((out / "logs").glob("events.out.tfevents.*"))
+    writer = SummaryWriter(log_dir=str(out / "logs"))
+    writer.add_scalar("train/loss", 0.5, 1)
+    writer.close()
+    with pytest.raises(FileExistsError, match=r"holds another run's .*events\.out\.tfevents"):
+        claim_training_folder(out, out / "checkpoints", out / "logs")

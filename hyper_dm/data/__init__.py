@@ -4,7 +4,7 @@ MONAI transforms with the acquisition physics, and the model-range intensity map
 Public API::
 
     build_datalist(data) -> {"training": [...], "validation": [...], "test": [...]}    # case-level, by patient
-    split_cases(data, split) -> that split's case entries (an error naming the keys when it has none)
+    split_cases(data, *splits) -> those splits' case entries (an error naming the keys when one has none)
     build_dataset(data, split) -> torch Dataset of per-slice sample dicts               # cached MONAI dataset
     split_of(patient_id, split_seed, train_frac, val_frac), read_datalist(path), write_datalist(root, splits)
     to_hu(x, hu_window), to_magnitude(x, scale), physical_map(task, hu_window, magnitude_scale)

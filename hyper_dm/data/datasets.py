@@ -2,7 +2,7 @@
 
 - :func:`build_datalist`: case-level entries (a CT series or an MRI file) split into ``training`` /
   ``validation`` / ``test`` by patient, never by slice: the folder's ``datalist.json`` or a hash of the patient id.
-- :func:`split_cases`: one split's cases, refused with the keys to change when it has none.
+- :func:`split_cases`: the cases of some splits, refused with the keys to change when one has none.
 - :func:`build_dataset`: per-slice samples through the MONAI chains of :mod:`.transforms`, cached.
 
 A sample is a dict::
@@ -98,24 +98,27 @@ _SPLIT_KEYS = {"training": "data#train_frac", "validation": "data#val_frac",
                "test": "data#train_frac + data#val_frac (the test split gets the rest)"}
 
 
-def split_cases(data: Mapping, split: str) -> list[dict]:
-    """The cases of ``split`` (:func:`build_datalist`'s entries); a split with none is a
-    :class:`~.validation.BadInputError` naming the dataset folder and what decides the split."""
-    if split not in SPLITS:
-        raise KeyError(f"split must be one of {SPLITS}, got {split!r}")
+def split_cases(data: Mapping, *splits: str) -> list[dict]:
+    """The cases of ``splits`` in turn (:func:`build_datalist`'s entries, the datalist built once); a split with
+    none is a :class:`~.validation.BadInputError` naming the dataset folder and what decides the split."""
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits:
+        raise KeyError(f"split must be one of {SPLITS}, got {unknown or 'none'}")
     cfg = resolve_data_config(data)
     datalist = build_datalist(cfg)
-    if datalist[split]:
-        return datalist[split]
-    root = dataset_root(cfg)
-    counts = ", ".join(f"{len(v)} {k}" for k, v in datalist.items())
-    if (root / DATALIST_NAME).is_file():
-        fix = f"its {DATALIST_NAME} lists none there: add some, or remove the file to split by patient"
-    else:
-        fix = (f"each patient goes to one split by data#split_seed ({cfg['split_seed']}), data#train_frac "
-               f"({cfg['train_frac']}) and data#val_frac ({cfg['val_frac']}): change {_SPLIT_KEYS[split]}, or add "
-               "series")
-    raise BadInputError(root, f"no {split} cases ({counts}); {fix}")
+    for split in splits:
+        if datalist[split]:
+            continue
+        root = dataset_root(cfg)
+        counts = ", ".join(f"{len(v)} {k}" for k, v in datalist.items())
+        if (root / DATALIST_NAME).is_file():
+            fix = f"its {DATALIST_NAME} lists none there: add some, or remove the file to split by patient"
+        else:
+            fix = (f"each patient goes to one split by data#split_seed ({cfg['split_seed']}), data#train_frac "
+                   f"({cfg['train_frac']}) and data#val_frac ({cfg['val_frac']}): change {_SPLIT_KEYS[split]}, or "
+                   "add series")
+        raise BadInputError(root, f"no {split} cases ({counts}); {fix}")
+    return [case for split in splits for case in datalist[split]]
 
 
 def slice_entries(cases: list[dict], data: Mapping) -> list[dict]:

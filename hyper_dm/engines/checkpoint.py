@@ -203,7 +203,9 @@ def claim_training_folder(output_dir: str | Path, ckpt_dir: str | Path, log_dir:
     """Refuse (``FileExistsError`` naming the files) to start a training run where another run left its outputs:
     ``model.pt`` in ``output_dir`` (the model inference reads, e.g. the shipped one), checkpoints (``*.pt``) in
     ``ckpt_dir``, TensorBoard event files in ``log_dir``; a run would replace the model at its first validation and
-    mix its checkpoints and curves with the other run's. A ``resume`` continues its run and may. Then the folder's
+    mix its checkpoints and curves with the other run's. A ``resume`` continues its run and may. An event file
+    holding nothing but its version record is no run's: a start that failed (a config error while the trainer was
+    built) leaves one, and it is removed, so the corrected command runs in the same folder. Then the folder's
     lock (:func:`~hyper_dm.io.lock_folder`) is taken and held until the process ends, so a second run started
     meanwhile is refused too (a later run in the same process, e.g. a notebook's, keeps the lock it holds); with
     ``overwrite`` the other run's checkpoints and event files are removed after it, and its ``model.pt`` is replaced
@@ -212,7 +214,9 @@ def claim_training_folder(output_dir: str | Path, ckpt_dir: str | Path, log_dir:
     model = Path(output_dir) / "model.pt"
 
     def claim() -> None:
-        files = sorted(Path(ckpt_dir).glob("*.pt")) + sorted(Path(log_dir).glob("events.out.tfevents.*"))
+        events = sorted(Path(log_dir).glob("events.out.tfevents.*"))
+        empty = [p for p in events if not _holds_records(p)]
+        files = sorted(Path(ckpt_dir).glob("*.pt")) + [p for p in events if p not in empty]
         earlier = [] if resume else [model] * model.is_file() + [p for p in files if p != model]
         if earlier and not overwrite:
             names = ", ".join(map(str, earlier[:3])) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
@@ -223,6 +227,8 @@ def claim_training_folder(output_dir: str | Path, ckpt_dir: str | Path, log_dir:
         folder = Path(output_dir).resolve()
         if folder not in _HELD:
             _HELD[folder] = lock_folder(folder)[0]  # held while this process runs (the OS releases it)
+        for path in empty:  # removed under the lock: no other run is writing here
+            path.unlink(missing_ok=True)
         if not earlier:
             return
         for path in earlier:
@@ -232,6 +238,18 @@ def claim_training_folder(output_dir: str | Path, ckpt_dir: str | Path, log_dir:
                        "its model.pt, if any, is replaced at this run's first validation", output_dir)
 
     from_rank0(claim)
+
+
+def _holds_records(events_file: Path) -> bool:
+    """Whether a TensorBoard event file holds anything besides the ``file_version`` record a ``SummaryWriter``
+    writes when it is created (an unreadable file counts as holding records: it is never removed unasked)."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    try:
+        events = LegacyEventFileLoader(str(events_file)).Load()
+        return any(event.WhichOneof("what") != "file_version" for event in events)
+    except Exception:  # noqa: BLE001 - any failure to read it: keep it and let the claim name it
+        return True
 
 
 def write_ensemble(members: list[str | Path], path: str | Path) -> dict:

@@ -290,7 +290,7 @@ def calibration_dataset(data: Mapping, noise_levels: Sequence[float], on_bad_fil
         except (TypeError, ValueError) as e:
             raise ValueError(f"inference_cfg#calibration_accelerations: {e}") from e
     named = len(measurements) > 1  # one measurement: no suffix
-    cases = [case for split in splits for case in split_cases(data, split)]
+    cases = split_cases(data, *splits)
     if max_cases is not None and len(cases) > max_cases:
         cases = [cases[i * len(cases) // max_cases] for i in range(max_cases)]
     if tuple(splits) == ("validation",) and len(cases) < FEW_CALIBRATION_CASES:

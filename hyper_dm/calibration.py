@@ -25,9 +25,12 @@ The input check judges a slice as a whole; an unfamiliar *object* (metal, a lesi
 fills a few pixels of an otherwise ordinary slice. Where the generated weight sets disagree there, EU rises far above
 what it reaches anywhere on the calibration data, so the calibration also keeps :attr:`Calibration.eu_threshold`:
 the split-conformal ``eu_level`` (99.9%) quantile of the calibration pixels' EU in model units (EU over the squared
-magnitude scale ``gain``). A pixel above it is flagged unfamiliar (:meth:`Calibration.unfamiliar`); on data like the
-calibration's, at most a fraction ``1 - eu_level`` of pixels are (neighbours correlate, so the guarantee is
-empirical). The threshold holds for the ``M`` weight sets it was fitted with: EU from fewer is noisier.
+magnitude scale ``gain``), and with noise bins one per bin (:attr:`Calibration.noise_eu_thresholds`): the weight
+sets of a model trained to disagree where it is unsure also disagree more on a noisy input, and a threshold pooled
+over all noise levels is then set by the noisiest slices and sees nothing on a quiet one. A pixel above its slice's
+threshold is flagged unfamiliar (:meth:`Calibration.unfamiliar`); on data like the calibration's, at most a fraction
+``1 - eu_level`` of pixels are (neighbours correlate, so the guarantee is empirical). The threshold holds for the
+``M`` weight sets it was fitted with: EU from fewer is noisier.
 
 MRI masks of different accelerations leave different amounts open at the same noise level (an 8x input even reads a
 lower noise level than a 4x one), so a calibration fitted on several accelerations also holds one complete
@@ -47,7 +50,7 @@ Example::
     >>> calibration = calibration.at_acceleration(mask.size / mask.sum())  # MRI: the mask's [W] acceleration
     >>> std = calibration.scale_at(noise) * total.sqrt()          # noise [Z]: calibrated std [1, X, Y, Z]
     >>> p = calibration.departure_p(input_departure(cond, mean, gain), noise)  # [Z]: small where unlike calibration
-    >>> flagged = calibration.unfamiliar(eu, gain)                # [1, X, Y, Z] bool: EU beyond the calibration's
+    >>> flagged = calibration.unfamiliar(eu, gain, noise)         # [1, X, Y, Z] bool: EU beyond the calibration's
 """
 
 from __future__ import annotations
@@ -141,8 +144,9 @@ class Calibration:
     ``noise_departures``: the same per noise bin (empty: one reference for all slices). ``accelerations``: MRI, a
     calibration per mask acceleration (key: the acceleration, e.g. ``"4"``; empty: one for every mask), each
     holding its ``acceleration`` (``None``: fitted on every mask). ``eu_threshold``: the ``eu_level`` quantile of
-    the calibration pixels' EU in model units (``None``: not recorded); ``eu_flagged_max``: the largest fraction of
-    one calibration case's pixels above it. ``sampling``: the ``M``, ``N`` and DDIM ``steps`` the calibration cases
+    the calibration pixels' EU in model units (``None``: not recorded), ``noise_eu_thresholds`` the same per noise
+    bin (empty: one threshold for every slice); ``eu_flagged_max``: the largest fraction of one calibration case's
+    pixels above their thresholds. ``sampling``: the ``M``, ``N`` and DDIM ``steps`` the calibration cases
     were reconstructed with (empty: not recorded); scales and threshold hold for those. ``scale_ratio``: MRI, the
     median over the cases measured for it (:func:`hyper_dm.inference.scale_ratio_cases`: files of the training and
     validation splits) of their magnitude scale over their zero-filled image's (``None``: not recorded),
@@ -163,6 +167,7 @@ class Calibration:
     accelerations: dict[str, Calibration] = field(default_factory=dict)
     acceleration: float | None = None
     eu_threshold: float | None = None
+    noise_eu_thresholds: list[float] = field(default_factory=list)
     eu_level: float = UNFAMILIAR_LEVEL
     eu_flagged_max: float | None = None
     sampling: dict[str, int] = field(default_factory=dict)
@@ -227,12 +232,21 @@ class Calibration:
                 "input_unlike_calibration": bool(p.median() <= alpha), "slices_unlike_calibration": len(flagged),
                 "flagged_slices": flagged, "alpha": alpha}
 
-    def unfamiliar(self, eu: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-        """Pixels whose EU ``[1, X, Y, Z]`` (physical units squared; ``gain`` ``[Z]``: physical units per model unit)
-        exceeds :attr:`eu_threshold`: bool, like ``eu``."""
+    def eu_threshold_at(self, noise_level: torch.Tensor | None) -> torch.Tensor:
+        """The EU threshold (model units) of slices of noise level ``[Z]``: ``[Z]`` float64, each slice its noise
+        bin's; a 0-d tensor (:attr:`eu_threshold`) without per-bin thresholds or ``noise_level=None``."""
         if self.eu_threshold is None:
             raise ValueError("this calibration holds no EU threshold; refit it with the 'calibrate' run id")
-        return eu_in_model_units(eu, gain) > self.eu_threshold
+        if not self.noise_eu_thresholds or noise_level is None:
+            return torch.tensor(self.eu_threshold, dtype=torch.float64)
+        return torch.tensor(self.noise_eu_thresholds, dtype=torch.float64)[self._bins(noise_level)]
+
+    def unfamiliar(self, eu: torch.Tensor, gain: torch.Tensor, noise_level: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """Pixels whose EU ``[1, X, Y, Z]`` (physical units squared; ``gain`` ``[Z]``: physical units per model unit)
+        exceeds the threshold of their slice's noise level ``[Z]`` (:meth:`eu_threshold_at`): bool, like ``eu``."""
+        threshold = self.eu_threshold_at(noise_level).to(eu.dtype)
+        return eu_in_model_units(eu, gain) > threshold.reshape(1, 1, 1, -1)
 
     def describe(self) -> str:
         """The ``reference_level`` scales in one line: overall, or per noise bin with the bins' ranges (and per
@@ -277,9 +291,12 @@ class Calibration:
         if calibration.noise_scales and len(calibration.noise_scales) != len(calibration.noise_edges) + 1:
             raise ValueError(f"{len(calibration.noise_scales)} noise bins but {len(calibration.noise_edges)} "
                              "edges (expected one edge fewer than bins)")
-        if calibration.eu_threshold is not None and not (calibration.eu_threshold >= 0
-                                                         and math.isfinite(calibration.eu_threshold)):
-            raise ValueError(f"eu_threshold {calibration.eu_threshold} is not a non-negative number")
+        for threshold in [calibration.eu_threshold, *calibration.noise_eu_thresholds]:
+            if threshold is not None and not (threshold >= 0 and math.isfinite(threshold)):
+                raise ValueError(f"EU threshold {threshold} is not a non-negative number")
+        if calibration.noise_eu_thresholds and len(calibration.noise_eu_thresholds) != len(calibration.noise_scales):
+            raise ValueError(f"{len(calibration.noise_eu_thresholds)} noise bins of EU thresholds but "
+                             f"{len(calibration.noise_scales)} of scales")
         if calibration.scale_ratio is not None and not (calibration.scale_ratio > 0
                                                         and math.isfinite(calibration.scale_ratio)):
             raise ValueError(f"scale_ratio {calibration.scale_ratio} is not a positive number")
@@ -302,8 +319,9 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                     scale_ratios: Sequence[float] = ()) -> Calibration:
     """Split-conformal std scales (see the module docstring) from per-case standardised residuals ``[Z, P]`` and,
     for ``bins > 1``, the cases' per-slice noise levels ``[Z]`` (at most one bin per slice); ``departures``: the
-    cases' per-slice :func:`input_departure` ``[Z]`` to keep; ``eu``: the cases' pixels' EU in model units (any
-    shape, e.g. :func:`slice_samples` of :func:`eu_in_model_units`) for :attr:`Calibration.eu_threshold`;
+    cases' per-slice :func:`input_departure` ``[Z]`` to keep; ``eu``: the cases' pixels' EU in model units ``[Z, P]``
+    (:func:`slice_samples` of :func:`eu_in_model_units`) for :attr:`Calibration.eu_threshold` (with bins, also each
+    bin's);
     ``sampling``: how the cases were reconstructed (:attr:`Calibration.sampling`); ``scale_ratios``: MRI,
     ``(mask acceleration, magnitude scale over the zero-filled image's)`` of each case measured for
     :attr:`Calibration.scale_ratio` (any cases: it needs no reconstruction). With two
@@ -345,10 +363,10 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
     if eu:
         if len(eu) != len(residuals):
             raise ValueError(f"{len(eu)} cases of EU samples for {len(residuals)} cases of residuals")
-        pooled = torch.cat([e.float().flatten() for e in eu])
-        threshold = pooled.kthvalue(_conformal_rank(pooled.numel(), calibration.eu_level)).values
-        calibration.eu_threshold = float(threshold)
-        calibration.eu_flagged_max = max(float((e.float() > threshold).double().mean()) for e in eu)
+        eu_rows = [row.float() for e in eu for row in torch.atleast_2d(e)]  # one row per slice, as ``per_slice``
+        if len(eu_rows) != len(per_slice):
+            raise ValueError(f"EU samples of {len(eu_rows)} slices for residuals of {len(per_slice)} slices")
+        calibration.eu_threshold = _eu_quantile(eu_rows, calibration.eu_level)
     if scale_ratios:
         ratios = torch.tensor([float(r) for _, r in scale_ratios], dtype=torch.float64)
         calibration.scale_ratio = float(ratios.median())
@@ -372,4 +390,18 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
             if departure.numel() != noise.numel():
                 raise ValueError(f"{departure.numel()} input departures for {noise.numel()} slices' noise levels")
             calibration.noise_departures = [rounded(departure[m]) for m in members]
+        if eu:
+            calibration.noise_eu_thresholds = [_eu_quantile([eu_rows[i] for i in m], calibration.eu_level) if m
+                                               else calibration.eu_threshold for m in members]
+    if eu:  # the share of each case's pixels above their slices' thresholds, as inference flags them
+        thresholds = ([calibration.eu_threshold_at(n.double().flatten()) for n in noise_levels] if bins > 1
+                      else [calibration.eu_threshold_at(None)] * len(eu))
+        calibration.eu_flagged_max = max(float((torch.atleast_2d(e).double() > t.reshape(-1, 1)).double().mean())
+                                         for e, t in zip(eu, thresholds, strict=True))
     return calibration
+
+
+def _eu_quantile(rows: Sequence[torch.Tensor], level: float) -> float:
+    """The split-conformal ``level`` quantile of the EU samples of the slices ``rows`` (each ``[P]``)."""
+    pooled = torch.cat(list(rows))
+    return float(pooled.kthvalue(_conformal_rank(pooled.numel(), level)).values)

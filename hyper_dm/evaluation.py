@@ -170,12 +170,13 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
         raw = run(case)
         runs = [raw["eu"][0].numpy()] + [reconstructor.with_seed(reconstructor.seed + k).reconstruct_case(case)["eu"][0]
                                          .numpy() for k in range(1, repeats)]  # EU [X, Y, Z] of each run
-        _, applied, case_flags = checked(case, raw)  # adds the calibrated std and unfamiliar maps where calibrated
+        case_noise, applied, case_flags = checked(case, raw)  # adds the calibrated std and unfamiliar maps
         eu, reference = np.mean(runs, axis=0), case["label"][0].numpy()
         body = clean > -990 if ct else clean > 0.1 * clean.max()  # tissue, not air
         flagged = {}
         if "unfamiliar" in raw:
-            run_flags = [applied.unfamiliar(torch.from_numpy(e)[None], case["gain"])[0].numpy() for e in runs]
+            run_flags = [applied.unfamiliar(torch.from_numpy(e)[None], case["gain"], case_noise)[0].numpy()
+                         for e in runs]
             fraction = lambda region: [float(f[region].mean()) for f in run_flags]  # noqa: E731  one per run
             flagged = {"flagged_inside": fraction(mask), "flagged_body": fraction(body & ~mask),
                        "flagged_clean_body": float(clean_out["unfamiliar"][0].numpy()[body].mean())}

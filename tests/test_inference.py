@@ -507,6 +507,40 @@ def test_the_eu_threshold_flags_a_thousandth_of_familiar_pixels_and_an_object_wh
         older.unfamiliar(fresh, gain)
 
 
+def test_each_noise_bin_has_its_own_eu_threshold_so_a_quiet_slice_is_not_judged_by_the_noisiest(tmp_path):
+    """Weight sets trained to disagree where they are unsure also disagree more on noisy inputs: calibration slices
+    at two noise levels, EU 10x higher on the noisy ones. Pooled, the threshold is the noisy slices' and an object
+    on a quiet slice goes unseen; per bin, the quiet slice is judged by the quiet slices, and about 0.1% of fresh
+    pixels of either kind are flagged."""
+    from hyper_dm.calibration import eu_in_model_units, fit_calibration, slice_samples
+
+    rng = torch.Generator().manual_seed(1)
+    gain = torch.full((4,), 1000.0)
+    noise = torch.tensor([0.05, 0.05, 0.2, 0.2])  # model units: two quiet slices, two noisy
+    level = torch.tensor([1e-5, 1e-5, 1e-4, 1e-4])
+    eu_of = lambda: torch.rand(1, 48, 48, 4, generator=rng) ** 4 * level * gain**2  # noqa: E731 [1, X, Y, Z]
+    samples = [slice_samples(eu_in_model_units(eu_of(), gain)) for _ in range(12)]
+    binned = fit_calibration([torch.ones(4, 10)] * 12, [noise] * 12, bins=2, eu=samples)
+    pooled = fit_calibration([torch.ones(4, 10)] * 12, eu=samples)
+    quiet, noisy = binned.noise_eu_thresholds
+    assert quiet == pytest.approx(0.999**4 * 1e-5, rel=0.02) and noisy == pytest.approx(0.999**4 * 1e-4, rel=0.02)
+    assert binned.eu_threshold == pooled.eu_threshold > 5 * quiet  # overall: set by the noisy slices
+    assert binned.eu_threshold_at(noise).tolist() == [quiet, quiet, noisy, noisy]
+    fresh = eu_of()
+    flagged = binned.unfamiliar(fresh, gain, noise).double()
+    assert 0.0002 < float(flagged[..., :2].mean()) < 0.003 and 0.0002 < float(flagged[..., 2:].mean()) < 0.003
+    assert 0.0005 < binned.eu_flagged_max < 0.004
+    fresh[:, 10:20, 10:20, 0] = 3e-5 * gain[0] ** 2  # an object on a quiet slice: 3x its bin's largest EU
+    assert binned.unfamiliar(fresh, gain, noise)[0, 10:20, 10:20, 0].all()
+    assert not pooled.unfamiliar(fresh, gain, noise)[0, 10:20, 10:20, 0].any()
+    assert binned.unfamiliar(fresh, gain).sum() == pooled.unfamiliar(fresh, gain).sum()  # no noise: the overall
+    path = binned.save(tmp_path / "c.json")
+    assert Calibration.load(path).noise_eu_thresholds == [quiet, noisy]
+    path.write_text(path.read_text().replace('"noise_eu_thresholds": [', '"noise_eu_thresholds": [0.5, '))
+    with pytest.raises(ValueError, match="3 noise bins of EU thresholds but 2 of scales"):
+        Calibration.load(path)
+
+
 def test_input_departure_passes_noise_sees_a_shift_and_gets_a_conformal_p_value(tmp_path):
     """The input check's statistic: white noise and a finer input grid leave it near zero, a level shift in a quarter
     of the image shows in model units; its p-value against the calibration slices is exact and survives a save."""
@@ -666,7 +700,7 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     assert manifest["input_check"]["slices_unlike_calibration"] == len(manifest["input_check"]["flagged_slices"])
     # a calibration whose inputs the model followed ten times closer: every slice of the same input departs further;
     # written before 0.9.8 (no EU threshold), so no unfamiliar map
-    threshold = fitted.pop("eu_threshold")
+    threshold, bin_thresholds = fitted.pop("eu_threshold"), fitted.pop("noise_eu_thresholds")
     fitted["departures"] = [d / 10 for d in departures]
     fitted["noise_departures"] = [[d / 10 for d in b] for b in by_bin]
     (tmp_path / "calibration.json").write_text(json.dumps(fitted))
@@ -682,14 +716,18 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     assert fitted["sampling"] == {"M": 2, "N": 2, "steps": 2}  # what the calibration cases were reconstructed with
     assert "reconstructed with {'M': 3, 'N': 2, 'steps': 2}, the calibration with {'M': 2, 'N': 2, 'steps': 2}" \
         in run.stdout + run.stderr
-    # the unfamiliar map: EU in model units (CT: 1000 HU) above the calibration's threshold, a uint8 mask
-    assert threshold > 0
+    # the unfamiliar map: EU in model units (CT: 1000 HU) above the threshold of each slice's noise bin (the bin
+    # whose 90% scale the slice's calibrated std took), a uint8 mask
+    assert threshold > 0 and len(bin_thresholds) == 3 and min(bin_thresholds) > 0
     image = nib.load(case / f"{case.name}_unfamiliar.nii.gz")
     flagged = np.asarray(image.dataobj)
     assert image.get_data_dtype() == np.uint8 and set(np.unique(flagged)) <= {0, 1}
     eu = nib.load(case / f"{case.name}_eu.nii.gz")
     assert np.allclose(image.affine, eu.affine) and flagged.shape == total.shape
-    expected = eu.get_fdata() / 1000.0**2 > threshold
+    slice_scale = np.array([np.median(calibrated[..., z][body[..., z]] / np.sqrt(total[..., z][body[..., z]]))
+                            for z in range(total.shape[-1])])
+    slice_bin = np.abs(slice_scale[:, None] - bin_scales[None]).argmin(axis=1)
+    expected = eu.get_fdata() / 1000.0**2 > np.array(bin_thresholds)[slice_bin]
     assert expected.sum() > 0 and (flagged.astype(bool) != expected).sum() <= 2  # measured: the same 31 pixels
     assert metrics["unfamiliar_fraction"] == pytest.approx(flagged.mean(), abs=1e-3)
     assert metrics["unfamiliar_fraction"] < 0.05  # a benchmark case like the calibration's

@@ -119,7 +119,7 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
         logger.info("%s: the calibration holds no EU threshold, so no unfamiliar-pixel map is written (refit it with "
                     "the 'calibrate' run id)", name)
     else:
-        flagged = calibration.unfamiliar(raw["eu"], case["gain"])
+        flagged = calibration.unfamiliar(raw["eu"], case["gain"], noise)
         raw["unfamiliar"] = flagged.float()
         fraction = float(flagged.double().mean())
         if check is not None:

@@ -364,7 +364,9 @@ class CalibrationFitter:
                     {k: round(v, 3) for k, v in calibration.raw_coverage.items()}, self.path)
         logger.info("calibration: %s", calibration.describe())
         for group in calibration.groups:
-            logger.info("unfamiliar pixels%s: EU above %.3g model units (the %g quantile of the calibration pixels)",
+            per_bin = (f" (per noise bin: {', '.join(f'{t:.3g}' for t in group.noise_eu_thresholds)})"
+                       if group.noise_eu_thresholds else "")
+            logger.info("unfamiliar pixels%s: EU above %.3g model units%s (the %g quantile of the calibration pixels)",
                         "" if group.acceleration is None else f" at {group.acceleration:g}x", group.eu_threshold,
-                        group.eu_level)
+                        per_bin, group.eu_level)
         return calibration

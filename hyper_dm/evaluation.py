@@ -271,6 +271,7 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
     total = lambda items, key: int(sum(i[key] for i in items))  # noqa: E731
     fitted = results.get("calibration")
     unfamiliar = "unfamiliar_fraction" in rows[0]  # the calibration records an EU threshold
+    of_bin = " of each slice's noise bin" if fitted and any(c.noise_eu_thresholds for c in fitted.groups) else ""
     noise_rows = [{"setting": s, "level": lv,
                    **{k: avg(at, k) for k in (*NOISE_FIGURES, "unfamiliar_fraction") if k in noise[0]},
                    **({k: total(at, k) for k in ("slices_flagged", "slices")} if checked else {})}
@@ -348,7 +349,7 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                  f"ordering {m('ause_random'):.3f}); mean EU {fmt(m('mean_eu'))} {var_unit}, mean AU "
                  f"{fmt(m('mean_au'))} {var_unit}, RMSE {fmt(m('rmse'))} {unit} (squared {fmt(m('rmse') ** 2)} "
                  f"{var_unit} against a predicted total variance of {fmt(m('mean_total'))} {var_unit})."
-                 + (f" Pixels flagged unfamiliar (EU above the calibration's {fitted.eu_level:g} quantile): "
+                 + (f" Pixels flagged unfamiliar (EU above the calibration's {fitted.eu_level:g} quantile{of_bin}): "
                     f"{100 * m('unfamiliar_fraction'):.3f}% of the volume." if unfamiliar else ""), "",
                  f"## {s + ' acceleration: ' if s else ''}epistemic: objects the training set never had", "",
                  *[line for name, o in per_object.items() for line in (
@@ -364,8 +365,8 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                    f"on the same pixels of the case without it (median over slices, against one run): "
                    f"{each('same_place_ratio', o, 1)}."
                    + (f" Pixels flagged unfamiliar by each run (EU above the calibration's {fitted.eu_level:g} "
-                      f"quantile, M weight sets as inference flags them): {percent(o, 'flagged_inside')} of the "
-                      f"object (each run: {runs(o, 'flagged_inside', '{:.2%}')}), {percent(o, 'flagged_body')} of "
+                      f"quantile{of_bin}, M weight sets as inference flags them): {percent(o, 'flagged_inside')} of "
+                      f"the object (each run: {runs(o, 'flagged_inside', '{:.2%}')}), {percent(o, 'flagged_body')} of "
                       f"the rest of the body, {percent(o, 'flagged_clean_body')} of the body without the object (one "
                       "run)."
                       if "flagged_inside" in o[0] else "")

@@ -861,10 +861,12 @@ def test_the_shipped_knee_models_eu_rises_inside_an_object_it_never_saw(tmp_path
     ratios = [eu[..., z][square[..., z]].mean() / eu[..., z][body[..., z] & ~square[..., z]].mean()
               for z in range(eu.shape[-1])]
     assert np.median(ratios) >= 3, ratios  # measured: 17.4 (7.0 at the plain zero-filled max, before 0.9.9)
-    # the unfamiliar map (the shipped 4x calibration's EU threshold) flags a quarter of the square, 1/400 of the rest
+    # the unfamiliar map (the shipped 4x calibration's EU thresholds, per noise bin) flags much of the square and
+    # little of the rest
     flagged = nib.load(tmp_path / "out" / "square" / "square_unfamiliar.nii.gz").get_fdata() > 0.5
     inside, elsewhere = flagged[square].mean(), flagged[body & ~square].mean()
-    assert inside > 0.15 and inside > 20 * elsewhere, (inside, elsewhere)  # measured: 0.26 and 0.0024
+    assert inside > 0.2 and inside > 15 * elsewhere, (inside, elsewhere)  # measured: 0.39 and 0.013 (pooled: 0.26,
+    # 0.0024)
 
 
 def test_the_shipped_knee_model_reconstructs_a_challenge_file_after_a_clone(tmp_path):

@@ -49,6 +49,7 @@ from .data.synthetic import (
 from .inference import VolumeReconstructor, apply_calibration, case_metrics, load_case
 from .inference.reconstructor import resize_slices
 from .io import atomic_write
+from .networks import DeepEnsemble
 from .uncertainty import ause, central_z, psnr, sparsification_curves, ssim
 
 __all__ = ["MRI_ACCELERATIONS", "OBJECTS", "evaluate", "write_report"]
@@ -170,12 +171,12 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
         raw = run(case)
         runs = [raw["eu"][0].numpy()] + [reconstructor.with_seed(reconstructor.seed + k).reconstruct_case(case)["eu"][0]
                                          .numpy() for k in range(1, repeats)]  # EU [X, Y, Z] of each run
-        case_noise, applied, case_flags = checked(case, raw)  # adds the calibrated std and unfamiliar maps
+        object_noise, applied, case_flags = checked(case, raw)  # adds the calibrated std and unfamiliar maps
         eu, reference = np.mean(runs, axis=0), case["label"][0].numpy()
         body = clean > -990 if ct else clean > 0.1 * clean.max()  # tissue, not air
         flagged = {}
         if "unfamiliar" in raw:
-            run_flags = [applied.unfamiliar(torch.from_numpy(e)[None], case["gain"], case_noise)[0].numpy()
+            run_flags = [applied.unfamiliar(torch.from_numpy(e)[None], case["gain"], object_noise)[0].numpy()
                          for e in runs]
             fraction = lambda region: [float(f[region].mean()) for f in run_flags]  # noqa: E731  one per run
             flagged = {"flagged_inside": fraction(mask), "flagged_body": fraction(body & ~mask),
@@ -247,8 +248,8 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                     noise.append({"case_id": entry["case_id"], "setting": setting, "level": level,
                                   **{k: v for k, v in at_level.items() if k in NOISE_FIGURES}, **noisy_flags})
 
-    members = getattr(reconstructor.network, "members", ())  # a DeepEnsemble's trained models
-    model = f"deep ensemble ({len(members)} models)" if members else "Hyper-DM"
+    network = reconstructor.network
+    model = f"deep ensemble ({len(network.members)} models)" if isinstance(network, DeepEnsemble) else "Hyper-DM"
     return {"rows": rows, "reliability": reliab, "sparsity": sparsity, "ood": ood, "noise": noise,
             "seconds_per_slice": timings, "calibration": calibration, "model": model}
 

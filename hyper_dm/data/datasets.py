@@ -106,19 +106,18 @@ def split_cases(data: Mapping, *splits: str) -> list[dict]:
         raise KeyError(f"split must be one of {SPLITS}, got {unknown or 'none'}")
     cfg = resolve_data_config(data)
     datalist = build_datalist(cfg)
-    for split in splits:
-        if datalist[split]:
-            continue
-        root = dataset_root(cfg)
-        counts = ", ".join(f"{len(v)} {k}" for k, v in datalist.items())
-        if (root / DATALIST_NAME).is_file():
-            fix = f"its {DATALIST_NAME} lists none there: add some, or remove the file to split by patient"
-        else:
-            fix = (f"each patient goes to one split by data#split_seed ({cfg['split_seed']}), data#train_frac "
-                   f"({cfg['train_frac']}) and data#val_frac ({cfg['val_frac']}): change {_SPLIT_KEYS[split]}, or "
-                   "add series")
-        raise BadInputError(root, f"no {split} cases ({counts}); {fix}")
-    return [case for split in splits for case in datalist[split]]
+    empty = [split for split in splits if not datalist[split]]
+    if not empty:
+        return [case for split in splits for case in datalist[split]]
+    root = dataset_root(cfg)
+    counts = ", ".join(f"{len(v)} {k}" for k, v in datalist.items())
+    if (root / DATALIST_NAME).is_file():
+        fix = f"its {DATALIST_NAME} lists none there: add some, or remove the file to split by patient"
+    else:
+        fix = (f"each patient goes to one split by data#split_seed ({cfg['split_seed']}), data#train_frac "
+               f"({cfg['train_frac']}) and data#val_frac ({cfg['val_frac']}): change {_SPLIT_KEYS[empty[0]]}, or add "
+               "series")
+    raise BadInputError(root, f"no {empty[0]} cases ({counts}); {fix}")
 
 
 def slice_entries(cases: list[dict], data: Mapping) -> list[dict]:

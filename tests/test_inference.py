@@ -802,7 +802,7 @@ def test_the_shipped_ct_model_tells_the_truth_on_a_scanners_photon_starved_fbp(t
     fell to 15 dB and its calibrated intervals covered 2%, docs/recipes.md) gets a mean far closer to the truth than
     the FBP, calibrated intervals that cover the truth, and passes the input check, as the model-grid FBP does; at
     1e2 photons per bin, below anything trained or calibrated on, every slice is flagged, and so is the quiet
-    model-grid FBP 300 HU too bright (a level the pooled calibration slices would have accepted, p 0.17)."""
+    model-grid FBP 300 HU too bright (a level the pooled calibration slices would have accepted, p 0.13)."""
     (mhd,) = write_luna16_like(tmp_path, n_series=1, seed=11, size_xy=512, n_slices=(3, 3),
                                spacing_xy_mm=(0.74, 0.74), n_subsets=1)
     model = HyperDM.from_bundle(REPO / "bundle" / "models" / "model.pt")  # calibration.json beside it
@@ -825,7 +825,7 @@ def test_the_shipped_ct_model_tells_the_truth_on_a_scanners_photon_starved_fbp(t
     calibrated, total = starved["total_std_calibrated"], starved["total"]
     assert calibrated.shape == (1, 512, 512, 3) and torch.allclose(calibrated.affine, starved["mean"].affine)
     covered = float(((starved["mean"] - case["label"]).abs() <= 1.645 * calibrated).float().mean())
-    assert covered > 0.7, covered  # M = N = 2 on 3 slices: 0.80 measured; the model before: 0.02
+    assert covered > 0.7, covered  # M = N = 2 on 3 slices: 0.76 measured (0.9.0-0.9.12: 0.80); before: 0.02
     ratio = calibrated[total > 0] / total[total > 0].sqrt()
     assert float(ratio.min()) >= min(s["0.9"] for s in model.calibration.noise_scales) - 1e-3  # each slice its bin
     assert float(ratio.max()) <= max(s["0.9"] for s in model.calibration.noise_scales) + 1e-3

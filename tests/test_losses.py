@@ -160,9 +160,10 @@ def test_probe_mask_averages_the_diversity_term_over_the_marked_elements(eu_term
         probed(probe_mask=first)
 
 
-def test_a_narrow_prior_outside_the_objects_holds_the_spread_there_and_leaves_the_inside_kl_alone():
-    """``prior_std_outside``: a second KL, of the spread outside the probe mask to the narrow prior, added with the
-    same weight; it pulls a spread above that prior back and leaves the KL inside the objects as it was."""
+def test_a_narrow_prior_outside_the_objects_caps_the_spread_there_and_leaves_the_inside_kl_alone():
+    """``prior_std_outside``: a second KL, of the spread outside the probe mask to the narrow prior, counted where
+    the spread exceeds it and added with the same weight; it pulls a spread above that prior back, leaves one below
+    it alone, and leaves the KL inside the objects as it was."""
     s, s_out, a, lam = 0.3, 0.01, 0.05, 0.1
     hyper = GivenWeightSets(torch.tensor([[a], [-a]]))  # x0 spread 2 a^2 at every element
     target, cond = torch.zeros(8, 1), torch.zeros(8, 1)
@@ -179,6 +180,9 @@ def test_a_narrow_prior_outside_the_objects_holds_the_spread_there_and_leaves_th
     # inside, a spread below the wide prior is pushed up; outside, one above the narrow prior is pulled down, harder
     assert torch.autograd.grad(plain["kl"], hyper.bias)[0][0, 0].item() < 0
     assert torch.autograd.grad(held["kl"] + held["kl_outside"], hyper.bias)[0][0, 0].item() > 0
+    wide = run(LossConfig(mode="eu", m_weights=2, lambda_eu=lam, eu_term="kl", prior_std=s, prior_std_outside=0.1))
+    assert wide["kl_outside"].item() == 0.0  # a spread below the cap: no term, no gradient
+    assert torch.autograd.grad(wide["kl_outside"], hyper.bias)[0][0, 0].item() == 0.0
     with pytest.raises(ValueError, match="prior_std_outside needs probe_mask"):
         training_loss(hyper, ConstantBackbone(), make_ddpm(prediction_type="sample"), target, cond,
                       LossConfig(mode="eu", m_weights=2, lambda_eu=lam, eu_term="kl", prior_std_outside=s_out),

@@ -68,8 +68,6 @@ RECIPES = {
     "v_nl_eu_kl_inside": {**_NL_EU_KL, "probe_mask": True},
     "v_nl_eu_kl_inside_x10": {**_NL_EU_KL, "probe_mask": True, "lambda_eu": 0.03},
     "v_nl_eu_kl_inside_x10_noisy": {**_NL_EU_KL, "probe_mask": True, "lambda_eu": 0.03, "probe_noise": True},
-    # the same with a one-sided KL outside the objects (above 10 HU std): a cap on EU on familiar anatomy
-    "v_nl_eu_kl_inside_x10_held": {**_NL_EU_KL, "probe_mask": True, "lambda_eu": 0.03, "prior_std_outside": 0.01},
     # knee: the KL on the part of the objects' spread in k-space columns a random 4x / 8x mask leaves unmeasured
     "v_nl_eu_kl_inside_unmeasured": {**_NL_EU_KL, "probe_mask": True, "probe_columns": True},
     "v_nl_eu_kl_inside_x10_unmeasured": {**_NL_EU_KL, "probe_mask": True, "lambda_eu": 0.03, "probe_columns": True},

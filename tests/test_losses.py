@@ -160,38 +160,6 @@ def test_probe_mask_averages_the_diversity_term_over_the_marked_elements(eu_term
         probed(probe_mask=first)
 
 
-def test_a_narrow_prior_outside_the_objects_caps_the_spread_there_and_leaves_the_inside_kl_alone():
-    """``prior_std_outside``: a second KL, of the spread outside the probe mask to the narrow prior, counted where
-    the spread exceeds it and added with the same weight; it pulls a spread above that prior back, leaves one below
-    it alone, and leaves the KL inside the objects as it was."""
-    s, s_out, a, lam = 0.3, 0.01, 0.05, 0.1
-    hyper = GivenWeightSets(torch.tensor([[a], [-a]]))  # x0 spread 2 a^2 at every element
-    target, cond = torch.zeros(8, 1), torch.zeros(8, 1)
-    mask = torch.arange(8)[:, None] < 3
-    kl = lambda ratio: 0.5 * (ratio - math.log(ratio) - 1)  # noqa: E731
-    run = lambda config: training_loss(hyper, ConstantBackbone(), make_ddpm(prediction_type="sample"), target,  # noqa: E731
-                                       cond, config, torch.Generator().manual_seed(0), cond + 1.0, mask)
-    plain = run(LossConfig(mode="eu", m_weights=2, lambda_eu=lam, eu_term="kl", prior_std=s))
-    held = run(LossConfig(mode="eu", m_weights=2, lambda_eu=lam, eu_term="kl", prior_std=s, prior_std_outside=s_out))
-    assert "kl_outside" not in plain
-    assert held["kl"].item() == pytest.approx(plain["kl"].item()) == pytest.approx(kl(2 * a**2 / s**2), rel=1e-5)
-    assert held["kl_outside"].item() == pytest.approx(kl(2 * a**2 / s_out**2), rel=1e-5)
-    assert held["loss"].item() == pytest.approx((held["mse"] + lam * (held["kl"] + held["kl_outside"])).item())
-    # inside, a spread below the wide prior is pushed up; outside, one above the narrow prior is pulled down, harder
-    assert torch.autograd.grad(plain["kl"], hyper.bias)[0][0, 0].item() < 0
-    assert torch.autograd.grad(held["kl"] + held["kl_outside"], hyper.bias)[0][0, 0].item() > 0
-    wide = run(LossConfig(mode="eu", m_weights=2, lambda_eu=lam, eu_term="kl", prior_std=s, prior_std_outside=0.1))
-    assert wide["kl_outside"].item() == 0.0  # a spread below the cap: no term, no gradient
-    assert torch.autograd.grad(wide["kl_outside"], hyper.bias)[0][0, 0].item() == 0.0
-    with pytest.raises(ValueError, match="prior_std_outside needs probe_mask"):
-        training_loss(hyper, ConstantBackbone(), make_ddpm(prediction_type="sample"), target, cond,
-                      LossConfig(mode="eu", m_weights=2, lambda_eu=lam, eu_term="kl", prior_std_outside=s_out),
-                      None, cond + 1.0)
-    for bad in ({"eu_term": "l1", "prior_std_outside": s_out}, {"eu_term": "kl", "prior_std_outside": 0.0}):
-        with pytest.raises(ValueError, match="prior_std_outside needs eu_term 'kl' and a value > 0"):
-            LossConfig(mode="eu", m_weights=2, lambda_eu=lam, **bad)
-
-
 class StripeBackbone(nn.Module):
     """Predicts its bias times ``cos(pi w / 2 + pi / 4)`` along the last axis (8 columns): frequency +-2 of 8, which
     are the centred k-space columns 6 and 2."""
@@ -300,6 +268,3 @@ def test_the_trainer_refuses_probes_its_loss_cannot_use(model):
         build({"mode": "standard"}, probes="objects")
     with pytest.raises(ValueError, match="needs probes and eu_term 'kl', got probes 'objects', eu_term 'l1'"):
         build(eu_l1, probes="objects", probe_columns=True)
-    with pytest.raises(ValueError, match=r"training_cfg#prior_std_outside\) .* needs probes 'objects_inside', got "
-                                         "'objects'"):
-        build({**eu_l1, "eu_term": "kl", "prior_std_outside": 0.01}, probes="objects")

@@ -29,11 +29,6 @@ Opt-in options (defaults keep the behaviour above):
   can grow. ``probe_mask`` (same shape as the prediction but one channel, bool) restricts the term to the
   elements where the probe departs from the training input (a pasted object), as noise-contrastive priors do
   (Hafner et al. 2019): the spread is pushed towards the prior there and left to the MSE everywhere else.
-- ``prior_std_outside`` (with ``probe_mask``, ``eu_term="kl"``): a second, one-sided KL, of the spread outside the
-  pasted objects to a narrow prior ``N(mu, prior_std_outside^2)``, counted only where the spread exceeds it and
-  weighted as the first. The MSE alone does not cap the spread on familiar anatomy: a model fine-tuned with the
-  KL inside the objects spreads further on noisier inputs, so EU follows the measurement noise. One-sided, because
-  the entropy part of a full KL would push weight sets that agree apart on every pixel (measured: +50% MSE).
 - ``probe_columns`` (with ``probe_cond``, ``eu_term="kl"``): bool ``[B, W]``, the k-space columns of the last axis
   (centred: column ``W // 2`` is DC) that a measurement fixes, as the phase-encode columns of single-coil MRI. The
   KL then acts on the spread of the predictions' part in the other columns: data consistency moves every draw's
@@ -72,8 +67,8 @@ class LossConfig:
 
     Each mode needs its own keys (:data:`MODE_KEYS`): ``eu`` needs ``m_weights`` and ``lambda_eu``, ``au`` needs
     ``n_noisy`` and ``sigma_noise``; keys of other modes may stay ``None``. ``method`` is the evaluation order of
-    the weight sets (see :func:`hyper_dm.networks.apply_weight_sets`). ``timestep_sampling``, ``eu_term``,
-    ``prior_std`` and ``prior_std_outside`` are the opt-in options of the module docstring.
+    the weight sets (see :func:`hyper_dm.networks.apply_weight_sets`). ``timestep_sampling``, ``eu_term`` and
+    ``prior_std`` are the opt-in options of the module docstring.
 
     Example:
         >>> LossConfig(mode="eu", m_weights=2, lambda_eu=0.01).mode
@@ -89,7 +84,6 @@ class LossConfig:
     timestep_sampling: str = "uniform"
     eu_term: str = "l1"
     prior_std: float = 0.3
-    prior_std_outside: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -102,9 +96,6 @@ class LossConfig:
             )
         if self.prior_std <= 0:
             raise ConfigError(f"prior_std must be > 0, got {self.prior_std}")
-        if self.prior_std_outside is not None and (self.prior_std_outside <= 0 or self.eu_term != "kl"):
-            raise ConfigError(f"prior_std_outside needs eu_term 'kl' and a value > 0, got {self.prior_std_outside} "
-                              f"with eu_term {self.eu_term!r}")
         missing = [k for k in MODE_KEYS[self.mode] if getattr(self, k) is None]
         if missing:
             raise ConfigError(f"training mode {self.mode!r} needs {', '.join(missing)} (training_cfg#... in the "
@@ -135,11 +126,8 @@ def training_loss(
     ``probe_mask [B, 1, ...]`` (bool, with ``probe_cond``): the elements it is averaged over (all when ``None``);
     ``probe_columns [B, W]`` (bool, with ``probe_cond`` and ``eu_term="kl"``): the measured k-space columns whose
     part of the spread the KL leaves out.
-    Returns ``{"loss": scalar to backpropagate, "mse": ..., in mode eu "diversity" (L1) or "kl"}`` (and
-    ``"kl_outside"`` with ``prior_std_outside``).
+    Returns ``{"loss": scalar to backpropagate, "mse": ..., in mode eu "diversity" (L1) or "kl"}``.
     """
-    if config.mode == "eu" and config.prior_std_outside is not None and probe_mask is None:
-        raise ValueError("prior_std_outside needs probe_mask: it holds the spread outside the pasted objects")
     if probe_mask is not None and (probe_cond is None or not bool(probe_mask.any())):
         raise ValueError("probe_mask needs probe_cond and at least one True element: it marks where the probe "
                          "departs from the training input")
@@ -181,22 +169,12 @@ def training_loss(
         x0, _ = to_x0(prediction, rep(x_t), alpha_bar.to(prediction), scheduler.prediction_type)  # [M, B, ...]
         if probe_columns is not None:
             x0 = unmeasured_part(x0, probe_columns.reshape(1, b, *[1] * (x0.ndim - 3), -1))
-        spread = x0.var(dim=0)
-        kl = inside(_kl_to_prior(spread, config.prior_std))
-        if config.prior_std_outside is None:
-            return {"loss": mse + config.lambda_eu * kl, "mse": mse, "kl": kl}
-        cap = config.prior_std_outside
-        kl_outside = _kl_to_prior(spread.clamp_min(cap**2), cap)[~probe_mask.expand_as(spread)].mean()
-        return {"loss": mse + config.lambda_eu * (kl + kl_outside), "mse": mse, "kl": kl, "kl_outside": kl_outside}
+        ratio = x0.var(dim=0) / config.prior_std**2
+        kl = inside(0.5 * (ratio - ratio.clamp_min(1e-12).log() - 1))
+        return {"loss": mse + config.lambda_eu * kl, "mse": mse, "kl": kl}
     i, j = torch.triu_indices(m, m, offset=1)
     diversity = inside((prediction[i] - prediction[j]).abs().mean(dim=0))
     return {"loss": mse - config.lambda_eu * diversity, "mse": mse, "diversity": diversity}
-
-
-def _kl_to_prior(spread: torch.Tensor, prior_std: float) -> torch.Tensor:
-    """Per element, the KL from ``N(mu, spread)`` to ``N(mu, prior_std^2)`` (``spread``: a variance)."""
-    ratio = spread / prior_std**2
-    return 0.5 * (ratio - ratio.clamp_min(1e-12).log() - 1)
 
 
 def unmeasured_part(image: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ class HyperDiffusionTrainer(Trainer):
         probes: mode ``eu``: where its diversity term acts (:data:`~hyper_dm.diffusion.probes.PROBES`): ``"none"``
             (the batch's own inputs), ``"objects"`` (each input with random striped ellipses pasted in,
             :func:`~hyper_dm.diffusion.probes.random_objects`) or ``"objects_inside"`` (the same, the term inside
-            the ellipses only; with ``loss.prior_std_outside``, a narrow prior's KL outside them).
+            the ellipses only).
         probe_columns: with probes and ``eu_term="kl"``, single-coil MRI: the KL acts on the part of the spread in
             k-space columns a random 4x / 8x mask leaves unmeasured (:func:`~hyper_dm.diffusion.probes.random_columns`).
         amp: mixed precision on CUDA (ignored, with a clean fallback, on the CPU).
@@ -93,9 +93,6 @@ class HyperDiffusionTrainer(Trainer):
         if probe_columns and (probes == "none" or loss.eu_term != "kl"):
             raise ConfigError("probe_columns (training_cfg#probe_columns) needs probes and eu_term 'kl', got "
                              f"probes {probes!r}, eu_term {loss.eu_term!r}")
-        if loss.prior_std_outside is not None and probes != "objects_inside":
-            raise ConfigError("prior_std_outside (training_cfg#prior_std_outside) holds the spread outside the pasted "
-                              f"objects: it needs probes 'objects_inside', got {probes!r}")
         device = torch.device(device)
         amp = bool(amp) and device.type == "cuda"
         super().__init__(

@@ -335,6 +335,7 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
         runs = lambda o, key="run_ratios", f="{:.2f}": "; ".join(  # noqa: E731
             " / ".join(f.format(r) for r in x[key]) for x in o)
         percent = lambda o, key: ", ".join(f"{100 * np.mean(x[key]):.2f}%" for x in o)  # noqa: E731 one per case
+        first = lambda o, key: ", ".join(f"{100 * x[key][0]:.2f}%" for x in o)  # noqa: E731  the first run's
         i = lambda key, sel=sel: avg([r["input"] for r in sel], key)  # noqa: E731
         cal = ("| calibrated | " + " | ".join(f"{m(f'coverage_{q}_calibrated'):.3f}" for q in (50, 90, 95)) + " |"
                if calibrated else "| calibrated | (no calibration file given) | | |")
@@ -365,11 +366,12 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                    f"its pixels ({each('coverage_90_body', o, 3)} in the rest of the body). EU inside it over EU "
                    f"on the same pixels of the case without it (median over slices, against one run): "
                    f"{each('same_place_ratio', o, 1)}."
-                   + (f" Pixels flagged unfamiliar by each run (EU above the calibration's {fitted.eu_level:g} "
-                      f"quantile{of_bin}, M weight sets as inference flags them): {percent(o, 'flagged_inside')} of "
-                      f"the object (each run: {runs(o, 'flagged_inside', '{:.2%}')}), {percent(o, 'flagged_body')} of "
-                      f"the rest of the body, {percent(o, 'flagged_clean_body')} of the body without the object (one "
-                      "run)."
+                   + (f" Pixels flagged unfamiliar as inference flags them (EU above the calibration's "
+                      f"{fitted.eu_level:g} quantile{of_bin}, with the M weight sets of the first run, those the "
+                      f"calibration was fitted with when the seeds agree): {first(o, 'flagged_inside')} of the object, "
+                      f"{first(o, 'flagged_body')} of the rest of the body, {percent(o, 'flagged_clean_body')} of the "
+                      f"body without the object; each run's weight sets: {runs(o, 'flagged_inside', '{:.2%}')} of the "
+                      "object (the threshold holds for one draw of weight sets, not for others)."
                       if "flagged_inside" in o[0] else "")
                    + (f" The input check flags {flags(o)} slices of the cases with the object (without it: "
                       f"{flags(sel)})." if checked else ""), "")],

@@ -704,7 +704,7 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     fitted["departures"] = [d / 10 for d in departures]
     fitted["noise_departures"] = [[d / 10 for d in b] for b in by_bin]
     (tmp_path / "calibration.json").write_text(json.dumps(fitted))
-    run = bundle_inference(*common, "--inference_cfg#outdir", str(tmp_path / "again"), "--inference_cfg#M", "3")
+    run = bundle_inference(*common, "--inference_cfg#outdir", str(tmp_path / "again"), "--inference_cfg#seed", "1")
     assert run.returncode == 0, run.stderr[-3000:]
     check = json.loads((tmp_path / "again" / case.name / f"{case.name}_manifest.json").read_text())["input_check"]
     assert check["input_unlike_calibration"] is True
@@ -713,9 +713,9 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     assert f"case {case.name}: the reconstruction moved its input's coarse content further" in run.stdout + run.stderr
     assert "unfamiliar_fraction" not in check and not list((tmp_path / "again").rglob("*_unfamiliar.nii.gz"))
     assert "the calibration holds no EU threshold, so no unfamiliar-pixel map is written" in run.stdout + run.stderr
-    assert fitted["sampling"] == {"M": 2, "N": 2, "steps": 2}  # what the calibration cases were reconstructed with
-    assert "reconstructed with {'M': 3, 'N': 2, 'steps': 2}, the calibration with {'M': 2, 'N': 2, 'steps': 2}" \
-        in run.stdout + run.stderr
+    assert fitted["sampling"] == {"M": 2, "N": 2, "steps": 2, "seed": 0}  # how the calibration cases were made
+    assert "WARNING - case " + case.name + ": reconstructed with {'M': 2, 'N': 2, 'steps': 2, 'seed': 1}, the " \
+        "calibration with {'M': 2, 'N': 2, 'steps': 2, 'seed': 0}" in run.stdout + run.stderr  # other weight sets
     # the unfamiliar map: EU in model units (CT: 1000 HU) above the threshold of each slice's noise bin (the bin
     # whose 90% scale the slice's calibrated std took), a uint8 mask
     assert threshold > 0 and len(bin_thresholds) == 3 and min(bin_thresholds) > 0

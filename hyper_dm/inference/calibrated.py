@@ -98,12 +98,14 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
                        "to inference_cfg#calibration_accelerations and recalibrate)", name, acceleration,
                        ", ".join(f"{a}x" for a in pooled.accelerations),
                        calibration.acceleration)
-    used = {"M": reconstructor.m_weights, "N": reconstructor.n_draws, "steps": len(reconstructor.sampler.timesteps)}
+    used = {"M": reconstructor.m_weights, "N": reconstructor.n_draws, "steps": len(reconstructor.sampler.timesteps),
+            "seed": reconstructor.seed}
     if calibration.sampling and calibration.sampling != {k: used[k] for k in calibration.sampling}:
-        weight_sets_differ = any(calibration.sampling.get(k, used[k]) != used[k] for k in ("M", "N"))
+        weight_sets_differ = any(calibration.sampling.get(k, used[k]) != used[k] for k in ("M", "N", "seed"))
         (logger.warning if weight_sets_differ else logger.info)(
             "%s: reconstructed with %s, the calibration with %s: its scales and EU threshold hold for its own "
-            "settings (fewer weight sets or draws give a noisier EU)", name, used, calibration.sampling)
+            "settings (other weight sets give another EU: with M = 4 its level varies several-fold from seed to "
+            "seed, and fewer weight sets or draws give a noisier one)", name, used, calibration.sampling)
     raw["total_std_calibrated"] = calibration.scale_at(noise).float() * raw["total"].clamp_min(0).sqrt()
     low, high = calibration.noise_range or (0.0, float("inf"))
     if not low <= float(noise.median()) <= high:

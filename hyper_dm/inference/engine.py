@@ -323,8 +323,8 @@ class CalibrationFitter:
     """Ignite handler: collects each case's standardised residuals, per-slice noise levels and EU and, when the run
     completes, fits and saves the split-conformal :class:`~hyper_dm.calibration.Calibration` with ``bins`` noise
     bins to ``path`` (tied to ``checkpoint``'s digest); with two or more MRI ``accelerations`` also one per
-    acceleration, each case counted with the one nearest its mask's. ``sampling`` (``M``, ``N``, ``steps``) records
-    how the cases were reconstructed; ``scale_ratios``: MRI, :func:`scale_ratio_cases`."""
+    acceleration, each case counted with the one nearest its mask's. ``sampling`` (``M``, ``N``, ``steps``, ``seed``)
+    records how the cases were reconstructed; ``scale_ratios``: MRI, :func:`scale_ratio_cases`."""
 
     def __init__(self, path: str, checkpoint: str | None = None, bins: int = 1,
                  accelerations: Sequence[int] | None = None, sampling: Mapping[str, int] | None = None,

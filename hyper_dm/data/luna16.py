@@ -110,7 +110,8 @@ def read_series_header(path: str | Path) -> Luna16Series:
                                       "match the data")
     if element in _FLOAT_TYPES:
         try:
-            check_finite(sitk.GetArrayViewFromImage(sitk.ReadImage(str(path))), path, "the volume")
+            volume = sitk.ReadImage(str(path))  # held by name: the array view borrows its buffer
+            check_finite(sitk.GetArrayViewFromImage(volume), path, "the volume")
         except RuntimeError as e:
             raise BadInputError(path, f"cannot read the volume ({str(e)[:200]})") from e
     return Luna16Series(path=path, seriesuid=path.stem, size=size, spacing_mm=spacing,

@@ -146,12 +146,11 @@ class Calibration:
     holding its ``acceleration`` (``None``: fitted on every mask). ``eu_threshold``: the ``eu_level`` quantile of
     the calibration pixels' EU in model units (``None``: not recorded), ``noise_eu_thresholds`` the same per noise
     bin (empty: one threshold for every slice); ``eu_flagged_max``: the largest fraction of one calibration case's
-    pixels above their thresholds. ``sampling``: the ``M``, ``N``, DDIM ``steps`` and ``seed`` (the
-    weight sets) the calibration cases were reconstructed with (empty: not recorded); scales and threshold hold for
-    those. ``scale_ratio``: MRI, the
-    median over the cases measured for it (:func:`hyper_dm.inference.scale_ratio_cases`: files of the training and
-    validation splits) of their magnitude scale over their zero-filled image's (``None``: not recorded),
-    ``scale_ratio_range`` the lowest and highest.
+    pixels above their thresholds. ``sampling``: the ``M``, ``N``, DDIM ``steps`` and ``seed`` (the weight sets)
+    the calibration cases were reconstructed with (empty: not recorded); scales and threshold hold for those.
+    ``scale_ratio``: MRI, the median over the cases measured for it (:func:`hyper_dm.inference.scale_ratio_cases`:
+    files of the training and validation splits) of their magnitude scale over their zero-filled image's (``None``:
+    not recorded), ``scale_ratio_range`` the lowest and highest.
     """
 
     scales: dict[str, float]

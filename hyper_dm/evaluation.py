@@ -166,8 +166,9 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
         against the same pixels of the case without it (``clean_out``: its calibrated reconstruction): ratios of EU
         (the mean map of ``repeats`` runs, and each run's), squared error (on the output grid and on the model
         grid, where sub-grid detail averages out) and predicted variance, the (calibrated) 90% coverage, the
-        fractions of pixels flagged unfamiliar (each run's, where the calibration records an EU threshold), and the
-        maps of the middle slice; all but EU and the flags from the first run."""
+        fractions of pixels flagged unfamiliar (each run's, where the calibration records an EU threshold), the
+        squared error of the mean on the rest of the body over the case without the object's (what the object costs
+        the rest of the image), and the maps of the middle slice; all but EU and the flags from the first run."""
         raw = run(case)
         runs = [raw["eu"][0].numpy()] + [reconstructor.with_seed(reconstructor.seed + k).reconstruct_case(case)["eu"][0]
                                          .numpy() for k in range(1, repeats)]  # EU [X, Y, Z] of each run
@@ -194,6 +195,8 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 "grid_error_ratio": inside_over_body(coarse_error, coarse(mask) > 0.5, coarse(body) > 0.5),
                 "total_ratio": inside_over_body(raw["total"][0].numpy(), mask, body),
                 "same_place_ratio": median_slice_ratio(eu, mask, clean_out["eu"][0].numpy(), mask), **flagged,
+                "body_error_ratio": float((error[body & ~mask] ** 2).mean()
+                                          / ((clean_out["mean"][0].numpy() - clean)[body & ~mask] ** 2).mean()),
                 "coverage_90_inside": float(covered[mask].mean()),
                 "coverage_90_body": float(covered[body & ~mask].mean()),
                 "eu_inside": float(eu[mask].mean()), "eu_body": float(eu[body & ~mask].mean()), **case_flags,
@@ -365,7 +368,9 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                    f"{'Calibrated' if calibrated else 'Raw'} 90% intervals cover {each('coverage_90_inside', o, 3)} of "
                    f"its pixels ({each('coverage_90_body', o, 3)} in the rest of the body). EU inside it over EU "
                    f"on the same pixels of the case without it (median over slices, against one run): "
-                   f"{each('same_place_ratio', o, 1)}."
+                   f"{each('same_place_ratio', o, 1)}. Outside it, on the rest of the body, the mean's squared error "
+                   f"is {each('body_error_ratio', o)} times that of the case without it (what the object costs the "
+                   "rest of the image)."
                    + (f" Pixels flagged unfamiliar as inference flags them (EU above the calibration's "
                       f"{fitted.eu_level:g} quantile{of_bin}, with the M weight sets of the first run, those the "
                       f"calibration was fitted with when the seeds agree): {first(o, 'flagged_inside')} of the object, "

@@ -129,6 +129,8 @@ def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
         assert len(r["flagged_inside"]) == len(r["flagged_body"]) == 2
         assert all(f > 0.5 for f in flags) if r["setting"] == "4x" else flags == [0.0] * 5, (r["setting"], flags)
         assert np.isfinite(r["same_place_ratio"]) and r["same_place_ratio"] > 0
+        assert np.isfinite(r["body_error_ratio"]) and r["body_error_ratio"] > 0
+        assert f"the mean's squared error is {r['body_error_ratio']:.2f} times that of the case without it" in text
         assert f"EU on the same pixels of the case without it (median over slices, against one run): " \
                f"{r['same_place_ratio']:.1f}." in text
         first, second = r["flagged_inside"]

@@ -148,7 +148,8 @@ class Calibration:
     the calibration pixels' EU in model units (``None``: not recorded), ``noise_eu_thresholds`` the same per noise
     bin (empty: one threshold for every slice); ``eu_flagged_max``: the largest fraction of one calibration case's
     pixels above their thresholds. ``sampling``: the ``M``, ``N``, DDIM ``steps`` and ``seed`` (the weight sets)
-    the calibration cases were reconstructed with (empty: not recorded); scales and threshold hold for those.
+    the calibration cases were reconstructed with and ``weight_draws`` (how their latents were drawn; absent:
+    ``"iid"``, before metadata 0.11.0) (empty: not recorded); scales and threshold hold for those.
     ``scale_ratio``: MRI, the median over the cases measured for it (:func:`hyper_dm.inference.scale_ratio_cases`:
     files of the training and validation splits) of their magnitude scale over their zero-filled image's (``None``:
     not recorded), ``scale_ratio_range`` the lowest and highest.
@@ -171,7 +172,7 @@ class Calibration:
     noise_eu_thresholds: list[float] = field(default_factory=list)
     eu_level: float = UNFAMILIAR_LEVEL
     eu_flagged_max: float | None = None
-    sampling: dict[str, int] = field(default_factory=dict)
+    sampling: dict[str, int | str] = field(default_factory=dict)
     scale_ratio: float | None = None
     scale_ratio_range: list[float] = field(default_factory=list)
 
@@ -316,7 +317,7 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                     bins: int = 1, checkpoint_sha256: str = "", levels: Sequence[float] = LEVELS,
                     reference_level: float = 0.9, departures: Sequence[torch.Tensor] = (),
                     accelerations: Sequence[float] = (), acceleration_groups: Sequence[float] = (),
-                    eu: Sequence[torch.Tensor] = (), sampling: dict[str, int] | None = None,
+                    eu: Sequence[torch.Tensor] = (), sampling: dict[str, int | str] | None = None,
                     scale_ratios: Sequence[float] = ()) -> Calibration:
     """Split-conformal std scales (see the module docstring) from per-case standardised residuals ``[Z, P]`` and,
     for ``bins > 1``, the cases' per-slice noise levels ``[Z]`` (at most one bin per slice); ``departures``: the

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 from conftest import SMALL_MODEL
@@ -29,6 +30,21 @@ from hyper_dm.physics.mri import center_crop, ifft2c
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import evaluate  # noqa: E402  (scripts/evaluate.py)
+import weight_draws_study  # noqa: E402  (scripts/weight_draws_study.py)
+
+SMALL_OVERRIDES = ["model.channels=[16,16,16]", "model.attention_levels=[false,false,false]",
+                   "model.norm_num_groups=8", "model.num_head_channels=8"]  # SMALL_MODEL as script overrides
+KNEE_CONFIG = REPO / "bundle" / "configs" / "knee_singlecoil.yaml"
+
+
+def small_knee_model(path: Path) -> Path:
+    """An untrained :data:`SMALL_MODEL` knee HyperNetwork saved as training saves ``model.pt``, at ``path``."""
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundle" / "configs" / n) for n in ("common.yaml", "inference.yaml")]
+                       + [str(KNEE_CONFIG)])
+    parser.update({**SMALL_MODEL, "device": "$torch.device('cpu')"})
+    torch.save({"hypernet": parser.get_parsed_content("network").state_dict()}, path)
+    return path
 
 
 def test_unfamiliar_objects_lie_where_their_masks_say(tmp_path):
@@ -90,13 +106,7 @@ def test_the_model_grid_keeps_an_objects_coarse_error_and_averages_out_its_sub_g
 
 def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
     write_fastmri_knee_like(tmp_path / "knee", n_files=3, seed=1, n_slices=(2, 2))
-    parser = ConfigParser()
-    configs = REPO / "bundle" / "configs"
-    parser.read_config([str(configs / n) for n in ("common.yaml", "inference.yaml", "knee_singlecoil.yaml")])
-    parser.update({**SMALL_MODEL, "device": "$torch.device('cpu')"})
-    torch.save({"hypernet": parser.get_parsed_content("network").state_dict()}, tmp_path / "knee.pt")
-    small = ["model.channels=[16,16,16]", "model.attention_levels=[false,false,false]", "model.norm_num_groups=8",
-             "model.num_head_channels=8"]
+    ckpt = small_knee_model(tmp_path / "knee.pt")
     out = tmp_path / "report"
     # per acceleration: at 4x 99 calibration slices that never moved their input and pixels that never had EU (every
     # 4x slice and pixel with EU > 0 evaluated here is flagged), at 8x 99 that moved it and EU further than anything
@@ -105,10 +115,10 @@ def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
                                departures=[d] * 99, eu_threshold=d if d > 1 else 0.0)
     unmoved = Calibration(scales={str(q): 1.0 for q in LEVELS}, n_pixels=1, n_cases=1, departures=[1.0] * 99,
                           accelerations={"4": at(1e-12), "8": at(1e12)}, eu_threshold=1.0)
-    assert evaluate.main(["--ckpt", str(tmp_path / "knee.pt"), "--config", str(configs / "knee_singlecoil.yaml"),
+    assert evaluate.main(["--ckpt", str(ckpt), "--config", str(KNEE_CONFIG),
                           "--out", str(out), "--M", "2", "--N", "2", "--steps", "2", "--repeats", "2",
                           "--calibration", str(unmoved.save(tmp_path / "calibration.json")),
-                          f"data.dataset_dir={tmp_path / 'knee'}", *small]) == 0
+                          f"data.dataset_dir={tmp_path / 'knee'}", *SMALL_OVERRIDES]) == 0
     text = (out / "report.md").read_text()
     for setting in ("4x", "8x"):
         assert f"## {setting} acceleration: quality" in text and f"## {setting} acceleration: aleatoric" in text
@@ -186,3 +196,25 @@ def test_bundle_evaluate_run_writes_the_ct_report(tmp_path, checkpoint):
     assert f"90% intervals cover {square['coverage_90_inside']:.3f} of its pixels" in text and "checkered" in text
     assert (out / "ood_object_square.png").stat().st_size > 0 and "![square](ood_object_square.png)" in text
     assert not list(out.glob(".*"))  # no temporary files left by the atomic writes
+
+
+def test_weight_draws_study_tables_each_budget_and_way_of_drawing(tmp_path, capsys):
+    """scripts/weight_draws_study.py (docs/recipes.md, "Balanced weight sets") on a small untrained knee model: one
+    row per budget and way of drawing the latents, each with one EU level and one ratio per object for every seed."""
+    write_fastmri_knee_like(tmp_path / "knee", n_files=3, seed=1, n_slices=(2, 2))
+    ckpt = small_knee_model(tmp_path / "knee.pt")
+    assert weight_draws_study.main(["--ckpt", str(ckpt), "--config", str(KNEE_CONFIG), "--budgets", "3x2",
+                                    "--seeds", "2", "--steps", "2", f"data.dataset_dir={tmp_path / 'knee'}",
+                                    *SMALL_OVERRIDES]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 3 x 2 |")]
+    assert [row[1] for row in rows] == ["iid", "balanced"]
+    for row in rows:
+        levels = [float(x) for x in row[2].split(" / ")]
+        assert len(levels) == 2 and all(np.isfinite(levels)) and min(levels) > 0
+        assert float(row[3]) == pytest.approx(max(levels) / min(levels), rel=0.05)
+        for ratios in row[5:7]:  # the lesion and the square
+            per_seed = [float(x) for x in ratios.split(" (")[0].split(" / ")]
+            assert len(per_seed) == 2 and min(per_seed) > 0
+    assert rows[0][2] != rows[1][2]  # other latents, other weight sets
+    with pytest.raises(SystemExit):
+        weight_draws_study.main(["--ckpt", str(ckpt), "--budgets", "1x4"])

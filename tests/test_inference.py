@@ -699,8 +699,10 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     assert metrics["input_unlike_calibration"] is False and metrics["input_departure_p"] > 0.01
     assert manifest["input_check"]["slices_unlike_calibration"] == len(manifest["input_check"]["flagged_slices"])
     # a calibration whose inputs the model followed ten times closer: every slice of the same input departs further;
-    # written before 0.9.8 (no EU threshold), so no unfamiliar map
+    # written before 0.9.8 (no EU threshold, so no unfamiliar map; weight sets from iid latents)
+    assert fitted["sampling"] == {"M": 2, "N": 2, "steps": 2, "seed": 0, "weight_draws": "balanced"}  # how it was made
     threshold, bin_thresholds = fitted.pop("eu_threshold"), fitted.pop("noise_eu_thresholds")
+    del fitted["sampling"]["weight_draws"]
     fitted["departures"] = [d / 10 for d in departures]
     fitted["noise_departures"] = [[d / 10 for d in b] for b in by_bin]
     (tmp_path / "calibration.json").write_text(json.dumps(fitted))
@@ -713,9 +715,9 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     assert f"case {case.name}: the reconstruction moved its input's coarse content further" in run.stdout + run.stderr
     assert "unfamiliar_fraction" not in check and not list((tmp_path / "again").rglob("*_unfamiliar.nii.gz"))
     assert "the calibration holds no EU threshold, so no unfamiliar-pixel map is written" in run.stdout + run.stderr
-    assert fitted["sampling"] == {"M": 2, "N": 2, "steps": 2, "seed": 0}  # how the calibration cases were made
-    assert "WARNING - case " + case.name + ": reconstructed with {'M': 2, 'N': 2, 'steps': 2, 'seed': 1}, the " \
-        "calibration with {'M': 2, 'N': 2, 'steps': 2, 'seed': 0}" in run.stdout + run.stderr  # other weight sets
+    assert "WARNING - case " + case.name + ": reconstructed with {'M': 2, 'N': 2, 'steps': 2, 'seed': 1, " \
+        "'weight_draws': 'balanced'}, the calibration with {'M': 2, 'N': 2, 'steps': 2, 'seed': 0, 'weight_draws': " \
+        "'iid'}" in run.stdout + run.stderr  # other weight sets
     # the unfamiliar map: EU in model units (CT: 1000 HU) above the threshold of each slice's noise bin (the bin
     # whose 90% scale the slice's calibrated std took), a uint8 mask
     assert threshold > 0 and len(bin_thresholds) == 3 and min(bin_thresholds) > 0

@@ -6,7 +6,7 @@ import torch
 from monai.inferers import Inferer
 
 from ..data.transforms import stable_seed
-from ..networks.hypernet import HyperNetwork
+from ..networks.hypernet import WEIGHT_DRAWS, HyperNetwork
 from .sampler import HyperDDIMSampler, SampleResult
 
 __all__ = ["HyperDiffusionInferer"]
@@ -15,9 +15,10 @@ __all__ = ["HyperDiffusionInferer"]
 class HyperDiffusionInferer(Inferer):
     """Draws ``m_weights`` weight sets from the HyperNetwork and ``n_draws`` DDIM samples per set.
 
-    The M weight sets come from ``seed`` alone, so every batch sees the same ensemble; the diffusion noise comes from
-    ``seed`` and the call's ``batch_index``, so batches start from fresh noise. Results depend on these two only,
-    never on what ran before (the evaluator passes the batch's index in its run).
+    The M weight sets come from ``seed`` alone (balanced latents, :data:`~hyper_dm.networks.hypernet.WEIGHT_DRAWS`), so
+    every batch sees the same ensemble; the diffusion noise comes from ``seed`` and the call's ``batch_index``, so
+    batches start from fresh noise. Results depend on these two only, never on what ran before (the evaluator passes the
+    batch's index in its run).
 
     Args:
         sampler: the DDIM sampler (steps, eta, spacing, clipping, chunking).
@@ -42,7 +43,7 @@ class HyperDiffusionInferer(Inferer):
                  batch_index: int = 0) -> SampleResult:
         """``inputs``: conditions ``[B, C_cond, H, W]``; ``network``: the HyperNetwork (its ``target`` runs);
         ``batch_index``: selects the diffusion noise."""
-        weights = network(network.sample_z(self.m_weights, torch.Generator().manual_seed(self.seed)))
+        weights = network(network.sample_z(self.m_weights, torch.Generator().manual_seed(self.seed), WEIGHT_DRAWS))
         noise = torch.Generator().manual_seed(stable_seed(self.seed, "noise", int(batch_index)))
         return self.sampler.sample(
             network.target, weights, inputs, self.n_draws, noise, keep_samples=self.keep_samples, channels=channels

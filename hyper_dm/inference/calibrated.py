@@ -99,13 +99,14 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
                        ", ".join(f"{a}x" for a in pooled.accelerations),
                        calibration.acceleration)
     used = {"M": reconstructor.m_weights, "N": reconstructor.n_draws, "steps": len(reconstructor.sampler.timesteps),
-            "seed": reconstructor.seed}
-    if calibration.sampling and calibration.sampling != {k: used[k] for k in calibration.sampling}:
-        weight_sets_differ = any(calibration.sampling.get(k, used[k]) != used[k] for k in ("M", "N", "seed"))
+            "seed": reconstructor.seed, "weight_draws": reconstructor.weight_draws}
+    fitted = {**calibration.sampling, "weight_draws": calibration.sampling.get("weight_draws", "iid")}  # before 0.11
+    if calibration.sampling and fitted != {k: used[k] for k in fitted}:
+        weight_sets_differ = any(fitted.get(k, used[k]) != used[k] for k in ("M", "N", "seed", "weight_draws"))
         (logger.warning if weight_sets_differ else logger.info)(
             "%s: reconstructed with %s, the calibration with %s: its scales and EU threshold hold for its own "
             "settings (other weight sets give another EU: with M = 4 its level varies several-fold from seed to "
-            "seed, and fewer weight sets or draws give a noisier one)", name, used, calibration.sampling)
+            "seed, and fewer weight sets or draws give a noisier one)", name, used, fitted)
     raw["total_std_calibrated"] = calibration.scale_at(noise).float() * raw["total"].clamp_min(0).sqrt()
     low, high = calibration.noise_range or (0.0, float("inf"))
     if not low <= float(noise.median()) <= high:

@@ -321,16 +321,17 @@ def scale_ratio_cases(data: Mapping, noise_levels: Sequence[float], acceleration
 
 class CalibrationFitter:
     """Ignite handler: collects each case's standardised residuals, per-slice noise levels and EU and, when the run
-    completes, fits and saves the split-conformal :class:`~hyper_dm.calibration.Calibration` with ``bins`` noise
-    bins to ``path`` (tied to ``checkpoint``'s digest); with two or more MRI ``accelerations`` also one per
-    acceleration, each case counted with the one nearest its mask's. ``sampling`` (``M``, ``N``, ``steps``, ``seed``)
-    records how the cases were reconstructed; ``scale_ratios``: MRI, :func:`scale_ratio_cases`."""
+    completes, fits and saves the split-conformal :class:`~hyper_dm.calibration.Calibration` with ``bins`` noise bins to
+    ``path`` (tied to ``checkpoint``'s digest); with two or more MRI ``accelerations`` also one per acceleration, each
+    case counted with the one nearest its mask's. ``sampling`` (``M``, ``N``, ``steps``, ``seed``) records how the cases
+    were reconstructed, with how the weight sets' latents were drawn (``weight_draws``); ``scale_ratios``: MRI,
+    :func:`scale_ratio_cases`."""
 
     def __init__(self, path: str, checkpoint: str | None = None, bins: int = 1,
                  accelerations: Sequence[int] | None = None, sampling: Mapping[str, int] | None = None,
                  scale_ratios: Sequence[tuple[float, float]] = ()) -> None:
         self.path, self.checkpoint, self.bins = path, checkpoint, int(bins)
-        self.sampling = {key: int(value) for key, value in (sampling or {}).items()}
+        self.sampling: dict[str, int | str] = {key: int(value) for key, value in (sampling or {}).items()}
         self.scale_ratios = list(scale_ratios)
         self.groups = list(accelerations or [])
         self.residuals: list[torch.Tensor] = []
@@ -351,6 +352,7 @@ class CalibrationFitter:
             self.departures.append(engine.state.output["departure"])
             self.eu.append(engine.state.output["eu_samples"])
             self.accelerations.append(engine.state.output["acceleration"])
+            self.sampling["weight_draws"] = engine.reconstructor.weight_draws
 
     def fit(self, engine: Evaluator | None = None) -> Calibration:
         digest = sha256_file(self.checkpoint) if self.checkpoint and Path(self.checkpoint).is_file() else ""

@@ -29,6 +29,7 @@ from ..data.intensity import physical_map
 from ..data.validation import BadInputError
 from ..engines.checkpoint import read_checkpoint
 from ..io import safe_stem
+from ..networks.hypernet import WEIGHT_DRAWS
 from .calibrated import apply_calibration, load_calibration, scale_like_calibration
 from .inputs import case_id_of
 from .loading import InputMode, load_case, to_source_layout, zero_filled_scales
@@ -86,15 +87,17 @@ class HyperDM:
         model.network.load_state_dict(load_hypernet_state(ckpt, next(model.network.parameters()).device, record))
         return model
 
-    def reconstructor(self, M: int, N: int, steps: int | None = None, seed: int = 0) -> VolumeReconstructor:
+    def reconstructor(self, M: int, N: int, steps: int | None = None, seed: int = 0,
+                      weight_draws: str = WEIGHT_DRAWS) -> VolumeReconstructor:
         """A :class:`VolumeReconstructor` over this model's network with the bundle's sampler settings (``steps``
-        overrides ``ddim_steps``); only the sampler is built anew."""
+        overrides ``ddim_steps``; ``weight_draws``: how its latents are drawn); only the sampler is built anew."""
         self.parser["reconstructor#sampler#steps"] = "@diffusion#ddim_steps" if steps is None else int(steps)
         self.parser.parse(reset=True)
         sampler = self.parser.get_parsed_content("reconstructor#sampler", instantiate=True)
         settings = self.parser.get_parsed_content("inference_cfg")
         return VolumeReconstructor(self.network, sampler, img_size=int(self.data["img_size"]), m_weights=int(M),
-                                   n_draws=int(N), slice_batch=int(settings["slice_batch"]), seed=int(seed))
+                                   n_draws=int(N), slice_batch=int(settings["slice_batch"]), seed=int(seed),
+                                   weight_draws=weight_draws)
 
     def reconstruct(self, volume: str | Path | MetaTensor, M: int = 4, N: int = 4, steps: int | None = None,
                     mode: str = "measured", seed: int = 0) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The front door: a volume in, its reconstruction with EU/AU/total variance out, at the volume's own grid.
 
-The 2-D model runs slice by slice on its ``img_size`` grid with one fixed set of M weight sets for the whole
-volume (drawn once per call), N DDIM draws per weight set; ``slice_batch`` slices go to the sampler at once, which
-groups their draws into network calls (``call_batch``) and runs them at its ``precision``.
+The 2-D model runs slice by slice on its ``img_size`` grid with one fixed set of M weight sets for the whole volume
+(drawn once per call, from balanced latents by default), N DDIM draws per weight
+set; ``slice_batch`` slices go to the sampler at once, which groups their draws into network calls (``call_batch``) and
+runs them at its ``precision``.
 Conditions are resized to the model grid (area averaging) when their in-plane size differs, and the outputs are
 resized back to the requested output size: the mean bicubic, the variances bilinear (which keeps them non-negative).
 An MRI case also brings its measured k-space: each draw, upsampled, is moved towards the measured columns as far as
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from ..diffusion.sampler import HyperDDIMSampler
 from ..networks.backbone import noise_level
 from ..networks.ensemble import DeepEnsemble
-from ..networks.hypernet import HyperNetwork
+from ..networks.hypernet import WEIGHT_DRAWS, HyperNetwork
 from ..uncertainty import Decomposition, decompose
 
 __all__ = ["OUTPUTS", "VolumeReconstructor", "resize_slices"]
@@ -62,6 +63,8 @@ class VolumeReconstructor:
         m_weights: M, weight sets per volume. ``n_draws``: N, draws per weight set.
         slice_batch: slices per sampler call (the statistics of ``slice_batch`` slices are held at once).
         seed: seed of the weight sets and of the diffusion noise; the same call gives the same result.
+        weight_draws: how the M latents are drawn, ``"balanced"`` (:func:`~hyper_dm.networks.balance_latents`) or
+            ``"iid"``; a calibration records it.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class VolumeReconstructor:
         n_draws: int = 4,
         slice_batch: int = 8,
         seed: int = 0,
+        weight_draws: str = WEIGHT_DRAWS,
     ) -> None:
         if m_weights < 1 or n_draws < 1 or slice_batch < 1:
             raise ValueError(f"M, N and slice_batch must be >= 1, got M={m_weights}, N={n_draws}, "
@@ -86,7 +90,7 @@ class VolumeReconstructor:
                            "EU holds the whole spread")
         self.network, self.sampler = network, sampler
         self.img_size, self.m_weights, self.n_draws = img_size, m_weights, n_draws
-        self.slice_batch, self.seed = slice_batch, seed
+        self.slice_batch, self.seed, self.weight_draws = slice_batch, seed, weight_draws
 
     def with_seed(self, seed: int) -> VolumeReconstructor:
         """This reconstructor drawing other weight sets and other diffusion noise (``seed``); nothing is copied
@@ -138,7 +142,7 @@ class VolumeReconstructor:
         device = next(self.network.parameters()).device
         generator = torch.Generator().manual_seed(self.seed)
         self.network.eval()
-        weights = self.network(self.network.sample_z(self.m_weights, generator))  # once per volume
+        weights = self.network(self.network.sample_z(self.m_weights, generator, self.weight_draws))  # once per volume
         outputs = {name: torch.empty(1, *out_size, z) for name in OUTPUTS}
         for start in range(0, z, self.slice_batch):
             index = slice(start, min(start + self.slice_batch, z))

@@ -3,7 +3,7 @@
 from .backbone import ConditionalMLP, ConditionalUNet, noise_level, timestep_embedding
 from .ensemble import DeepEnsemble, hyper_network
 from .functional import METHODS, apply_weight_sets
-from .hypernet import HyperNetwork
+from .hypernet import WEIGHT_DRAWS, HyperNetwork, balance_latents
 
-__all__ = ["ConditionalMLP", "ConditionalUNet", "DeepEnsemble", "HyperNetwork", "METHODS", "apply_weight_sets",
-           "hyper_network", "noise_level", "timestep_embedding"]
+__all__ = ["ConditionalMLP", "ConditionalUNet", "DeepEnsemble", "HyperNetwork", "METHODS", "WEIGHT_DRAWS",
+           "apply_weight_sets", "balance_latents", "hyper_network", "noise_level", "timestep_embedding"]

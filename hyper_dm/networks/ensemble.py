@@ -44,9 +44,9 @@ class DeepEnsemble(nn.Module):
     def target(self) -> nn.Module:
         return self.members[0].target
 
-    def sample_z(self, m: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``m`` latent draws ``[m, z_dim]`` (row ``i`` feeds member ``i mod K``)."""
-        return self.members[0].sample_z(m, generator)
+    def sample_z(self, m: int, generator: torch.Generator | None = None, draws: str = "iid") -> torch.Tensor:
+        """``m`` latent draws ``[m, z_dim]`` (row ``i`` feeds member ``i mod K``; ``draws``: as the HyperNetwork's)."""
+        return self.members[0].sample_z(m, generator, draws)
 
     def check_weight_sets(self, m: int) -> None:
         """Raise ``ValueError`` unless ``m`` weight sets give every member the same number."""

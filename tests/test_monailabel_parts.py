@@ -142,4 +142,4 @@ def test_the_shipped_model_scores_the_study_with_an_unfamiliar_object_highest(tm
               ["mean_eu_body"] for name, path in studies.items()}
     ranked = sorted(scores, key=scores.get, reverse=True)
     assert ranked[0] == "object", scores
-    assert scores["object"] > 1.05 * scores[ranked[1]], scores  # the two normal studies differ by about 1.5%
+    assert scores["object"] > 1.05 * scores[ranked[1]], scores  # measured: 130x; the two normal studies 11% apart

@@ -9,8 +9,9 @@ The first test case (every ``--every``-th slice; CT: the benchmark's measurement
 with each unfamiliar object of the evaluation (:data:`hyper_dm.evaluation.OBJECTS`), reconstructed with the weight sets
 of seeds ``0 .. seeds - 1`` for each budget (``M x N``) and each way of drawing the latents (``iid``: ``z ~ N(0, I)``;
 ``balanced``: :func:`hyper_dm.networks.balance_latents`, what inference does). Per row: the mean EU over the body (model
-units, EU over the squared magnitude scale) of each seed, their max / min and coefficient of variation, and for each
-object its EU over the rest of the body's (median over slices) of each seed; the seconds the row took.
+units, EU over the squared magnitude scale) of each seed, their max / min and coefficient of variation, the AUSE of
+the total variance against the mean's error on the case without an object, and for each object its EU over the rest
+of the body's (median over slices) of each seed; the seconds the row took.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hyper_dm.config import parse_overrides
 from hyper_dm.data import resolve_data_config, split_cases
 from hyper_dm.evaluation import MRI_ACCELERATIONS, OBJECTS, inside_over_body
 from hyper_dm.inference import HyperDM, load_case
+from hyper_dm.uncertainty import ause
 
 
 def every(case: dict, step: int) -> dict:
@@ -69,19 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     gain = cases["clean"]["gain"].numpy()
     print(f"{args.ckpt}, test case {entry['case_id']}, {label.shape[-1]} slices, {args.steps} DDIM steps")
     print(f"| M x N | latents | mean body EU (model units) per seed | max / min | cv | "
-          f"{' | '.join(f'{name} EU ratio per seed' for name in masks)} | seconds |")
-    print(f"| --- | --- | --- | --- | --- | {' | '.join('---' for _ in masks)} | --- |")
+          f"AUSE per seed | {' | '.join(f'{name} EU ratio per seed' for name in masks)} | seconds |")
+    print(f"| --- | --- | --- | --- | --- | --- | {' | '.join('---' for _ in masks)} | --- |")
     for m, n in budgets:
         for draws in args.draws:
-            levels, ratios, start = [], {name: [] for name in masks}, time.perf_counter()
+            levels, sparsity, ratios, start = [], [], {name: [] for name in masks}, time.perf_counter()
             for seed in range(args.seeds):
                 recon = model.reconstructor(m, n, args.steps, seed=seed, weight_draws=draws)
-                eu = {name: recon.reconstruct_case(case)["eu"][0].numpy() for name, case in cases.items()}
+                outputs = {name: recon.reconstruct_case(case) for name, case in cases.items()}
+                eu = {name: out["eu"][0].numpy() for name, out in outputs.items()}
                 levels.append(float((eu["clean"] / gain**2)[body].mean()))
+                error = (outputs["clean"]["mean"] - cases["clean"]["label"]).abs()
+                sparsity.append(ause(outputs["clean"]["total"].flatten(), error.flatten()))
                 for name, mask in masks.items():
                     ratios[name].append(inside_over_body(eu[name], mask, body))
             print(f"| {m} x {n} | {draws} | {' / '.join(f'{x:.3g}' for x in levels)} | "
                   f"{max(levels) / min(levels):.1f} | {np.std(levels) / np.mean(levels):.2f} | "
+                  f"{' / '.join(f'{x:.3f}' for x in sparsity)} | "
                   + " | ".join(f"{' / '.join(f'{x:.2f}' for x in r)} (min {min(r):.2f}, median {np.median(r):.2f})"
                                for r in ratios.values())
                   + f" | {time.perf_counter() - start:.0f} |", flush=True)

@@ -212,7 +212,8 @@ def test_weight_draws_study_tables_each_budget_and_way_of_drawing(tmp_path, caps
         levels = [float(x) for x in row[2].split(" / ")]
         assert len(levels) == 2 and all(np.isfinite(levels)) and min(levels) > 0
         assert float(row[3]) == pytest.approx(max(levels) / min(levels), rel=0.05)
-        for ratios in row[5:7]:  # the lesion and the square
+        assert all(0 <= float(x) < 1 for x in row[5].split(" / "))  # AUSE
+        for ratios in row[6:8]:  # the lesion and the square
             per_seed = [float(x) for x in ratios.split(" (")[0].split(" / ")]
             assert len(per_seed) == 2 and min(per_seed) > 0
     assert rows[0][2] != rows[1][2]  # other latents, other weight sets

@@ -1,9 +1,8 @@
 """The front door: a volume in, its reconstruction with EU/AU/total variance out, at the volume's own grid.
 
 The 2-D model runs slice by slice on its ``img_size`` grid with one fixed set of M weight sets for the whole volume
-(drawn once per call, from balanced latents by default), N DDIM draws per weight
-set; ``slice_batch`` slices go to the sampler at once, which groups their draws into network calls (``call_batch``) and
-runs them at its ``precision``.
+(drawn once per call, from balanced latents by default), N DDIM draws per weight set; ``slice_batch`` slices go to the
+sampler at once, which groups their draws into network calls (``call_batch``) and runs them at its ``precision``.
 Conditions are resized to the model grid (area averaging) when their in-plane size differs, and the outputs are
 resized back to the requested output size: the mean bicubic, the variances bilinear (which keeps them non-negative).
 An MRI case also brings its measured k-space: each draw, upsampled, is moved towards the measured columns as far as

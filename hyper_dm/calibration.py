@@ -30,8 +30,8 @@ sets of a model trained to disagree where it is unsure also disagree more on a n
 over all noise levels is then set by the noisiest slices and sees nothing on a quiet one. A pixel above its slice's
 threshold is flagged unfamiliar (:meth:`Calibration.unfamiliar`); on data like the calibration's, at most a fraction
 ``1 - eu_level`` of pixels are (neighbours correlate, so the guarantee is empirical). The threshold holds for the
-weight sets it was fitted with (their ``M`` and seed, :attr:`Calibration.sampling`): EU from fewer is noisier, and
-another draw of weight sets gives EU another level.
+weight sets it was fitted with (their ``M``, seed and way of drawing latents, :attr:`Calibration.sampling`): EU from
+fewer is noisier, and another draw of weight sets gives EU another level.
 
 MRI masks of different accelerations leave different amounts open at the same noise level (an 8x input even reads a
 lower noise level than a 4x one), so a calibration fitted on several accelerations also holds one complete

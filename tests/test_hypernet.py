@@ -51,7 +51,7 @@ def test_balanced_latents_are_centred_and_spread_evenly(m):
     rank = min(m - 1, 8)  # every direction the draws span gets an equal share of the trace
     assert torch.allclose(spread[-rank:], torch.full((rank,), 8.0 / rank), rtol=1e-4)
     assert (spread[:-rank].abs() < 1e-5).all()
-    with pytest.raises(ValueError, match="draws must be 'iid' or 'balanced', got 'sobol'"):
+    with pytest.raises(ValueError, match=r"draws must be one of \('iid', 'balanced'\), got 'sobol'"):
         hyper.sample_z(m, draws="sobol")
 
 
@@ -180,6 +180,13 @@ def test_a_deep_ensemble_hands_out_each_members_weight_sets_in_turn():
         torch.testing.assert_close(weights[name][0::2], own[0][name])  # sets 0, 2: member 0 from its own z
         torch.testing.assert_close(weights[name][1::2], own[1][name])
     assert ensemble.target is members[0].target
+    # balanced latents are balanced per member: with M = K each member's one latent is its iid draw
+    iid = ensemble.sample_z(4, torch.Generator().manual_seed(3))
+    balanced = ensemble.sample_z(4, torch.Generator().manual_seed(3), draws="balanced")
+    for member in (0, 1):
+        torch.testing.assert_close(balanced[member::2], balance_latents(iid[member::2]))
+    torch.testing.assert_close(ensemble.sample_z(2, torch.Generator().manual_seed(3), draws="balanced"),
+                               ensemble.sample_z(2, torch.Generator().manual_seed(3)))
     with pytest.raises(ValueError, match="M=3: a deep ensemble of 2 members needs M a multiple of 2"):
         ensemble(z[:3])
     with pytest.raises(ValueError, match="share one architecture"):

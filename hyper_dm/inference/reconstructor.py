@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..diffusion.sampler import HyperDDIMSampler
 from ..networks.backbone import noise_level
 from ..networks.ensemble import DeepEnsemble
-from ..networks.hypernet import WEIGHT_DRAWS, HyperNetwork
+from ..networks.hypernet import LATENT_DRAWS, WEIGHT_DRAWS, HyperNetwork
 from ..uncertainty import Decomposition, decompose
 
 __all__ = ["OUTPUTS", "VolumeReconstructor", "resize_slices"]
@@ -77,6 +77,8 @@ class VolumeReconstructor:
         seed: int = 0,
         weight_draws: str = WEIGHT_DRAWS,
     ) -> None:
+        if weight_draws not in LATENT_DRAWS:
+            raise ValueError(f"weight_draws must be one of {LATENT_DRAWS}, got {weight_draws!r}")
         if m_weights < 1 or n_draws < 1 or slice_batch < 1:
             raise ValueError(f"M, N and slice_batch must be >= 1, got M={m_weights}, N={n_draws}, "
                              f"slice_batch={slice_batch}")

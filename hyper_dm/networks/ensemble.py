@@ -45,8 +45,9 @@ class DeepEnsemble(nn.Module):
         return self.members[0].target
 
     def sample_z(self, m: int, generator: torch.Generator | None = None, draws: str = "iid") -> torch.Tensor:
-        """``m`` latent draws ``[m, z_dim]`` (row ``i`` feeds member ``i mod K``; ``draws``: as the HyperNetwork's)."""
-        return self.members[0].sample_z(m, generator, draws)
+        """``m`` latent draws ``[m, z_dim]`` (row ``i`` feeds member ``i mod K``; ``draws``: as the HyperNetwork's,
+        balanced per member: with ``M = K`` each member's one latent is an iid draw)."""
+        return self.members[0].sample_z(m, generator, draws, groups=len(self.members))
 
     def check_weight_sets(self, m: int) -> None:
         """Raise ``ValueError`` unless ``m`` weight sets give every member the same number."""

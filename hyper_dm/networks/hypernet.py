@@ -30,11 +30,13 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["WEIGHT_DRAWS", "HyperNetwork", "balance_latents"]
+__all__ = ["LATENT_DRAWS", "WEIGHT_DRAWS", "HyperNetwork", "balance_latents"]
 
+LATENT_DRAWS = ("iid", "balanced")
+"""The ways :meth:`HyperNetwork.sample_z` draws latents."""
 WEIGHT_DRAWS = "balanced"
-"""How inference draws the latents of its M weight sets (:meth:`HyperNetwork.sample_z`); a calibration records it,
-as the EU threshold it fits holds for weight sets drawn the same way. Training draws them iid."""
+"""How inference (and validation during training) draws the latents of its M weight sets; a calibration records it,
+as the EU threshold it fits holds for weight sets drawn the same way. The training loss draws them iid."""
 
 
 class HyperNetwork(nn.Module):
@@ -86,15 +88,19 @@ class HyperNetwork(nn.Module):
         self.trunk = nn.Sequential(nn.Linear(z_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
         self.head = nn.Linear(hidden, sum(self.ranks))
 
-    def sample_z(self, m: int, generator: torch.Generator | None = None, draws: str = "iid") -> torch.Tensor:
-        """``m`` latent draws ``[m, z_dim]`` from ``N(0, I)`` on this module's device: ``draws="iid"``, or
-        ``"balanced"``: centred and whitened (:func:`balance_latents`), as inference draws them (:data:`WEIGHT_DRAWS`).
-        """
-        if draws not in ("iid", "balanced"):
-            raise ValueError(f"draws must be 'iid' or 'balanced', got {draws!r}")
+    def sample_z(self, m: int, generator: torch.Generator | None = None, draws: str = "iid",
+                 groups: int = 1) -> torch.Tensor:
+        """``m`` latents ``[m, z_dim]`` on this module's device: ``draws="iid"``, ``z ~ N(0, I)``; ``"balanced"``:
+        those draws centred and whitened (:func:`balance_latents`), each of ``groups`` interleaved row groups (row
+        ``i`` in group ``i mod groups``) apart, as inference draws them (:data:`WEIGHT_DRAWS`). The draws are
+        made and balanced where ``generator`` lives, so a CPU generator gives the same latents for any device."""
+        if draws not in LATENT_DRAWS:
+            raise ValueError(f"draws must be one of {LATENT_DRAWS}, got {draws!r}")
         device = self.head.weight.device
-        z = torch.randn(m, self.z_dim, generator=generator, device=generator.device if generator else device).to(device)
-        return balance_latents(z) if draws == "balanced" else z
+        z = torch.randn(m, self.z_dim, generator=generator, device=generator.device if generator else device)
+        for g in range(groups if draws == "balanced" else 0):
+            z[g::groups] = balance_latents(z[g::groups])
+        return z.to(device)
 
     def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """Weight sets for latents ``z [M, z_dim]``: a dict ``name -> [M, *shape]`` for ``functional_call``."""

@@ -28,6 +28,7 @@ from hyper_dm.config import parse_overrides
 from hyper_dm.data import resolve_data_config, split_cases
 from hyper_dm.evaluation import MRI_ACCELERATIONS, OBJECTS, inside_over_body
 from hyper_dm.inference import HyperDM, load_case
+from hyper_dm.networks.hypernet import LATENT_DRAWS
 from hyper_dm.uncertainty import ause
 
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--config", help="a task overlay (e.g. bundle/configs/knee_singlecoil.yaml)")
     parser.add_argument("--budgets", nargs="+", default=["4x4"], help="M x N, e.g. 4x4 16x2")
-    parser.add_argument("--draws", nargs="+", default=["iid", "balanced"], choices=["iid", "balanced"])
+    parser.add_argument("--draws", nargs="+", default=list(LATENT_DRAWS), choices=LATENT_DRAWS)
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--every", type=int, default=4, help="keep every k-th slice (CT; MRI files are short: 1)")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps")

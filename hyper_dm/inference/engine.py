@@ -352,7 +352,7 @@ class CalibrationFitter:
             self.departures.append(engine.state.output["departure"])
             self.eu.append(engine.state.output["eu_samples"])
             self.accelerations.append(engine.state.output["acceleration"])
-            self.sampling["weight_draws"] = engine.reconstructor.weight_draws
+            self.sampling["weight_draws"] = engine.reconstructor.weight_draws  # attach runs before it is set
 
     def fit(self, engine: Evaluator | None = None) -> Calibration:
         digest = sha256_file(self.checkpoint) if self.checkpoint and Path(self.checkpoint).is_file() else ""

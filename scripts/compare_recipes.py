@@ -67,6 +67,9 @@ RECIPES = {
     "v_nl_eu_kl": _NL_EU_KL,
     "v_nl_eu_kl_inside": {**_NL_EU_KL, "probe_mask": True},
     "v_nl_eu_kl_inside_x10": {**_NL_EU_KL, "probe_mask": True, "lambda_eu": 0.03},
+    # the same two legs with each step's weight sets drawn as inference draws them (balanced latents)
+    "v_nl_eu_kl_inside_balanced": {**_NL_EU_KL, "probe_mask": True, "latent_draws": "balanced"},
+    "v_nl_eu_kl_inside_x10_balanced": {**_NL_EU_KL, "probe_mask": True, "lambda_eu": 0.03, "latent_draws": "balanced"},
     "v_nl_eu_kl_inside_x10_noisy": {**_NL_EU_KL, "probe_mask": True, "lambda_eu": 0.03, "probe_noise": True},
     # knee: the KL on the part of the objects' spread in k-space columns a random 4x / 8x mask leaves unmeasured
     "v_nl_eu_kl_inside_unmeasured": {**_NL_EU_KL, "probe_mask": True, "probe_columns": True},

@@ -1,7 +1,7 @@
 """How EU moves from one draw of weight sets to the next: the table of docs/recipes.md, "Balanced weight sets".
 
-    python scripts/weight_draws_study.py --ckpt bundle/models/model.pt --budgets 4x4 16x2 \
-        data.dataset_dir=study/luna16_32
+    python scripts/weight_draws_study.py data.dataset_dir=study/luna16_32 --ckpt bundle/models/model.pt \
+        --budgets 4x4 16x2
     python scripts/weight_draws_study.py --ckpt bundle/models/knee/model.pt \
         --config bundle/configs/knee_singlecoil.yaml data.dataset_dir=study/knee_24
 
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--every", type=int, default=4, help="keep every k-th slice (CT; MRI files are short: 1)")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps")
-    parser.add_argument("overrides", nargs="*", help="key.subkey=value, e.g. data.dataset_dir=study/luna16_32")
+    parser.add_argument("overrides", nargs="*", help="key.subkey=value, e.g. data.dataset_dir=study/luna16_32 (before "
+                        "--budgets and --draws, which take every value after them)")
     args = parser.parse_args(argv)
     budgets = []
     for budget in args.budgets:

@@ -6,7 +6,7 @@ from torch import nn
 
 from hyper_dm.diffusion import LossConfig, make_ddpm, training_loss
 from hyper_dm.diffusion.losses import sample_timesteps
-from hyper_dm.networks import ConditionalMLP, ConditionalUNet, HyperNetwork
+from hyper_dm.networks import ConditionalMLP, ConditionalUNet, HyperNetwork, balance_latents
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ class GivenWeightSets(nn.Module):
         super().__init__()
         self.bias = nn.Parameter(bias)
 
-    def sample_z(self, m, generator=None):
+    def sample_z(self, m, generator=None, draws="iid"):
         return torch.zeros(m, 1)
 
     def forward(self, z):
@@ -219,6 +219,21 @@ def test_option_errors_list_the_valid_choices():
         LossConfig(mode="standard", timestep_sampling="log")
     with pytest.raises(ValueError, match="prior_std"):
         LossConfig(mode="standard", prior_std=0.0)
+    with pytest.raises(ValueError, match=r"latent_draws 'sobol'; expected one of \('iid', 'balanced'\)"):
+        LossConfig(mode="standard", latent_draws="sobol")
+
+
+def test_latent_draws_choose_how_a_steps_weight_sets_are_drawn(model):
+    backbone, hyper = model
+    seen = []
+    hyper.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    for draws in ("iid", "balanced"):
+        config = LossConfig(mode="eu", m_weights=3, lambda_eu=0.01, latent_draws=draws)
+        training_loss(hyper, backbone, make_ddpm(), *batch(), config, torch.Generator().manual_seed(0))
+    iid, balanced = seen
+    assert iid.shape == balanced.shape == (3, 4)
+    assert torch.allclose(balanced, balance_latents(iid), atol=1e-6)  # the same draws, centred and whitened
+    assert balanced.mean(0).abs().max() < 1e-5 < iid.mean(0).abs().max()
 
 
 @pytest.mark.parametrize("probes, columns", [("objects", False), ("objects_inside", True)])

@@ -47,7 +47,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..networks.functional import apply_weight_sets
-from ..networks.hypernet import HyperNetwork
+from ..networks.hypernet import LATENT_DRAWS, HyperNetwork
 from .schedule import to_x0, training_target
 
 __all__ = ["EU_TERMS", "MODES", "MODE_KEYS", "TIMESTEP_SAMPLINGS", "LossConfig", "sample_timesteps", "training_loss",
@@ -68,7 +68,8 @@ class LossConfig:
     Each mode needs its own keys (:data:`MODE_KEYS`): ``eu`` needs ``m_weights`` and ``lambda_eu``, ``au`` needs
     ``n_noisy`` and ``sigma_noise``; keys of other modes may stay ``None``. ``method`` is the evaluation order of
     the weight sets (see :func:`hyper_dm.networks.apply_weight_sets`). ``timestep_sampling``, ``eu_term`` and
-    ``prior_std`` are the opt-in options of the module docstring.
+    ``prior_std`` are the opt-in options of the module docstring. ``latent_draws``: how the ``m_weights`` latents of a
+    step are drawn (:data:`hyper_dm.networks.hypernet.LATENT_DRAWS`; ``"balanced"`` as inference draws them).
 
     Example:
         >>> LossConfig(mode="eu", m_weights=2, lambda_eu=0.01).mode
@@ -84,6 +85,7 @@ class LossConfig:
     timestep_sampling: str = "uniform"
     eu_term: str = "l1"
     prior_std: float = 0.3
+    latent_draws: str = "iid"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -94,6 +96,8 @@ class LossConfig:
             raise ConfigError(
                 f"unknown timestep_sampling {self.timestep_sampling!r}; expected one of {TIMESTEP_SAMPLINGS}"
             )
+        if self.latent_draws not in LATENT_DRAWS:
+            raise ConfigError(f"unknown latent_draws {self.latent_draws!r}; expected one of {LATENT_DRAWS}")
         if self.prior_std <= 0:
             raise ConfigError(f"prior_std must be > 0, got {self.prior_std}")
         missing = [k for k in MODE_KEYS[self.mode] if getattr(self, k) is None]
@@ -149,7 +153,7 @@ def training_loss(
     x_t = scheduler.add_noise(target, noise, t)
     regress = training_target(scheduler, target, noise, t)
 
-    weights = hypernet(hypernet.sample_z(m, generator))
+    weights = hypernet(hypernet.sample_z(m, generator, config.latent_draws))
     rep = lambda x: x.unsqueeze(0).expand(m, *x.shape)  # noqa: E731
     prediction = apply_weight_sets(backbone, weights, rep(x_t), rep(t), rep(cond), config.method)  # [M, B, ...]
     mse = F.mse_loss(prediction, rep(regress))

@@ -13,6 +13,13 @@ itself estimates from each slice's condition (:func:`hyper_dm.networks.noise_lev
 its own scales (Mondrian conformal prediction: coverage holds per bin). At inference a slice takes the scales of the
 bin its noise level falls in (the outer bins extend to zero and infinity), so no acquisition metadata is needed.
 
+How far off the raw spread is also depends on how much the weight sets disagree: where EU is high (edges, nodules,
+anything the model is unsure of) the error outgrows the predicted spread faster than elsewhere, and one scale per
+noise bin then over-covers the quiet pixels and under-covers the uncertain ones. With ``eu_bin_levels`` (e.g.
+``(0.5, 0.9, 0.99)``) each noise bin's pixels are further split at those quantiles of their EU in model units and
+every EU bin gets its own scales (:attr:`Calibration.eu_bins`); the calibrated std then takes the scale of each
+pixel's own EU bin (:meth:`Calibration.scale_map`), so coverage holds per EU bin as it does per noise bin.
+
 An input can also lie outside what the model was trained and calibrated on (a scanner's FBP made at a finer pitch,
 a photon-starved scan, metal), and then the maps understate the error however they are scaled. The calibration
 therefore also keeps the :func:`input_departure` of every calibration slice: how far the reconstruction moved the
@@ -49,7 +56,7 @@ Example::
     >>> calibration = fit_calibration(residuals, noise_levels, bins=3, departures=departures)  # [Z, P], [Z], [Z]
     >>> calibration.save("bundle/models/calibration.json")
     >>> calibration = calibration.at_acceleration(mask.size / mask.sum())  # MRI: the mask's [W] acceleration
-    >>> std = calibration.scale_at(noise) * total.sqrt()          # noise [Z]: calibrated std [1, X, Y, Z]
+    >>> std = calibration.scale_map(noise, eu_in_model_units(eu, gain)) * total.sqrt()  # calibrated std [1, X, Y, Z]
     >>> p = calibration.departure_p(input_departure(cond, mean, gain), noise)  # [Z]: small where unlike calibration
     >>> flagged = calibration.unfamiliar(eu, gain, noise)         # [1, X, Y, Z] bool: EU beyond the calibration's
 """
@@ -150,6 +157,9 @@ class Calibration:
     pixels above their thresholds. ``sampling``: the ``M``, ``N``, DDIM ``steps`` and ``seed`` (the weight sets)
     the calibration cases were reconstructed with and ``weight_draws`` (how their latents were drawn; absent:
     ``"iid"``, before metadata 0.11.0) (empty: not recorded); scales and threshold hold for those.
+    ``eu_bin_levels``: the EU quantile levels that split each noise bin's pixels into EU bins (empty: no EU bins);
+    ``eu_bins``: per noise bin (one entry without noise bins), ``{"edges": [...], "scales": [{level: scale}, ...]}``,
+    the bin's EU edges (model units, ascending) and each EU bin's scales.
     ``scale_ratio``: MRI, the median over the cases measured for it (:func:`hyper_dm.inference.scale_ratio_cases`:
     files of the training and validation splits) of their magnitude scale over their zero-filled image's (``None``:
     not recorded), ``scale_ratio_range`` the lowest and highest.
@@ -173,6 +183,8 @@ class Calibration:
     eu_level: float = UNFAMILIAR_LEVEL
     eu_flagged_max: float | None = None
     sampling: dict[str, int | str] = field(default_factory=dict)
+    eu_bin_levels: list[float] = field(default_factory=list)
+    eu_bins: list[dict] = field(default_factory=list)
     scale_ratio: float | None = None
     scale_ratio_range: list[float] = field(default_factory=list)
 
@@ -205,6 +217,23 @@ class Calibration:
         if not self.noise_scales or noise_level is None:
             return torch.tensor(self.scales[key], dtype=torch.float64)
         return torch.tensor([s[key] for s in self.noise_scales], dtype=torch.float64)[self._bins(noise_level)]
+
+    def scale_map(self, noise_level: torch.Tensor | None, eu: torch.Tensor | None, level: float | None = None
+                  ) -> torch.Tensor:
+        """Std multipliers of ``level`` (default ``reference_level``) for the pixels of EU ``eu`` ``[1, X, Y, Z]``
+        (model units, :func:`eu_in_model_units`) in slices of noise level ``[Z]``: float64 ``[1, X, Y, Z]``, each
+        pixel the scale of its EU bin within its slice's noise bin. Without EU bins, or ``eu`` or (with noise bins)
+        ``noise_level`` ``None``, the per-slice scales of :meth:`scale_at`, which broadcast against ``[1, X, Y, Z]``."""
+        if not self.eu_bins or eu is None or (self.noise_scales and noise_level is None):
+            return self.scale_at(noise_level, level)
+        key = str(self.reference_level if level is None else level)
+        which = self._bins(noise_level).tolist() if self.noise_scales else [0] * eu.shape[-1]
+        scales = torch.empty(eu.shape, dtype=torch.float64)
+        for z, b in enumerate(which):
+            edges = torch.tensor(self.eu_bins[b]["edges"], dtype=torch.float64)
+            per_bin = torch.tensor([s[key] for s in self.eu_bins[b]["scales"]], dtype=torch.float64)
+            scales[..., z] = per_bin[torch.bucketize(eu[..., z].detach().double().cpu(), edges)]
+        return scales
 
     def _departure_references(self, noise_level: torch.Tensor | None, z: int) -> list[list[float]]:
         """The calibration departures each of ``z`` slices is compared with: its noise bin's, where recorded."""
@@ -256,8 +285,15 @@ class Calibration:
         if self.accelerations:
             return "; ".join(f"at {a}x acceleration, {c.describe()}" for a, c in self.accelerations.items())
         level = f"{self.reference_level:.0%}"
+        if self.eu_bins:
+            ref = str(self.reference_level)
+            per_bin = "; ".join(" / ".join(f"{s[ref]:.2f}" for s in b["scales"]) for b in self.eu_bins)
+            by_eu = (f"; within {'each noise bin' if self.noise_scales else 'all slices'}, per EU bin (cut at its "
+                     f"{', '.join(f'{q:g}' for q in self.eu_bin_levels)} EU quantiles): {per_bin}")
+        else:
+            by_eu = ""
         if not self.noise_scales:
-            return f"one {level} std scale {self.scale:.2f} for every slice"
+            return f"one {level} std scale {self.scale:.2f} for every slice{by_eu}"
         edges = [f"{e:.3g}" for e in self.noise_edges]
         ranges = [f"below {edges[0]}", *[f"{a} to {b}" for a, b in zip(edges, edges[1:], strict=False)],
                   f"{edges[-1]} and above"]
@@ -265,7 +301,7 @@ class Calibration:
                                                                                      strict=True))
         return (f"{level} std scales per noise bin (the network's noise estimate of each slice, model units, "
                 f"calibrated on {self.noise_range[0]:.3g} - {self.noise_range[1]:.3g}): {bins}; one scale for all "
-                f"would be {self.scale:.2f}")
+                f"would be {self.scale:.2f}{by_eu}")
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -299,6 +335,13 @@ class Calibration:
         if calibration.noise_eu_thresholds and len(calibration.noise_eu_thresholds) != len(calibration.noise_scales):
             raise ValueError(f"{len(calibration.noise_eu_thresholds)} noise bins of EU thresholds but "
                              f"{len(calibration.noise_scales)} of scales")
+        if calibration.eu_bins and len(calibration.eu_bins) != max(1, len(calibration.noise_scales)):
+            raise ValueError(f"{len(calibration.eu_bins)} noise bins of EU bins but {len(calibration.noise_scales)} "
+                             "of scales")
+        for eu_bin in calibration.eu_bins:
+            if len(eu_bin["scales"]) != len(eu_bin["edges"]) + 1:
+                raise ValueError(f"{len(eu_bin['scales'])} EU bins but {len(eu_bin['edges'])} edges (expected one "
+                                 "edge fewer than bins)")
         if calibration.scale_ratio is not None and not (calibration.scale_ratio > 0
                                                         and math.isfinite(calibration.scale_ratio)):
             raise ValueError(f"scale_ratio {calibration.scale_ratio} is not a positive number")
@@ -318,12 +361,13 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                     reference_level: float = 0.9, departures: Sequence[torch.Tensor] = (),
                     accelerations: Sequence[float] = (), acceleration_groups: Sequence[float] = (),
                     eu: Sequence[torch.Tensor] = (), sampling: dict[str, int | str] | None = None,
-                    scale_ratios: Sequence[float] = ()) -> Calibration:
+                    scale_ratios: Sequence[float] = (), eu_bin_levels: Sequence[float] = ()) -> Calibration:
     """Split-conformal std scales (see the module docstring) from per-case standardised residuals ``[Z, P]`` and,
     for ``bins > 1``, the cases' per-slice noise levels ``[Z]`` (at most one bin per slice); ``departures``: the
     cases' per-slice :func:`input_departure` ``[Z]`` to keep; ``eu``: the cases' pixels' EU in model units ``[Z, P]``
     (:func:`slice_samples` of :func:`eu_in_model_units`) for :attr:`Calibration.eu_threshold` (with bins, also each
-    bin's);
+    bin's); ``eu_bin_levels`` (with ``eu``): split each noise bin's pixels at these quantiles of their EU, each EU
+    bin with its own scales (:attr:`Calibration.eu_bins`);
     ``sampling``: how the cases were reconstructed (:attr:`Calibration.sampling`); ``scale_ratios``: MRI,
     ``(mask acceleration, magnitude scale over the zero-filled image's)`` of each case measured for
     :attr:`Calibration.scale_ratio` (any cases: it needs no reconstruction). With two
@@ -335,7 +379,8 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
             raise ValueError(f"{len(acceleration_groups)} acceleration groups need one measured acceleration per "
                              f"case, got {len(accelerations)} for {len(residuals)} cases")
         fitted = fit_calibration(residuals, noise_levels, bins, checkpoint_sha256, levels, reference_level,
-                                 departures, eu=eu, sampling=sampling, scale_ratios=scale_ratios)
+                                 departures, eu=eu, sampling=sampling, scale_ratios=scale_ratios,
+                                 eu_bin_levels=eu_bin_levels)
         keys = [f"{a:g}" for a in acceleration_groups]
         for key in keys:
             members = [i for i, a in enumerate(accelerations) if _nearest(keys, a) == key]
@@ -346,11 +391,16 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                 [residuals[i] for i in members], None if noise_levels is None else [noise_levels[i] for i in members],
                 bins, checkpoint_sha256, levels, reference_level,
                 [departures[i] for i in members] if departures else (), eu=[eu[i] for i in members] if eu else (),
-                sampling=sampling, scale_ratios=[r for r in scale_ratios if _nearest(keys, r[0]) == key])
+                sampling=sampling, scale_ratios=[r for r in scale_ratios if _nearest(keys, r[0]) == key],
+                eu_bin_levels=eu_bin_levels)
             group.acceleration = float(key)
         return fitted
     if reference_level not in levels:
         raise ValueError(f"reference_level {reference_level} must be one of the levels {list(levels)}")
+    if eu_bin_levels and (not eu or list(eu_bin_levels) != sorted(set(eu_bin_levels))
+                          or not all(0 < q < 1 for q in eu_bin_levels)):
+        raise ValueError(f"eu_bin_levels {list(eu_bin_levels)} must be ascending quantile levels in (0, 1), with the "
+                         "cases' EU samples to split")
     if bins > 1 and (noise_levels is None or len(noise_levels) != len(residuals)):
         raise ValueError(f"{bins} noise bins need one noise-level tensor per case, got "
                          f"{None if noise_levels is None else len(noise_levels)} for {len(residuals)} cases")
@@ -395,12 +445,33 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
         if eu:
             calibration.noise_eu_thresholds = [_eu_quantile([eu_rows[i] for i in m], calibration.eu_level) if m
                                                else calibration.eu_threshold for m in members]
+    if eu_bin_levels:
+        groups = members if bins > 1 else [list(range(len(per_slice)))]
+        calibration.eu_bin_levels = [float(q) for q in eu_bin_levels]
+        calibration.eu_bins = [_eu_binned_scales([per_slice[i] for i in (m or range(len(per_slice)))],
+                                                 [eu_rows[i] for i in (m or range(len(per_slice)))],
+                                                 eu_bin_levels, levels) for m in groups]
     if eu:  # the share of each case's pixels above their slices' thresholds, as inference flags them
         thresholds = ([calibration.eu_threshold_at(n.double().flatten()) for n in noise_levels] if bins > 1
                       else [calibration.eu_threshold_at(None)] * len(eu))
         calibration.eu_flagged_max = max(float((torch.atleast_2d(e).double() > t.reshape(-1, 1)).double().mean())
                                          for e, t in zip(eu, thresholds, strict=True))
     return calibration
+
+
+def _eu_binned_scales(residual_rows: Sequence[torch.Tensor], eu_rows: Sequence[torch.Tensor],
+                      bin_levels: Sequence[float], levels: Sequence[float]) -> dict:
+    """``{"edges", "scales"}`` of :attr:`Calibration.eu_bins` from the same pixels' residuals and EU (rows
+    ``[P]``): the EU edges at ``bin_levels`` (ties merged) and each EU bin's split-conformal scales (an empty bin:
+    all pixels')."""
+    r, e = torch.cat(list(residual_rows)), torch.cat(list(eu_rows)).double()
+    ranked = e.sort().values
+    edges = sorted({float(ranked[min(ranked.numel() - 1, int(q * ranked.numel()))]) for q in bin_levels})
+    which = torch.bucketize(e, torch.tensor(edges, dtype=torch.float64))
+    pooled = _scales(r.sort().values, levels)
+    scales = [_scales(r[which == b].sort().values, levels) if bool((which == b).any()) else pooled
+              for b in range(len(edges) + 1)]
+    return {"edges": edges, "scales": scales}
 
 
 def _eu_quantile(rows: Sequence[torch.Tensor], level: float) -> float:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .calibration import Calibration
+from .calibration import Calibration, eu_in_model_units
 from .config import ConfigError
 from .data import resolve_data_config, split_cases
 from .data.config import FASTMRI_CENTER_FRACTIONS, MEASUREMENT_NOISE
@@ -89,15 +89,17 @@ def nmse(prediction: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def reliability(out: dict, label: torch.Tensor, calibration: Calibration | None,
-                noise_level: torch.Tensor | None = None) -> dict[str, list[float]]:
+                noise_level: torch.Tensor | None = None, gain: torch.Tensor | None = None) -> dict[str, list[float]]:
     """Observed coverage of central Gaussian intervals at :data:`LEVELS`, raw and calibrated (the std scaled by
-    the reference level's scale of each slice's ``noise_level [Z]`` bin)."""
+    the reference level's scale of each slice's ``noise_level [Z]`` bin and, with EU bins and ``gain [Z]``, of each
+    pixel's EU bin)."""
     error = (label - out["mean"]).abs().double()
     sigma = out["total"].double().clamp_min(0).sqrt()
     z = [central_z(level) for level in LEVELS]
     curves = {"raw": [float((error <= zi * sigma).double().mean()) for zi in z]}
     if calibration is not None:
-        scaled = calibration.scale_at(noise_level) * sigma
+        eu = None if gain is None else eu_in_model_units(out["eu"], gain)
+        scaled = calibration.scale_map(noise_level, eu) * sigma
         curves["calibrated"] = [float((error <= zi * scaled).double().mean()) for zi in z]
     return curves
 
@@ -219,7 +221,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 label = case["label"].float()
                 data_range = 2000.0 if ct else float(2 * case["gain"].mean())
                 case_noise, applied, flags = checked(case, raw)
-                metrics = case_metrics(raw, label, data_range, applied, case_noise)
+                metrics = case_metrics(raw, label, data_range, applied, case_noise, case["gain"])
                 error = (raw["mean"] - label).abs().flatten()
                 total = raw["total"].flatten()
                 stride = max(1, error.numel() // (1 << 20))
@@ -229,7 +231,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 rows.append({"case_id": entry["case_id"], "setting": setting, "input": input_quality(case, data_range),
                              **metrics, "nmse": nmse(slices(raw["mean"]), slices(label)), "ause_random": random_ause,
                              **flags})
-                reliab.append(reliability(raw, label, applied, case_noise))
+                reliab.append(reliability(raw, label, applied, case_noise, case["gain"]))
                 sparsity.append([c.tolist() for c in sparsification_curves(total[::stride], error[::stride])])
 
                 # epistemic: unfamiliar objects, as a user's files
@@ -247,7 +249,8 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                                       "simulate", size)
                     noisy_raw = run(noisy)
                     noisy_noise, noisy_applied, noisy_flags = checked(noisy, noisy_raw)
-                    at_level = case_metrics(noisy_raw, noisy["label"].float(), data_range, noisy_applied, noisy_noise)
+                    at_level = case_metrics(noisy_raw, noisy["label"].float(), data_range, noisy_applied, noisy_noise,
+                                            noisy["gain"])
                     noise.append({"case_id": entry["case_id"], "setting": setting, "level": level,
                                   **{k: v for k, v in at_level.items() if k in NOISE_FIGURES}, **noisy_flags})
 

@@ -669,14 +669,62 @@ def test_noise_binned_calibration_covers_every_noise_level_where_one_scale_canno
         calibration_dataset({"task": "ct"}, [])
 
 
+def test_eu_binned_calibration_covers_the_uncertain_pixels_where_one_scale_per_noise_bin_cannot(tmp_path):
+    """Pixels whose true error outgrows the predicted std with their EU (error std 1 + 6 EU against a predicted std
+    of 1): one scale over-covers the quiet half and under-covers the most uncertain pixels; a scale per EU bin
+    (cut at the 0.5 and 0.9 EU quantiles) reaches 90% in each bin, and ``scale_map`` gives each pixel its bin's."""
+    from hyper_dm.calibration import fit_calibration, slice_samples, standardised_residuals
+    from hyper_dm.uncertainty import gaussian_coverage
+
+    rng = torch.Generator().manual_seed(0)
+    label, var = torch.zeros(1, 32, 32, 8), torch.ones(1, 32, 32, 8)
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:  # a case's mean and EU (model units)
+        eu = torch.rand(1, 32, 32, 8, generator=rng) ** 2
+        return torch.randn(1, 32, 32, 8, generator=rng) * (1 + 6 * eu), eu
+
+    cases = [draw() for _ in range(3)]
+    residuals = [standardised_residuals(mean, var, label) for mean, _ in cases]
+    eu_samples = [slice_samples(eu) for _, eu in cases]
+    binned = fit_calibration(residuals, eu=eu_samples, eu_bin_levels=(0.5, 0.9))
+    single = fit_calibration(residuals, eu=eu_samples)
+    (fitted,) = binned.eu_bins
+    assert fitted["edges"] == pytest.approx([0.25, 0.81], abs=0.02)  # the EU quantiles 0.5 and 0.9 of U(0, 1)^2
+    fresh, eu = draw()
+    which = torch.bucketize(eu, torch.tensor(fitted["edges"]))
+    for calibration, spread in ((binned, 0.02), (single, None)):
+        scale = calibration.scale_map(None, eu)
+        assert scale.shape == ((1, 32, 32, 8) if calibration is binned else ())
+        covered = (fresh.abs() <= 1.6449 * scale.float()).float()
+        per_bin = [float(covered[which == b].mean()) for b in range(3)]
+        if spread:
+            assert all(abs(c - 0.9) < spread for c in per_bin), per_bin
+            assert torch.equal(scale, torch.tensor([s["0.9"] for s in fitted["scales"]], dtype=torch.float64)[which])
+        else:
+            assert per_bin[0] > 0.97 and per_bin[2] < 0.8, per_bin
+    assert gaussian_coverage(fresh, var * binned.scale_map(None, eu).float() ** 2, label, [0.9])[0.9] == \
+        pytest.approx(0.9, abs=0.02)
+    assert "per EU bin (cut at its 0.5, 0.9 EU quantiles)" in binned.describe()
+    path = binned.save(tmp_path / "calibration.json")
+    assert torch.equal(Calibration.load(path).scale_map(None, eu), binned.scale_map(None, eu))
+    path.write_text(path.read_text().replace('"edges": [', '"edges": [0.1, '))
+    with pytest.raises(ValueError, match="3 EU bins but 3 edges"):
+        Calibration.load(path)
+    with pytest.raises(ValueError, match=r"eu_bin_levels \[0.9, 0.5\] must be ascending quantile levels"):
+        fit_calibration(residuals, eu=eu_samples, eu_bin_levels=(0.9, 0.5))
+
+
 def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, luna, checkpoint):
     common = ["--inference_cfg#ckpt", str(checkpoint), "--data#dataset_dir", str(luna), "--data#img_size", "32",
               "--inference_cfg#calibration", str(tmp_path / "calibration.json")]
-    run = bundle_inference(*common, run_id="calibrate")
+    run = bundle_inference(*common, "--inference_cfg#calibration_eu_bins", "[0.5, 0.9]", run_id="calibrate")
     assert run.returncode == 0, run.stderr[-3000:]
     fitted = json.loads((tmp_path / "calibration.json").read_text())
-    # the one validation case at the three photon counts, one noise bin per count
+    # the one validation case at the three photon counts, one noise bin per count, each split into three EU bins
     assert fitted["n_cases"] == 3 and fitted["scales"]["0.9"] > 0 and len(fitted["noise_scales"]) == 3
+    assert fitted["eu_bin_levels"] == [0.5, 0.9] and len(fitted["eu_bins"]) == 3
+    assert all(len(b["scales"]) == len(b["edges"]) + 1 == 3 and b["edges"] == sorted(b["edges"])
+               for b in fitted["eu_bins"])
     low, high = fitted["noise_range"]
     assert 0 < low < fitted["noise_edges"][0] < fitted["noise_edges"][1] < high
     run = bundle_inference(*common, "--inference_cfg#outdir", str(tmp_path / "out"))
@@ -687,8 +735,8 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     total = nib.load(case / f"{case.name}_total.nii.gz").get_fdata()
     calibrated = nib.load(case / f"{case.name}_total_std_calibrated.nii.gz").get_fdata()
     body = total > 1.0  # HU^2: where the ratio is well defined
-    ratio = calibrated[body] / np.sqrt(total[body])  # each slice: its noise bin's 90% scale
-    bin_scales = np.array([s["0.9"] for s in fitted["noise_scales"]])
+    ratio = calibrated[body] / np.sqrt(total[body])  # each pixel: its EU bin's 90% scale in its slice's noise bin
+    bin_scales = np.array([s["0.9"] for b in fitted["eu_bins"] for s in b["scales"]])
     assert np.abs(ratio[:, None] - bin_scales[None]).min(axis=1).max() < 1e-3 * bin_scales.max()
     # the input check: the calibration keeps every slice's departure; the benchmark's own input passes it
     departures = fitted["departures"]
@@ -726,9 +774,11 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     assert image.get_data_dtype() == np.uint8 and set(np.unique(flagged)) <= {0, 1}
     eu = nib.load(case / f"{case.name}_eu.nii.gz")
     assert np.allclose(image.affine, eu.affine) and flagged.shape == total.shape
-    slice_scale = np.array([np.median(calibrated[..., z][body[..., z]] / np.sqrt(total[..., z][body[..., z]]))
-                            for z in range(total.shape[-1])])
-    slice_bin = np.abs(slice_scale[:, None] - bin_scales[None]).argmin(axis=1)
+    per_noise_bin = [np.array([s["0.9"] for s in b["scales"]]) for b in fitted["eu_bins"]]
+    slice_bin = [int(np.argmin([np.abs(ratio_z[:, None] - scales[None]).min(axis=1).max()
+                                for scales in per_noise_bin]))  # the noise bin whose EU-bin scales it took
+                 for ratio_z in (calibrated[..., z][body[..., z]] / np.sqrt(total[..., z][body[..., z]])
+                                 for z in range(total.shape[-1]))]
     expected = eu.get_fdata() / 1000.0**2 > np.array(bin_thresholds)[slice_bin]
     assert expected.sum() > 0 and (flagged.astype(bool) != expected).sum() <= 2  # measured: the same 31 pixels
     assert metrics["unfamiliar_fraction"] == pytest.approx(flagged.mean(), abs=1e-3)

@@ -99,15 +99,18 @@ class CaseDataset(Dataset):
 
 
 def case_metrics(outputs: Mapping[str, torch.Tensor], label: torch.Tensor, data_range: float,
-                 calibration: Calibration | None = None, noise_level: torch.Tensor | None = None) -> dict:
+                 calibration: Calibration | None = None, noise_level: torch.Tensor | None = None,
+                 gain: torch.Tensor | None = None) -> dict:
     """Quality and calibration of one case against its reference (all ``[1, X, Y, Z]``, physical units).
 
     ``psnr_db`` over the volume and ``ssim`` (mean over slices) with ``data_range``; ``rmse``; ``crps`` of the
     Gaussian ``N(mean, total)`` per pixel; coverage of its central 50/90/95% intervals; ``uce`` (variance vs squared
     error, 10 bins) and ``ause`` (total std vs absolute error, relative to the oracle); mean EU/AU/total. With a
     ``calibration``: ``coverage_<level>_calibrated`` (each level's interval widened by its fitted scale, per slice
-    that of the slice's ``noise_level [Z]`` bin when the calibration has noise bins).
+    that of the slice's ``noise_level [Z]`` bin when the calibration has noise bins, and per pixel that of its EU
+    bin when it has EU bins and ``gain [Z]``, physical units per model unit, is given).
     """
+    eu = None if gain is None else eu_in_model_units(outputs["eu"].float(), gain)
     mean, total = outputs["mean"].float(), outputs["total"].float()
     slices = lambda x: x[0].permute(2, 0, 1)[:, None]  # noqa: E731  [Z, 1, X, Y]
     error = mean - label
@@ -124,7 +127,7 @@ def case_metrics(outputs: Mapping[str, torch.Tensor], label: torch.Tensor, data_
         **{f"mean_{name}": outputs[name].double().mean().item() for name in ("eu", "au", "total")},
         **({} if calibration is None else {
             f"coverage_{round(level * 100)}_calibrated": gaussian_coverage(
-                mean, total * calibration.scale_at(noise_level, level).float() ** 2, label, [level])[level]
+                mean, total * calibration.scale_map(noise_level, eu, level).float() ** 2, label, [level])[level]
             for level in LEVELS if str(level) in calibration.scales}),
     }
 
@@ -208,7 +211,7 @@ class VolumeEvaluator(Evaluator):
         if label is not None:
             data_range = self.data_range or float(2 * case["gain"].mean())
             metrics = {"case_id": case["case_id"], "n_slices": int(volume.shape[-1]),
-                       **case_metrics(raw, label.float(), data_range, checks["calibration"], noise),
+                       **case_metrics(raw, label.float(), data_range, checks["calibration"], noise, case["gain"]),
                        **{k: v for k, v in (input_check or {}).items() if k not in ("flagged_slices", "alpha")}}
             residuals = standardised_residuals(raw["mean"], raw["total"], label.float(), float(case["gain"].mean()))
             eu_samples = slice_samples(eu_in_model_units(raw["eu"], case["gain"]))
@@ -323,14 +326,16 @@ class CalibrationFitter:
     """Ignite handler: collects each case's standardised residuals, per-slice noise levels and EU and, when the run
     completes, fits and saves the split-conformal :class:`~hyper_dm.calibration.Calibration` with ``bins`` noise bins to
     ``path`` (tied to ``checkpoint``'s digest); with two or more MRI ``accelerations`` also one per acceleration, each
-    case counted with the one nearest its mask's. ``sampling`` (``M``, ``N``, ``steps``, ``seed``) records how the cases
-    were reconstructed, with how the weight sets' latents were drawn (``weight_draws``); ``scale_ratios``: MRI,
+    case counted with the one nearest its mask's; ``eu_bin_levels``: EU bins within each noise bin
+    (:func:`~hyper_dm.calibration.fit_calibration`). ``sampling`` (``M``, ``N``, ``steps``, ``seed``) records how the
+    cases were reconstructed, with how the weight sets' latents were drawn (``weight_draws``); ``scale_ratios``: MRI,
     :func:`scale_ratio_cases`."""
 
     def __init__(self, path: str, checkpoint: str | None = None, bins: int = 1,
                  accelerations: Sequence[int] | None = None, sampling: Mapping[str, int] | None = None,
-                 scale_ratios: Sequence[tuple[float, float]] = ()) -> None:
+                 scale_ratios: Sequence[tuple[float, float]] = (), eu_bin_levels: Sequence[float] = ()) -> None:
         self.path, self.checkpoint, self.bins = path, checkpoint, int(bins)
+        self.eu_bin_levels = [float(q) for q in eu_bin_levels or ()]
         self.sampling: dict[str, int | str] = {key: int(value) for key, value in (sampling or {}).items()}
         self.scale_ratios = list(scale_ratios)
         self.groups = list(accelerations or [])
@@ -359,7 +364,7 @@ class CalibrationFitter:
         calibration = fit_calibration(self.residuals, self.noise_levels, self.bins, checkpoint_sha256=digest,
                                       departures=self.departures, accelerations=self.accelerations,
                                       acceleration_groups=self.groups, eu=self.eu, sampling=self.sampling,
-                                      scale_ratios=self.scale_ratios)
+                                      scale_ratios=self.scale_ratios, eu_bin_levels=self.eu_bin_levels)
         calibration.save(self.path)
         logger.info("calibration from %d cases (%d pixels): std scales %s, raw coverage %s -> %s", calibration.n_cases,
                     calibration.n_pixels, {k: round(v, 3) for k, v in calibration.scales.items()},

@@ -26,6 +26,7 @@ run id (``bundle/configs/evaluate.yaml``).
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -102,6 +103,20 @@ def reliability(out: dict, label: torch.Tensor, calibration: Calibration | None,
         scaled = calibration.scale_map(noise_level, eu) * sigma
         curves["calibrated"] = [float((error <= zi * scaled).double().mean()) for zi in z]
     return curves
+
+
+def top_eu_coverage(raw: dict, label: torch.Tensor, share: float = 0.1) -> dict[str, float]:
+    """Coverage of the central 90% intervals among the ``share`` of pixels with the highest EU (where the weight
+    sets disagree most): raw and, where ``raw`` holds the calibrated std, calibrated. ``raw``'s maps and ``label``
+    are ``[1, X, Y, Z]`` in physical units."""
+    eu = raw["eu"].double().flatten()
+    top = eu.topk(max(1, math.ceil(share * eu.numel()))).indices
+    error = (raw["mean"] - label).abs().double().flatten()[top]
+    stds = {"": raw["total"].double().clamp_min(0).sqrt()}
+    if "total_std_calibrated" in raw:
+        stds["_calibrated"] = raw["total_std_calibrated"].double()
+    return {f"coverage_90{key}_top_eu": float((error <= central_z(0.9) * std.flatten()[top]).double().mean())
+            for key, std in stds.items()}
 
 
 def median_slice_ratio(values: np.ndarray, inside: np.ndarray, reference: np.ndarray, region: np.ndarray) -> float:
@@ -230,7 +245,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 slices = lambda x: x[0].permute(2, 0, 1)[:, None]  # noqa: E731
                 rows.append({"case_id": entry["case_id"], "setting": setting, "input": input_quality(case, data_range),
                              **metrics, "nmse": nmse(slices(raw["mean"]), slices(label)), "ause_random": random_ause,
-                             **flags})
+                             **top_eu_coverage(raw, label), **flags})
                 reliab.append(reliability(raw, label, applied, case_noise, case["gain"]))
                 sparsity.append([c.tolist() for c in sparsification_curves(total[::stride], error[::stride])])
 
@@ -358,7 +373,9 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                  f"{fmt(m('mean_au'))} {var_unit}, RMSE {fmt(m('rmse'))} {unit} (squared {fmt(m('rmse') ** 2)} "
                  f"{var_unit} against a predicted total variance of {fmt(m('mean_total'))} {var_unit})."
                  + (f" Pixels flagged unfamiliar (EU above the calibration's {fitted.eu_level:g} quantile{of_bin}): "
-                    f"{100 * m('unfamiliar_fraction'):.3f}% of the volume." if unfamiliar else ""), "",
+                    f"{100 * m('unfamiliar_fraction'):.3f}% of the volume." if unfamiliar else "")
+                 + f" Among the 10% of pixels with the highest EU, 90% intervals cover {m('coverage_90_top_eu'):.3f}"
+                 + (f" raw, {m('coverage_90_calibrated_top_eu'):.3f} calibrated." if calibrated else "."), "",
                  f"## {s + ' acceleration: ' if s else ''}epistemic: objects the training set never had", "",
                  *[line for name, o in per_object.items() for line in (
                    objects[name][2] + f" Median over slices of mean EU inside it / mean EU in the rest of the body, "

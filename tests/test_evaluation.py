@@ -85,6 +85,20 @@ def test_unfamiliar_objects_lie_where_their_masks_say(tmp_path):
                                atol=1e-4 * square_esc.max())
 
 
+def test_top_eu_coverage_judges_the_intervals_where_the_weight_sets_disagree_most():
+    """A tenth of the pixels with EU 1 and an error of 3 predicted stds, the rest EU 0 and no error: the raw 90%
+    intervals miss every one of those pixels, calibrated ones four times as wide cover them."""
+    from hyper_dm.evaluation import top_eu_coverage
+
+    eu, error = torch.zeros(1, 10, 10, 2), torch.zeros(1, 10, 10, 2)
+    eu[:, 0], error[:, 0] = 1.0, 3.0
+    raw = {"eu": eu, "mean": error, "total": torch.ones_like(eu), "total_std_calibrated": 4 * torch.ones_like(eu)}
+    assert top_eu_coverage(raw, torch.zeros_like(eu)) == {"coverage_90_top_eu": 0.0,
+                                                          "coverage_90_calibrated_top_eu": 1.0}
+    del raw["total_std_calibrated"]
+    assert top_eu_coverage(raw, torch.zeros_like(eu)) == {"coverage_90_top_eu": 0.0}
+
+
 def test_the_model_grid_keeps_an_objects_coarse_error_and_averages_out_its_sub_grid_texture():
     """The report's model-grid error ratio: an error finer than a model pixel (a 1-pixel checkerboard, 5 x 5 of them
     per pixel of a 64 grid over 320) leaves the ratio near 1; an error as coarse as the object keeps it."""
@@ -134,6 +148,9 @@ def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
     unfamiliar = {(n["setting"], n["unfamiliar_fraction"]) for n in report["noise"]}
     assert {s for s, f in unfamiliar if f > 0.8} == {"4x"} and {s for s, f in unfamiliar if f == 0} == {"8x"}
     assert "| slices flagged | pixels flagged unfamiliar |" in text and "| 0.000% |" in text
+    assert text.count("Among the 10% of pixels with the highest EU, 90% intervals cover") == 2
+    assert all(0 <= r["coverage_90_top_eu"] <= 1 and 0 <= r["coverage_90_calibrated_top_eu"] <= 1
+               for r in report["rows"])
     for r in report["ood"]:  # each run's flags: most of the 4x object and body (EU > 0), nothing at 8x
         flags = [*r["flagged_inside"], *r["flagged_body"], r["flagged_clean_body"]]
         assert len(r["flagged_inside"]) == len(r["flagged_body"]) == 2

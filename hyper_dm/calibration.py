@@ -446,11 +446,11 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
             calibration.noise_eu_thresholds = [_eu_quantile([eu_rows[i] for i in m], calibration.eu_level) if m
                                                else calibration.eu_threshold for m in members]
     if eu_bin_levels:
-        groups = members if bins > 1 else [list(range(len(per_slice)))]
+        every_slice = range(len(per_slice))  # what an empty noise bin (ties only) takes, as for its scales
         calibration.eu_bin_levels = [float(q) for q in eu_bin_levels]
-        calibration.eu_bins = [_eu_binned_scales([per_slice[i] for i in (m or range(len(per_slice)))],
-                                                 [eu_rows[i] for i in (m or range(len(per_slice)))],
-                                                 eu_bin_levels, levels) for m in groups]
+        calibration.eu_bins = [_eu_binned_scales([per_slice[i] for i in rows], [eu_rows[i] for i in rows],
+                                                 eu_bin_levels, levels)
+                               for rows in ((m or every_slice) for m in (members if bins > 1 else [every_slice]))]
     if eu:  # the share of each case's pixels above their slices' thresholds, as inference flags them
         thresholds = ([calibration.eu_threshold_at(n.double().flatten()) for n in noise_levels] if bins > 1
                       else [calibration.eu_threshold_at(None)] * len(eu))

@@ -110,7 +110,7 @@ def case_metrics(outputs: Mapping[str, torch.Tensor], label: torch.Tensor, data_
     that of the slice's ``noise_level [Z]`` bin when the calibration has noise bins, and per pixel that of its EU
     bin when it has EU bins and ``gain [Z]``, physical units per model unit, is given).
     """
-    eu = None if gain is None else eu_in_model_units(outputs["eu"].float(), gain)
+    eu = None if gain is None or calibration is None else eu_in_model_units(outputs["eu"].float(), gain)
     mean, total = outputs["mean"].float(), outputs["total"].float()
     slices = lambda x: x[0].permute(2, 0, 1)[:, None]  # noqa: E731  [Z, 1, X, Y]
     error = mean - label

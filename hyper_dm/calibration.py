@@ -36,9 +36,18 @@ magnitude scale ``gain``), and with noise bins one per bin (:attr:`Calibration.n
 sets of a model trained to disagree where it is unsure also disagree more on a noisy input, and a threshold pooled
 over all noise levels is then set by the noisiest slices and sees nothing on a quiet one. A pixel above its slice's
 threshold is flagged unfamiliar (:meth:`Calibration.unfamiliar`); on data like the calibration's, at most a fraction
-``1 - eu_level`` of pixels are (neighbours correlate, so the guarantee is empirical). The threshold holds for the
-weight sets it was fitted with (their ``M``, seed and way of drawing latents, :attr:`Calibration.sampling`): EU from
-fewer is noisier, and another draw of weight sets gives EU another level.
+``1 - eu_level`` of pixels are (neighbours correlate, so the guarantee is empirical).
+
+That absolute test misses most of an object whose EU stands far above the rest of its own slice but not above the
+EU some calibration series reach at their familiar edges (series differ in EU level, and so do draws of weight
+sets). A second test reads the EU of a neighbourhood against its own slice (:func:`local_eu_contrast`: the mean EU
+over a box :data:`LOCAL_EU_WINDOW` of the slice's side, over the slice's :data:`LOCAL_EU_REFERENCE` quantile of EU),
+which a level shared by the whole slice divides out of and over which thin familiar edges average down; its own
+``eu_level`` quantile on the calibration pixels (:attr:`Calibration.local_eu_threshold`, per noise bin likewise) flags
+a pixel too (and, the box being an average, up to half a box around an object). The unfamiliar map is the union
+of the two tests. The thresholds hold for the weight sets they were fitted with (their ``M``, seed and way of drawing
+latents, :attr:`Calibration.sampling`): EU from fewer is noisier, and another draw of weight sets gives EU another
+level, which the local test divides out.
 
 MRI masks of different accelerations leave different amounts open at the same noise level (an 8x input even reads a
 lower noise level than a 4x one), so a calibration fitted on several accelerations also holds one complete
@@ -76,8 +85,9 @@ import torch.nn.functional as F
 from .io import atomic_write
 from .uncertainty import central_z
 
-__all__ = ["INPUT_CHECK_ALPHA", "LEVELS", "UNFAMILIAR_LEVEL", "Calibration", "eu_in_model_units", "fit_calibration",
-           "input_departure", "slice_samples", "standardised_residuals"]
+__all__ = ["INPUT_CHECK_ALPHA", "LEVELS", "LOCAL_EU_REFERENCE", "LOCAL_EU_WINDOW", "UNFAMILIAR_LEVEL", "Calibration",
+           "eu_in_model_units", "fit_calibration", "input_departure", "local_eu_contrast", "slice_samples",
+           "standardised_residuals"]
 
 LEVELS = (0.5, 0.9, 0.95)
 INPUT_CHECK_ALPHA = 0.01
@@ -85,6 +95,11 @@ INPUT_CHECK_ALPHA = 0.01
 calibration slices the smallest p-value is ``1 / (n + 1)``: 0.01 needs at least 99 of them)."""
 UNFAMILIAR_LEVEL = 0.999
 """The quantile of the calibration pixels' EU above which a pixel is flagged unfamiliar."""
+LOCAL_EU_WINDOW = 1 / 16
+"""The side of the neighbourhood :func:`local_eu_contrast` averages EU over, as a fraction of the slice's side (four
+pixels of a 64 x 64 model grid)."""
+LOCAL_EU_REFERENCE = 0.9
+"""The quantile of its slice's EU that :func:`local_eu_contrast` divides a neighbourhood's EU by."""
 _VARIANCE_FLOOR = 1e-12  # model units^2: keeps r finite where the model predicts no spread at all
 
 
@@ -107,6 +122,17 @@ def eu_in_model_units(eu: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     """EU ``[1, X, Y, Z]`` (physical units squared) over the squared magnitude scale ``gain`` (``[Z]`` or one value):
     the model's own units, comparable across files, scanners and, for MRI, each file's own scale."""
     return eu / gain.to(eu).reshape(1, 1, 1, -1) ** 2
+
+
+def local_eu_contrast(eu: torch.Tensor, window: float = LOCAL_EU_WINDOW) -> torch.Tensor:
+    """How far the EU ``[1, X, Y, Z]`` (any units) of each pixel's neighbourhood stands out from its slice: the mean
+    over a box ``window`` of the slice's side on a side (rounded to an odd number of pixels) over the slice's
+    :data:`LOCAL_EU_REFERENCE` quantile of EU. Dimensionless float32 ``[1, X, Y, Z]``."""
+    slices = eu[0].permute(2, 0, 1)[:, None].float()  # [Z, 1, X, Y]
+    box = [max(1, round(window * n)) // 2 * 2 + 1 for n in slices.shape[-2:]]
+    mean = F.avg_pool2d(slices, box, stride=1, padding=[k // 2 for k in box], count_include_pad=False)
+    reference = slices.flatten(1).quantile(LOCAL_EU_REFERENCE, dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    return (mean / reference.view(-1, 1, 1, 1))[:, 0].permute(1, 2, 0)[None]
 
 
 def input_departure(cond: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor, blocks: int = 4) -> torch.Tensor:
@@ -153,8 +179,10 @@ class Calibration:
     calibration per mask acceleration (key: the acceleration, e.g. ``"4"``; empty: one for every mask), each
     holding its ``acceleration`` (``None``: fitted on every mask). ``eu_threshold``: the ``eu_level`` quantile of
     the calibration pixels' EU in model units (``None``: not recorded), ``noise_eu_thresholds`` the same per noise
-    bin (empty: one threshold for every slice); ``eu_flagged_max``: the largest fraction of one calibration case's
-    pixels above their thresholds. ``sampling``: the ``M``, ``N``, DDIM ``steps`` and ``seed`` (the weight sets)
+    bin (empty: one threshold for every slice); ``local_eu_window``, ``local_eu_threshold`` and
+    ``noise_local_eu_thresholds``: the same for :func:`local_eu_contrast` with that window (``None``: not recorded,
+    before metadata 0.13.0); ``eu_flagged_max``: the largest fraction of one calibration case's pixels flagged
+    unfamiliar (:meth:`unfamiliar`). ``sampling``: the ``M``, ``N``, DDIM ``steps`` and ``seed`` (the weight sets)
     the calibration cases were reconstructed with and ``weight_draws`` (how their latents were drawn; absent:
     ``"iid"``, before metadata 0.11.0) (empty: not recorded); scales and threshold hold for those.
     ``eu_bin_levels``: the EU quantile levels that split each noise bin's pixels into EU bins (empty: no EU bins);
@@ -182,6 +210,9 @@ class Calibration:
     noise_eu_thresholds: list[float] = field(default_factory=list)
     eu_level: float = UNFAMILIAR_LEVEL
     eu_flagged_max: float | None = None
+    local_eu_window: float | None = None
+    local_eu_threshold: float | None = None
+    noise_local_eu_thresholds: list[float] = field(default_factory=list)
     sampling: dict[str, int | str] = field(default_factory=dict)
     eu_bin_levels: list[float] = field(default_factory=list)
     eu_bins: list[dict] = field(default_factory=list)
@@ -263,21 +294,29 @@ class Calibration:
                 "input_unlike_calibration": bool(p.median() <= alpha), "slices_unlike_calibration": len(flagged),
                 "flagged_slices": flagged, "alpha": alpha}
 
-    def eu_threshold_at(self, noise_level: torch.Tensor | None) -> torch.Tensor:
-        """The EU threshold (model units) of slices of noise level ``[Z]``: ``[Z]`` float64, each slice its noise
-        bin's; a 0-d tensor (:attr:`eu_threshold`) without per-bin thresholds or ``noise_level=None``."""
-        if self.eu_threshold is None:
-            raise ValueError("this calibration holds no EU threshold; refit it with the 'calibrate' run id")
-        if not self.noise_eu_thresholds or noise_level is None:
-            return torch.tensor(self.eu_threshold, dtype=torch.float64)
-        return torch.tensor(self.noise_eu_thresholds, dtype=torch.float64)[self._bins(noise_level)]
+    def eu_threshold_at(self, noise_level: torch.Tensor | None, local: bool = False) -> torch.Tensor:
+        """The EU threshold (model units; ``local``: of :func:`local_eu_contrast`) of slices of noise level ``[Z]``:
+        ``[Z]`` float64, each slice its noise bin's; a 0-d tensor (the overall threshold) without per-bin thresholds
+        or ``noise_level=None``."""
+        overall, per_bin = ((self.local_eu_threshold, self.noise_local_eu_thresholds) if local
+                             else (self.eu_threshold, self.noise_eu_thresholds))
+        if overall is None:
+            raise ValueError(f"this calibration holds no {'local ' if local else ''}EU threshold; refit it with the "
+                             "'calibrate' run id")
+        if not per_bin or noise_level is None:
+            return torch.tensor(overall, dtype=torch.float64)
+        return torch.tensor(per_bin, dtype=torch.float64)[self._bins(noise_level)]
 
     def unfamiliar(self, eu: torch.Tensor, gain: torch.Tensor, noise_level: torch.Tensor | None = None
                    ) -> torch.Tensor:
         """Pixels whose EU ``[1, X, Y, Z]`` (physical units squared; ``gain`` ``[Z]``: physical units per model unit)
-        exceeds the threshold of their slice's noise level ``[Z]`` (:meth:`eu_threshold_at`): bool, like ``eu``."""
-        threshold = self.eu_threshold_at(noise_level).to(eu.dtype)
-        return eu_in_model_units(eu, gain) > threshold.reshape(1, 1, 1, -1)
+        exceeds the threshold of their slice's noise level ``[Z]`` (:meth:`eu_threshold_at`), or, where the
+        calibration records a local threshold, whose :func:`local_eu_contrast` exceeds that: bool, like ``eu``."""
+        flagged = eu_in_model_units(eu, gain) > self.eu_threshold_at(noise_level).to(eu.dtype).reshape(1, 1, 1, -1)
+        if self.local_eu_threshold is None:
+            return flagged
+        local = self.eu_threshold_at(noise_level, local=True).float().reshape(1, 1, 1, -1)
+        return flagged | (local_eu_contrast(eu, self.local_eu_window) > local)
 
     def describe(self) -> str:
         """The ``reference_level`` scales in one line: overall, or per noise bin with the bins' ranges (and per
@@ -329,12 +368,17 @@ class Calibration:
         if calibration.noise_scales and len(calibration.noise_scales) != len(calibration.noise_edges) + 1:
             raise ValueError(f"{len(calibration.noise_scales)} noise bins but {len(calibration.noise_edges)} "
                              "edges (expected one edge fewer than bins)")
-        for threshold in [calibration.eu_threshold, *calibration.noise_eu_thresholds]:
+        for threshold in [calibration.eu_threshold, *calibration.noise_eu_thresholds, calibration.local_eu_threshold,
+                          *calibration.noise_local_eu_thresholds]:
             if threshold is not None and not (threshold >= 0 and math.isfinite(threshold)):
                 raise ValueError(f"EU threshold {threshold} is not a non-negative number")
-        if calibration.noise_eu_thresholds and len(calibration.noise_eu_thresholds) != len(calibration.noise_scales):
-            raise ValueError(f"{len(calibration.noise_eu_thresholds)} noise bins of EU thresholds but "
-                             f"{len(calibration.noise_scales)} of scales")
+        for name in ("noise_eu_thresholds", "noise_local_eu_thresholds"):
+            per_bin = getattr(calibration, name)
+            if per_bin and len(per_bin) != len(calibration.noise_scales):
+                raise ValueError(f"{len(per_bin)} noise bins of {name} but {len(calibration.noise_scales)} of scales")
+        if calibration.local_eu_threshold is not None and not 0 < (calibration.local_eu_window or 0) <= 1:
+            raise ValueError(f"local_eu_window {calibration.local_eu_window} is not a fraction of the slice's side in "
+                             "(0, 1]")
         if calibration.eu_bins and len(calibration.eu_bins) != max(1, len(calibration.noise_scales)):
             raise ValueError(f"{len(calibration.eu_bins)} noise bins of EU bins but {len(calibration.noise_scales)} "
                              "of scales")
@@ -361,14 +405,16 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                     reference_level: float = 0.9, departures: Sequence[torch.Tensor] = (),
                     accelerations: Sequence[float] = (), acceleration_groups: Sequence[float] = (),
                     eu: Sequence[torch.Tensor] = (), sampling: dict[str, int | str] | None = None,
-                    scale_ratios: Sequence[float] = (), eu_bin_levels: Sequence[float] = ()) -> Calibration:
+                    scale_ratios: Sequence[float] = (), eu_bin_levels: Sequence[float] = (),
+                    local_eu: Sequence[torch.Tensor] = (), local_eu_window: float = LOCAL_EU_WINDOW) -> Calibration:
     """Split-conformal std scales (see the module docstring) from per-case standardised residuals ``[Z, P]`` and,
     for ``bins > 1``, the cases' per-slice noise levels ``[Z]`` (at most one bin per slice); ``departures``: the
     cases' per-slice :func:`input_departure` ``[Z]`` to keep; ``eu``: the cases' pixels' EU in model units ``[Z, P]``
     (:func:`slice_samples` of :func:`eu_in_model_units`) for :attr:`Calibration.eu_threshold` (with bins, also each
-    bin's); ``eu_bin_levels`` (with ``eu``): split each noise bin's pixels at these quantiles of their EU, each EU
-    bin with its own scales (:attr:`Calibration.eu_bins`);
-    ``sampling``: how the cases were reconstructed (:attr:`Calibration.sampling`); ``scale_ratios``: MRI,
+    bin's); ``local_eu`` (with ``eu``): the same pixels' :func:`local_eu_contrast` with ``local_eu_window`` ``[Z, P]``
+    for :attr:`Calibration.local_eu_threshold`; ``eu_bin_levels`` (with ``eu``): split each noise bin's pixels at
+    these quantiles of their EU, each EU bin with its own scales (:attr:`Calibration.eu_bins`); ``sampling``: how
+    the cases were reconstructed (:attr:`Calibration.sampling`); ``scale_ratios``: MRI,
     ``(mask acceleration, magnitude scale over the zero-filled image's)`` of each case measured for
     :attr:`Calibration.scale_ratio` (any cases: it needs no reconstruction). With two
     or more ``acceleration_groups`` (MRI: the nominal accelerations calibrated on) each case joins the group nearest
@@ -380,7 +426,7 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                              f"case, got {len(accelerations)} for {len(residuals)} cases")
         fitted = fit_calibration(residuals, noise_levels, bins, checkpoint_sha256, levels, reference_level,
                                  departures, eu=eu, sampling=sampling, scale_ratios=scale_ratios,
-                                 eu_bin_levels=eu_bin_levels)
+                                 eu_bin_levels=eu_bin_levels, local_eu=local_eu, local_eu_window=local_eu_window)
         keys = [f"{a:g}" for a in acceleration_groups]
         for key in keys:
             members = [i for i, a in enumerate(accelerations) if _nearest(keys, a) == key]
@@ -392,7 +438,8 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                 bins, checkpoint_sha256, levels, reference_level,
                 [departures[i] for i in members] if departures else (), eu=[eu[i] for i in members] if eu else (),
                 sampling=sampling, scale_ratios=[r for r in scale_ratios if _nearest(keys, r[0]) == key],
-                eu_bin_levels=eu_bin_levels)
+                eu_bin_levels=eu_bin_levels, local_eu=[local_eu[i] for i in members] if local_eu else (),
+                local_eu_window=local_eu_window)
             group.acceleration = float(key)
         return fitted
     if reference_level not in levels:
@@ -419,6 +466,13 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
         if len(eu_rows) != len(per_slice):
             raise ValueError(f"EU samples of {len(eu_rows)} slices for residuals of {len(per_slice)} slices")
         calibration.eu_threshold = _eu_quantile(eu_rows, calibration.eu_level)
+    if local_eu:
+        local_rows = [row.float() for e in local_eu for row in torch.atleast_2d(e)]
+        if not eu or len(local_rows) != len(per_slice):
+            raise ValueError(f"local EU contrast samples of {len(local_rows)} slices need EU samples of the same "
+                             f"{len(per_slice)} slices as the residuals")
+        calibration.local_eu_window = float(local_eu_window)
+        calibration.local_eu_threshold = _eu_quantile(local_rows, calibration.eu_level)
     if scale_ratios:
         ratios = torch.tensor([float(r) for _, r in scale_ratios], dtype=torch.float64)
         calibration.scale_ratio = float(ratios.median())
@@ -445,17 +499,27 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
         if eu:
             calibration.noise_eu_thresholds = [_eu_quantile([eu_rows[i] for i in m], calibration.eu_level) if m
                                                else calibration.eu_threshold for m in members]
+        if local_eu:
+            calibration.noise_local_eu_thresholds = [
+                _eu_quantile([local_rows[i] for i in m], calibration.eu_level) if m
+                else calibration.local_eu_threshold for m in members]
     if eu_bin_levels:
         every_slice = range(len(per_slice))  # what an empty noise bin (ties only) takes, as for its scales
         calibration.eu_bin_levels = [float(q) for q in eu_bin_levels]
         calibration.eu_bins = [_eu_binned_scales([per_slice[i] for i in rows], [eu_rows[i] for i in rows],
                                                  eu_bin_levels, levels)
                                for rows in ((m or every_slice) for m in (members if bins > 1 else [every_slice]))]
-    if eu:  # the share of each case's pixels above their slices' thresholds, as inference flags them
-        thresholds = ([calibration.eu_threshold_at(n.double().flatten()) for n in noise_levels] if bins > 1
-                      else [calibration.eu_threshold_at(None)] * len(eu))
-        calibration.eu_flagged_max = max(float((torch.atleast_2d(e).double() > t.reshape(-1, 1)).double().mean())
-                                         for e, t in zip(eu, thresholds, strict=True))
+    if eu:  # the share of each case's pixels flagged, as inference flags them
+        case_noise = [n.double().flatten() for n in noise_levels] if bins > 1 else [None] * len(eu)
+
+        def flagged(samples: Sequence[torch.Tensor], local: bool) -> list[torch.Tensor]:
+            return [torch.atleast_2d(x).double() > calibration.eu_threshold_at(n, local).reshape(-1, 1)
+                    for x, n in zip(samples, case_noise, strict=True)]
+
+        cases = flagged(eu, False)
+        if local_eu:
+            cases = [a | b for a, b in zip(cases, flagged(local_eu, True), strict=True)]
+        calibration.eu_flagged_max = max(float(f.double().mean()) for f in cases)
     return calibration
 
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .calibration import Calibration, eu_in_model_units
+from .calibration import LOCAL_EU_REFERENCE, Calibration, eu_in_model_units
 from .config import ConfigError
 from .data import resolve_data_config, split_cases
 from .data.config import FASTMRI_CENTER_FRACTIONS, MEASUREMENT_NOISE
@@ -294,6 +294,11 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
     fitted = results.get("calibration")
     unfamiliar = "unfamiliar_fraction" in rows[0]  # the calibration records an EU threshold
     of_bin = " of each slice's noise bin" if fitted and any(c.noise_eu_thresholds for c in fitted.groups) else ""
+    flag_rule = "" if fitted is None or fitted.eu_threshold is None else (
+        f"EU above the calibration's {fitted.eu_level:g} quantile{of_bin}"
+        + (f", or the mean EU over a box {fitted.local_eu_window:g} of the slice's side over the slice's "
+           f"{LOCAL_EU_REFERENCE:g} quantile of EU above that contrast's {fitted.eu_level:g} quantile"
+           if fitted.local_eu_threshold is not None else ""))
     noise_rows = [{"setting": s, "level": lv,
                    **{k: avg(at, k) for k in (*NOISE_FIGURES, "unfamiliar_fraction") if k in noise[0]},
                    **({k: total(at, k) for k in ("slices_flagged", "slices")} if checked else {})}
@@ -372,7 +377,7 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                  f"ordering {m('ause_random'):.3f}); mean EU {fmt(m('mean_eu'))} {var_unit}, mean AU "
                  f"{fmt(m('mean_au'))} {var_unit}, RMSE {fmt(m('rmse'))} {unit} (squared {fmt(m('rmse') ** 2)} "
                  f"{var_unit} against a predicted total variance of {fmt(m('mean_total'))} {var_unit})."
-                 + (f" Pixels flagged unfamiliar (EU above the calibration's {fitted.eu_level:g} quantile{of_bin}): "
+                 + (f" Pixels flagged unfamiliar ({flag_rule}): "
                     f"{100 * m('unfamiliar_fraction'):.3f}% of the volume." if unfamiliar else "")
                  + f" Among the 10% of pixels with the highest EU, 90% intervals cover {m('coverage_90_top_eu'):.3f}"
                  + (f" raw, {m('coverage_90_calibrated_top_eu'):.3f} calibrated." if calibrated else "."), "",
@@ -391,8 +396,8 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                    f"{each('same_place_ratio', o, 1)}. Outside it, on the rest of the body, the mean's squared error "
                    f"is {each('body_error_ratio', o)} times that of the case without it (what the object costs the "
                    "rest of the image)."
-                   + (f" Pixels flagged unfamiliar as inference flags them (EU above the calibration's "
-                      f"{fitted.eu_level:g} quantile{of_bin}, with the M weight sets of the first run, those the "
+                   + (f" Pixels flagged unfamiliar as inference flags them ({flag_rule}, with the M weight sets "
+                      "of the first run, those the "
                       f"calibration was fitted with when the seeds agree): {first(o, 'flagged_inside')} of the object, "
                       f"{first(o, 'flagged_body')} of the rest of the body, {percent(o, 'flagged_clean_body')} of the "
                       f"body without the object; each run's weight sets: {runs(o, 'flagged_inside', '{:.2%}')} of the "

@@ -14,7 +14,8 @@ at the series' own pixel pitch (what a scanner reconstructs, read as a measured 
 that FBP; the photon count is per detector bin of that pitch. With ``--calibration``, the CT table also says how
 many slices the input check flags (:meth:`hyper_dm.calibration.Calibration.input_check`, as inference does) and
 what share of the source-grid pixels the calibrated 90% intervals cover (the product's maps: the bicubic mean and
-the bilinear total variance, the std scaled per noise bin).
+the bilinear total variance, the std scaled per noise bin and, with EU bins, per EU bin of the bilinear EU:
+:meth:`~hyper_dm.calibration.Calibration.scale_map`).
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ def slices(volume: torch.Tensor) -> torch.Tensor:
 
 
 def model_grid(model: HyperDM, recon, cond: torch.Tensor, case: dict) -> dict[str, torch.Tensor]:
-    """The mean and total variance on the model grid in model units (squared), ``[Z, 1, S, S]`` each."""
+    """The mean, total variance and EU on the model grid in model units (squared), ``[Z, 1, S, S]`` each."""
     size = int(model.data["img_size"])
     out = recon(cond, case["gain"], case["offset"], out_size=(size, size))
     gain = case["gain"].view(-1, 1, 1, 1)
     return {"mean": (slices(out["mean"]) - case["offset"].view(-1, 1, 1, 1)) / gain,
-            "total": slices(out["total"]) / gain**2}
+            "total": slices(out["total"]) / gain**2, "eu": slices(out["eu"]) / gain**2}
 
 
 def upsampled(mean: torch.Tensor, case: dict, size: tuple[int, int], mode: str) -> torch.Tensor:
@@ -92,10 +93,11 @@ def calibrated(calibration: Calibration | None, recon, cond: torch.Tensor, grid:
     mean = (grid["mean"] * gain + case["offset"].view(-1, 1, 1, 1))[:, 0].permute(1, 2, 0)[None]
     noise = recon.noise_levels(cond, case["gain"], case["offset"])
     check = calibration.input_check(input_departure(cond, mean, case["gain"]), noise)
-    scale = calibration.scale_at(noise).float().view(-1, 1, 1, 1)
-    variance = resize_slices(grid["total"], tuple(label.shape[-2:])) * (gain * scale) ** 2
-    covered = gaussian_coverage(upsampled(grid["mean"], case, tuple(label.shape[-2:]), "bicubic"), variance, label,
-                                [0.9])[0.9]
+    size = tuple(label.shape[-2:])
+    eu = resize_slices(grid["eu"], size)[:, 0].permute(1, 2, 0)[None]  # [1, X, Y, Z], as scale_map reads it
+    scale = slices(calibration.scale_map(noise, eu))
+    variance = resize_slices(grid["total"], size) * (gain * scale) ** 2
+    covered = gaussian_coverage(upsampled(grid["mean"], case, size, "bicubic"), variance, label, [0.9])[0.9]
     return f" {check['slices_unlike_calibration']} / {mean.shape[-1]} | {covered:.3f} |"
 
 

@@ -25,7 +25,7 @@ from conftest import SMALL_MODEL
 from ignite.engine import Events
 from monai.data import MetaTensor
 
-from hyper_dm.calibration import Calibration
+from hyper_dm.calibration import Calibration, local_eu_contrast
 from hyper_dm.data.config import resolve_data_config
 from hyper_dm.data.synthetic import (
     insert_checkered_knee_square,
@@ -537,8 +537,44 @@ def test_each_noise_bin_has_its_own_eu_threshold_so_a_quiet_slice_is_not_judged_
     path = binned.save(tmp_path / "c.json")
     assert Calibration.load(path).noise_eu_thresholds == [quiet, noisy]
     path.write_text(path.read_text().replace('"noise_eu_thresholds": [', '"noise_eu_thresholds": [0.5, '))
-    with pytest.raises(ValueError, match="3 noise bins of EU thresholds but 2 of scales"):
+    with pytest.raises(ValueError, match="3 noise bins of noise_eu_thresholds but 2 of scales"):
         Calibration.load(path)
+
+
+def test_the_local_eu_test_flags_an_object_that_stands_out_from_its_own_slice(tmp_path):
+    """Calibration series differ tenfold in EU level; an object at 7x its own quiet slice's typical EU stays below
+    the EU the louder series reach, so the absolute test misses it. Its neighbourhood's EU over its slice's 90%
+    quantile stands out as on no calibration pixel, so the local test flags it (and half a box around it); a level
+    shared by the whole slice divides out, and familiar slices of either level are flagged on a few pixels in a
+    thousand."""
+    from hyper_dm.calibration import fit_calibration, slice_samples
+
+    rng = torch.Generator().manual_seed(2)
+    gain = torch.ones(3)  # EU already in model units
+    eu_of = lambda level: torch.rand(1, 64, 64, 3, generator=rng) ** 4 * level  # noqa: E731 [1, X, Y, Z]
+    cases = [eu_of(1e-4 if i % 2 else 1e-3) for i in range(20)]
+    samples = [slice_samples(e) for e in cases]
+    local = [slice_samples(local_eu_contrast(e)) for e in cases]
+    absolute = fit_calibration([torch.ones(3, 10)] * 20, eu=samples)
+    both = fit_calibration([torch.ones(3, 10)] * 20, eu=samples, local_eu=local)
+    assert both.eu_threshold == absolute.eu_threshold and both.local_eu_window == 1 / 16
+    assert 0.5 < both.local_eu_threshold < 1.5  # a 5 x 5 mean of U^4 over its slice's 90% quantile (0.66)
+    quiet = eu_of(1e-4)
+    familiar = [float(both.unfamiliar(quiet * k, gain).double().mean()) for k in (1, 10)]
+    assert all(f < 0.005 for f in familiar)  # each test at about 0.1%, neighbours correlate
+    assert torch.allclose(local_eu_contrast(quiet * 10), local_eu_contrast(quiet), rtol=1e-5)  # a shared level
+    assert absolute.eu_flagged_max <= both.eu_flagged_max < 0.01
+    quiet[:, 20:30, 20:30] = 5e-4  # 7.6x the slice's 90% quantile, half the loud series' 99.9% quantile
+    assert not absolute.unfamiliar(quiet, gain)[:, 20:30, 20:30].any()
+    loaded = Calibration.load(both.save(tmp_path / "c.json"))
+    flagged = loaded.unfamiliar(quiet, gain)
+    assert flagged[:, 20:30, 20:30].all() and not flagged[:, 33:, 33:].any()  # the object and two pixels around
+    content = json.loads((tmp_path / "c.json").read_text())
+    (tmp_path / "bad.json").write_text(json.dumps({**content, "local_eu_window": 0.0}))
+    with pytest.raises(ValueError, match="local_eu_window 0.0 is not a fraction of the slice's side"):
+        Calibration.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="local EU contrast samples of 60 slices need EU samples"):
+        fit_calibration([torch.ones(3, 10)] * 20, local_eu=local)
 
 
 def test_input_departure_passes_noise_sees_a_shift_and_gets_a_conformal_p_value(tmp_path):
@@ -767,8 +803,10 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
         "'weight_draws': 'balanced'}, the calibration with {'M': 2, 'N': 2, 'steps': 2, 'seed': 0, 'weight_draws': " \
         "'iid'}" in run.stdout + run.stderr  # other weight sets
     # the unfamiliar map: EU in model units (CT: 1000 HU) above the threshold of each slice's noise bin (the bin
-    # whose 90% scale the slice's calibrated std took), a uint8 mask
+    # whose 90% scale the slice's calibrated std took), or its local EU contrast above that bin's, a uint8 mask
     assert threshold > 0 and len(bin_thresholds) == 3 and min(bin_thresholds) > 0
+    local_thresholds = fitted["noise_local_eu_thresholds"]
+    assert fitted["local_eu_window"] == 1 / 16 and len(local_thresholds) == 3 and min(local_thresholds) > 1
     image = nib.load(case / f"{case.name}_unfamiliar.nii.gz")
     flagged = np.asarray(image.dataobj)
     assert image.get_data_dtype() == np.uint8 and set(np.unique(flagged)) <= {0, 1}
@@ -780,7 +818,10 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
                  for ratio_z in (calibrated[..., z][body[..., z]] / np.sqrt(total[..., z][body[..., z]])
                                  for z in range(total.shape[-1]))]
     expected = eu.get_fdata() / 1000.0**2 > np.array(bin_thresholds)[slice_bin]
-    assert expected.sum() > 0 and (flagged.astype(bool) != expected).sum() <= 2  # measured: the same 31 pixels
+    contrast = local_eu_contrast(torch.from_numpy(eu.get_fdata())[None])[0].numpy()
+    expected_local = contrast > np.array(local_thresholds)[slice_bin]
+    assert expected.sum() > 0 and (expected_local & ~expected).any()  # the local test adds pixels
+    assert (flagged.astype(bool) != (expected | expected_local)).sum() <= 2
     assert metrics["unfamiliar_fraction"] == pytest.approx(flagged.mean(), abs=1e-3)
     assert metrics["unfamiliar_fraction"] < 0.05  # a benchmark case like the calibration's
 

@@ -130,9 +130,11 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
             check["unfamiliar_fraction"] = fraction
         usual = calibration.eu_flagged_max if calibration.eu_flagged_max is not None else 1 - calibration.eu_level
         (logger.warning if fraction > usual else logger.info)(
-            "%s: %d pixels (%.3g%% of the volume; at most %.3g%% in any calibration case) have EU beyond the "
+            "%s: %d pixels (%.3g%% of the volume; at most %.3g%% in any calibration case) have EU%s beyond the "
             "calibration's %g quantile: the weight sets disagree there as on nothing the model was calibrated on "
-            "(the unfamiliar map)", name, int(flagged.sum()), 100 * fraction, 100 * usual, calibration.eu_level)
+            "(the unfamiliar map)", name, int(flagged.sum()), 100 * fraction, 100 * usual,
+            "" if calibration.local_eu_threshold is None else ", or EU against the rest of their slice,",
+            calibration.eu_level)
     if check is not None and check["input_unlike_calibration"]:
         logger.warning("%s: the reconstruction moved its input's coarse content further than on the "
                        "calibration slices (median departure %.3g model units, calibrated up to %.3g; %d of %d "

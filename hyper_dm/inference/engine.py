@@ -22,7 +22,16 @@ from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
 from torch.utils.data import ConcatDataset
 
-from ..calibration import LEVELS, Calibration, eu_in_model_units, fit_calibration, slice_samples, standardised_residuals
+from ..calibration import (
+    LEVELS,
+    LOCAL_EU_REFERENCE,
+    Calibration,
+    eu_in_model_units,
+    fit_calibration,
+    local_eu_contrast,
+    slice_samples,
+    standardised_residuals,
+)
 from ..data.config import MEASUREMENT_NOISE, dataset_root, fastmri_center_fraction, resolve_data_config
 from ..data.datasets import split_cases
 from ..data.validation import BadFileLog, BadInputError
@@ -202,7 +211,7 @@ class VolumeEvaluator(Evaluator):
                 raise BadInputError(case.get("image", case["case_id"]), f"the reconstructed {name} holds "
                                     f"{int((~torch.isfinite(image)).sum())} NaN/infinite values (input out of range?)")
         label = case.get("label")
-        metrics = residuals = eu_samples = None
+        metrics = residuals = eu_samples = local_eu_samples = None
         if self.write_cond:  # [1, x, y, Z] -> [1, X, Y, Z]
             slices = resize_slices(case["cond"][0].permute(2, 0, 1)[:, None].float(), tuple(volume.shape[1:3]))
             raw["cond"] = slices[:, 0].permute(1, 2, 0)[None].contiguous()
@@ -215,6 +224,7 @@ class VolumeEvaluator(Evaluator):
                        **{k: v for k, v in (input_check or {}).items() if k not in ("flagged_slices", "alpha")}}
             residuals = standardised_residuals(raw["mean"], raw["total"], label.float(), float(case["gain"].mean()))
             eu_samples = slice_samples(eu_in_model_units(raw["eu"], case["gain"]))
+            local_eu_samples = slice_samples(local_eu_contrast(raw["eu"]))  # the same pixels
         k = volume.shape[-1] // 2
         preview = {name: raw[name][0, ..., k].numpy() for name in ("mean", "eu", "au")}
         preview["cond"] = case["cond"][0, ..., k].numpy()
@@ -225,7 +235,8 @@ class VolumeEvaluator(Evaluator):
                     volume.shape[-1], tuple(volume.shape[1:3]), seconds, seconds / volume.shape[-1],
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         engine.state.output = {"case_id": case["case_id"], "metrics": metrics, "preview": preview, "seconds": seconds,
-                               "residuals": residuals, "eu_samples": eu_samples, "noise_level": noise,
+                               "residuals": residuals, "eu_samples": eu_samples,
+                               "local_eu_samples": local_eu_samples, "noise_level": noise,
                                "departure": checks["departure"], "acceleration": checks["acceleration"],
                                "input_check": input_check,
                                "volumes": {name: to_source_layout(image, volume) for name, image in raw.items()}}
@@ -343,6 +354,7 @@ class CalibrationFitter:
         self.noise_levels: list[torch.Tensor] = []
         self.departures: list[torch.Tensor] = []
         self.eu: list[torch.Tensor] = []
+        self.local_eu: list[torch.Tensor] = []
         self.accelerations: list[float] = []
 
     def attach(self, engine: Evaluator) -> None:
@@ -356,6 +368,7 @@ class CalibrationFitter:
             self.noise_levels.append(engine.state.output["noise_level"])
             self.departures.append(engine.state.output["departure"])
             self.eu.append(engine.state.output["eu_samples"])
+            self.local_eu.append(engine.state.output["local_eu_samples"])
             self.accelerations.append(engine.state.output["acceleration"])
             self.sampling["weight_draws"] = engine.reconstructor.weight_draws  # attach runs before it is set
 
@@ -364,16 +377,19 @@ class CalibrationFitter:
         calibration = fit_calibration(self.residuals, self.noise_levels, self.bins, checkpoint_sha256=digest,
                                       departures=self.departures, accelerations=self.accelerations,
                                       acceleration_groups=self.groups, eu=self.eu, sampling=self.sampling,
-                                      scale_ratios=self.scale_ratios, eu_bin_levels=self.eu_bin_levels)
+                                      scale_ratios=self.scale_ratios, eu_bin_levels=self.eu_bin_levels,
+                                      local_eu=self.local_eu)
         calibration.save(self.path)
         logger.info("calibration from %d cases (%d pixels): std scales %s, raw coverage %s -> %s", calibration.n_cases,
                     calibration.n_pixels, {k: round(v, 3) for k, v in calibration.scales.items()},
                     {k: round(v, 3) for k, v in calibration.raw_coverage.items()}, self.path)
         logger.info("calibration: %s", calibration.describe())
+        per_bin = lambda thresholds: (f" (per noise bin: {', '.join(f'{t:.3g}' for t in thresholds)})"  # noqa: E731
+                                      if thresholds else "")
         for group in calibration.groups:
-            per_bin = (f" (per noise bin: {', '.join(f'{t:.3g}' for t in group.noise_eu_thresholds)})"
-                       if group.noise_eu_thresholds else "")
-            logger.info("unfamiliar pixels%s: EU above %.3g model units%s (the %g quantile of the calibration pixels)",
+            logger.info("unfamiliar pixels%s: EU above %.3g model units%s, or EU over %g of the slice's side above "
+                        "%.3g times its slice's %g quantile%s (each the %g quantile of the calibration pixels)",
                         "" if group.acceleration is None else f" at {group.acceleration:g}x", group.eu_threshold,
-                        per_bin, group.eu_level)
+                        per_bin(group.noise_eu_thresholds), group.local_eu_window, group.local_eu_threshold,
+                        LOCAL_EU_REFERENCE, per_bin(group.noise_local_eu_thresholds), group.eu_level)
         return calibration

@@ -296,8 +296,8 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
     of_bin = " of each slice's noise bin" if fitted and any(c.noise_eu_thresholds for c in fitted.groups) else ""
     flag_rule = "" if fitted is None or fitted.eu_threshold is None else (
         f"EU above the calibration's {fitted.eu_level:g} quantile{of_bin}"
-        + (f", or the mean EU over a box {fitted.local_eu_window:g} of the slice's side over the slice's "
-           f"{LOCAL_EU_REFERENCE:g} quantile of EU above that contrast's {fitted.eu_level:g} quantile"
+        + (f", or the mean EU over a box {fitted.local_eu_window:g} of the slice's side, over the slice's "
+           f"{LOCAL_EU_REFERENCE:g} EU quantile, above the calibration's {fitted.eu_level:g} quantile of that ratio"
            if fitted.local_eu_threshold is not None else ""))
     noise_rows = [{"setting": s, "level": lv,
                    **{k: avg(at, k) for k in (*NOISE_FIGURES, "unfamiliar_fraction") if k in noise[0]},

@@ -8,8 +8,9 @@ Layout (MONAI's ``SaveImage`` convention, one folder per case; ``{stem}`` checke
     {output_dir}/{stem}/{stem}_total.nii.gz   eu + au
     {output_dir}/{stem}/{stem}_{eu,au,total}_std.nii.gz   square roots (write_std=True)
     {output_dir}/{stem}/{stem}_total_std_calibrated.nii.gz  calibrated total std (when a calibration is given)
-    {output_dir}/{stem}/{stem}_unfamiliar.nii.gz  uint8 mask: 1 where EU exceeds the calibration's threshold (a
-                                              calibration that records one, see :mod:`hyper_dm.calibration`)
+    {output_dir}/{stem}/{stem}_unfamiliar.nii.gz  uint8 mask: 1 where EU, or its local contrast, exceeds the
+                                              calibration's threshold (one that records it, see
+                                              :mod:`hyper_dm.calibration`)
     {output_dir}/{stem}/{stem}_cond.nii.gz    the network's input (CT: sparse-view FBP, HU), when the evaluator
                                               is asked for it (``inference_cfg#write_cond``)
     {output_dir}/{stem}/{stem}_preview.png    middle slice: cond | mean | EU | AU | |error| | label
@@ -74,7 +75,7 @@ _DESCRIPTIONS = {
     "au_std": "hyper_dm aleatoric standard deviation",
     "total_std": "hyper_dm total standard deviation",
     "total_std_calibrated": "hyper_dm total std x split-conformal scale",
-    "unfamiliar": "hyper_dm 1 where EU exceeds the calibration's threshold",
+    "unfamiliar": "hyper_dm 1 where EU or its local contrast exceeds the calibration's threshold",
     "cond": "hyper_dm input: sparse-view FBP (CT) / zero-filled",
 }
 

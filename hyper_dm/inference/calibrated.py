@@ -75,9 +75,9 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
 
     With a calibration, ``raw`` gains ``total_std_calibrated`` (physical units, not squared): the raw total std
     times the scale of each slice's noise bin (MRI: in the calibration of the acceleration nearest the case's mask),
-    and, where the calibration records an EU threshold, ``unfamiliar`` (1 where EU exceeds it, else 0; see
-    :meth:`~hyper_dm.calibration.Calibration.unfamiliar`), whose fraction of the volume the input check holds as
-    ``unfamiliar_fraction``.
+    and, where the calibration records an EU threshold, ``unfamiliar`` (1 where EU, or its local contrast, exceeds
+    it, else 0; see :meth:`~hyper_dm.calibration.Calibration.unfamiliar`), whose fraction of the volume the input
+    check holds as ``unfamiliar_fraction``.
     Returns ``noise_level`` ``[Z]`` (model units, what the network reads from each slice), ``departure`` ``[Z]``
     (:func:`~hyper_dm.calibration.input_departure`), ``acceleration`` (MRI: k-space columns per sampled column;
     CT: ``None``), ``calibration`` (the one applied) and ``input_check`` (:meth:`Calibration.input_check`, with

@@ -387,8 +387,9 @@ class CalibrationFitter:
         per_bin = lambda thresholds: (f" (per noise bin: {', '.join(f'{t:.3g}' for t in thresholds)})"  # noqa: E731
                                       if thresholds else "")
         for group in calibration.groups:
-            logger.info("unfamiliar pixels%s: EU above %.3g model units%s, or EU over %g of the slice's side above "
-                        "%.3g times its slice's %g quantile%s (each the %g quantile of the calibration pixels)",
+            logger.info("unfamiliar pixels%s: EU above %.3g model units%s, or the mean EU over a box %g of the "
+                        "slice's side above %.3g times the slice's %g EU quantile%s (each the %g quantile of the "
+                        "calibration pixels)",
                         "" if group.acceleration is None else f" at {group.acceleration:g}x", group.eu_threshold,
                         per_bin(group.noise_eu_thresholds), group.local_eu_window, group.local_eu_threshold,
                         LOCAL_EU_REFERENCE, per_bin(group.noise_local_eu_thresholds), group.eu_level)

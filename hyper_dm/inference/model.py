@@ -103,8 +103,8 @@ class HyperDM:
                     mode: str = "measured", seed: int = 0) -> dict[str, Any]:
         """Reconstruct a volume; returns ``mean``, ``eu``, ``au``, ``total`` ``[1, X, Y, Z]`` MetaTensors in
         physical units (variances squared) with the input's geometry and voxel layout. With a calibration, also
-        ``total_std_calibrated`` (physical units), ``unfamiliar`` (1 where EU exceeds the calibration's threshold,
-        where it records one) and ``input_check`` (a dict, see
+        ``total_std_calibrated`` (physical units), ``unfamiliar`` (1 where EU, or its local contrast, exceeds the
+        calibration's threshold, where it records one) and ``input_check`` (a dict, see
         :meth:`~hyper_dm.calibration.Calibration.input_check`; ``None`` without calibration departures); a warning
         is logged when the input fails the check or its noise lies outside the calibrated range.
 

@@ -11,7 +11,7 @@ Request: ``POST /infer/hyperdm_eu?image=<study id>`` (or an uploaded ``file``), 
 Reply: a float32 NIfTI on the study's own grid and geometry (``mean``: HU for CT, magnitude for MRI; ``eu``,
 ``au``, ``total``: variances in those units squared; ``total_std_calibrated``: a standard deviation in those units,
 scaled so that mean +- 1.645 x it covers 90% on the calibration data; ``unfamiliar``: a uint8 label map, 1 where
-EU exceeds the calibration's 99.9% quantile) and ``params``::
+EU, or its local contrast, exceeds the calibration's 99.9% quantile) and ``params``::
 
     {"map": "eu", "units": "HU^2", "M": 4, "N": 4, "steps": 10, "cached": false, "seconds": 3.1,
      "summary": {"mean_eu_body": ..., "mean_au_body": ..., "max_eu": ..., "body_fraction": ...},
@@ -46,7 +46,7 @@ logger = logging.getLogger("hyper_dm.monailabel")
 _MEANING = {"mean": "posterior mean reconstruction", "eu": "epistemic variance (weight sets disagree)",
             "au": "aleatoric variance (the measurement does not determine it)", "total": "total variance eu + au",
             CALIBRATED: "calibrated total standard deviation (90% intervals: mean +- 1.645 x it)",
-            UNFAMILIAR: "unfamiliar pixels: 1 where EU exceeds the calibration's 99.9% quantile"}
+            UNFAMILIAR: "unfamiliar pixels: 1 where EU or its local contrast exceeds the calibration's 99.9% quantile"}
 
 
 def http_error(error: RequestError) -> HTTPException:

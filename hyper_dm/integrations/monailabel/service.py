@@ -40,7 +40,8 @@ RETRY_AFTER_S = 30
 CALIBRATED = "total_std_calibrated"
 """The calibrated map, served where the model has a calibration."""
 UNFAMILIAR = "unfamiliar"
-"""The mask of pixels whose EU exceeds the calibration's threshold, served where the calibration records one."""
+"""The mask of pixels whose EU, or its local contrast, exceeds the calibration's threshold, served where the
+calibration records one."""
 MODEL_NAMES = {name: f"hyperdm_{name}" for name in (*OUTPUTS, CALIBRATED, UNFAMILIAR)}
 """MONAI Label model name of each output map."""
 

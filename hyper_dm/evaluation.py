@@ -401,7 +401,10 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                       f"calibration was fitted with when the seeds agree): {first(o, 'flagged_inside')} of the object, "
                       f"{first(o, 'flagged_body')} of the rest of the body, {percent(o, 'flagged_clean_body')} of the "
                       f"body without the object; each run's weight sets: {runs(o, 'flagged_inside', '{:.2%}')} of the "
-                      "object (the threshold holds for one draw of weight sets, not for others)."
+                      "object (" + ("the absolute threshold holds for the calibration's draw of weight sets; the "
+                                    "local test divides another draw's level of EU out)."
+                                    if fitted.local_eu_threshold is not None
+                                    else "the threshold holds for one draw of weight sets, not for others).")
                       if "flagged_inside" in o[0] else "")
                    + (f" The input check flags {flags(o)} slices of the cases with the object (without it: "
                       f"{flags(sel)})." if checked else ""), "")],

@@ -124,11 +124,13 @@ def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
     out = tmp_path / "report"
     # per acceleration: at 4x 99 calibration slices that never moved their input and pixels that never had EU (every
     # 4x slice and pixel with EU > 0 evaluated here is flagged), at 8x 99 that moved it and EU further than anything
-    # can (none is)
+    # can (none is), each with a local EU threshold as far out
     at = lambda d: Calibration(scales={str(q): 1.0 for q in LEVELS}, n_pixels=1, n_cases=1,  # noqa: E731
-                               departures=[d] * 99, eu_threshold=d if d > 1 else 0.0)
+                               departures=[d] * 99, eu_threshold=d if d > 1 else 0.0, local_eu_window=1 / 16,
+                               local_eu_threshold=d if d > 1 else 0.0)
     unmoved = Calibration(scales={str(q): 1.0 for q in LEVELS}, n_pixels=1, n_cases=1, departures=[1.0] * 99,
-                          accelerations={"4": at(1e-12), "8": at(1e12)}, eu_threshold=1.0)
+                          accelerations={"4": at(1e-12), "8": at(1e12)}, eu_threshold=1.0, local_eu_window=1 / 16,
+                          local_eu_threshold=1.0)
     assert evaluate.main(["--ckpt", str(ckpt), "--config", str(KNEE_CONFIG),
                           "--out", str(out), "--M", "2", "--N", "2", "--steps", "2", "--repeats", "2",
                           "--calibration", str(unmoved.save(tmp_path / "calibration.json")),
@@ -148,6 +150,8 @@ def test_knee_report_covers_both_accelerations_and_three_noise_levels(tmp_path):
     unfamiliar = {(n["setting"], n["unfamiliar_fraction"]) for n in report["noise"]}
     assert {s for s, f in unfamiliar if f > 0.8} == {"4x"} and {s for s, f in unfamiliar if f == 0} == {"8x"}
     assert "| slices flagged | pixels flagged unfamiliar |" in text and "| 0.000% |" in text
+    assert text.count("or the mean EU over a box 0.0625 of the slice's side, over the slice's 0.9 EU quantile") == 6
+    assert "the local test divides another draw's level of EU out" in text  # each run's flags: both tests
     assert text.count("Among the 10% of pixels with the highest EU, 90% intervals cover") == 2
     assert all(0 <= r["coverage_90_top_eu"] <= 1 and 0 <= r["coverage_90_calibrated_top_eu"] <= 1
                for r in report["rows"])

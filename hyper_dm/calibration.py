@@ -130,7 +130,8 @@ def local_eu_contrast(eu: torch.Tensor, window: float = LOCAL_EU_WINDOW) -> torc
     :data:`LOCAL_EU_REFERENCE` quantile of EU. Dimensionless float32 ``[1, X, Y, Z]``."""
     slices = eu[0].permute(2, 0, 1)[:, None].float()  # [Z, 1, X, Y]
     box = [max(1, round(window * n)) // 2 * 2 + 1 for n in slices.shape[-2:]]
-    mean = F.avg_pool2d(slices, box, stride=1, padding=[k // 2 for k in box], count_include_pad=False)
+    pool = lambda x, k: F.avg_pool2d(x, k, stride=1, padding=[n // 2 for n in k], count_include_pad=False)  # noqa: E731
+    mean = pool(pool(slices, (box[0], 1)), (1, box[1]))  # the box mean, one axis at a time
     reference = slices.flatten(1).quantile(LOCAL_EU_REFERENCE, dim=1).clamp_min(torch.finfo(torch.float32).tiny)
     return (mean / reference.view(-1, 1, 1, 1))[:, 0].permute(1, 2, 0)[None]
 

@@ -299,6 +299,9 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
         + (f", or the mean EU over a box {fitted.local_eu_window:g} of the slice's side, over the slice's "
            f"{LOCAL_EU_REFERENCE:g} EU quantile, above the calibration's {fitted.eu_level:g} quantile of that ratio"
            if fitted.local_eu_threshold is not None else ""))
+    draws_note = ("the absolute threshold holds for the calibration's draw of weight sets; the local test divides "
+                  "another draw's level of EU out" if fitted is not None and fitted.local_eu_threshold is not None
+                  else "the threshold holds for one draw of weight sets, not for others")
     noise_rows = [{"setting": s, "level": lv,
                    **{k: avg(at, k) for k in (*NOISE_FIGURES, "unfamiliar_fraction") if k in noise[0]},
                    **({k: total(at, k) for k in ("slices_flagged", "slices")} if checked else {})}
@@ -401,11 +404,7 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                       f"calibration was fitted with when the seeds agree): {first(o, 'flagged_inside')} of the object, "
                       f"{first(o, 'flagged_body')} of the rest of the body, {percent(o, 'flagged_clean_body')} of the "
                       f"body without the object; each run's weight sets: {runs(o, 'flagged_inside', '{:.2%}')} of the "
-                      "object (" + ("the absolute threshold holds for the calibration's draw of weight sets; the "
-                                    "local test divides another draw's level of EU out)."
-                                    if fitted.local_eu_threshold is not None
-                                    else "the threshold holds for one draw of weight sets, not for others).")
-                      if "flagged_inside" in o[0] else "")
+                      f"object ({draws_note})." if "flagged_inside" in o[0] else "")
                    + (f" The input check flags {flags(o)} slices of the cases with the object (without it: "
                       f"{flags(sel)})." if checked else ""), "")],
                  f"## {s + ' acceleration: ' if s else ''}aleatoric: measurement noise", "",

@@ -16,9 +16,14 @@ bin its noise level falls in (the outer bins extend to zero and infinity), so no
 How far off the raw spread is also depends on how much the weight sets disagree: where EU is high (edges, nodules,
 anything the model is unsure of) the error outgrows the predicted spread faster than elsewhere, and one scale per
 noise bin then over-covers the quiet pixels and under-covers the uncertain ones. With ``eu_bin_levels`` (e.g.
-``(0.5, 0.9, 0.99)``) each noise bin's pixels are further split at those quantiles of their EU in model units and
-every EU bin gets its own scales (:attr:`Calibration.eu_bins`); the calibrated std then takes the scale of each
-pixel's own EU bin (:meth:`Calibration.scale_map`), so coverage holds per EU bin as it does per noise bin.
+``(0.5, 0.9, 0.99)``) each noise bin's pixels are further split at those quantiles of their :func:`relative_eu` (EU
+over its slice's :data:`LOCAL_EU_REFERENCE` quantile) and every EU bin gets its own scales
+(:attr:`Calibration.eu_bins`); the calibrated std then takes the scale of each pixel's own EU bin
+(:meth:`Calibration.scale_map`), so coverage holds per EU bin as it does per noise bin. EU is binned relative to its
+own slice because patients (and draws of weight sets) differ in their level of EU: on absolute edges a patient
+whose EU runs high puts most of its pixels in the wide bins and is over-covered, one whose EU runs low is
+under-covered; the ratio to the slice divides that level out (calibrations before metadata 0.14.0 hold absolute
+edges, :attr:`Calibration.eu_bin_reference` ``None``, and are applied so).
 
 An input can also lie outside what the model was trained and calibrated on (a scanner's FBP made at a finer pitch,
 a photon-starved scan, metal), and then the maps understate the error however they are scaled. The calibration
@@ -86,8 +91,8 @@ from .io import atomic_write
 from .uncertainty import central_z
 
 __all__ = ["INPUT_CHECK_ALPHA", "LEVELS", "LOCAL_EU_REFERENCE", "LOCAL_EU_WINDOW", "UNFAMILIAR_LEVEL", "Calibration",
-           "eu_in_model_units", "fit_calibration", "input_departure", "local_eu_contrast", "slice_samples",
-           "standardised_residuals"]
+           "eu_in_model_units", "fit_calibration", "holdout_coverage", "input_departure", "local_eu_contrast",
+           "relative_eu", "slice_samples", "standardised_residuals"]
 
 LEVELS = (0.5, 0.9, 0.95)
 INPUT_CHECK_ALPHA = 0.01
@@ -99,7 +104,7 @@ LOCAL_EU_WINDOW = 1 / 16
 """The side of the neighbourhood :func:`local_eu_contrast` averages EU over, as a fraction of the slice's side (four
 pixels of a 64 x 64 model grid)."""
 LOCAL_EU_REFERENCE = 0.9
-"""The quantile of its slice's EU that :func:`local_eu_contrast` divides a neighbourhood's EU by."""
+"""The quantile of its slice's EU that :func:`relative_eu` divides a pixel's EU by."""
 _VARIANCE_FLOOR = 1e-12  # model units^2: keeps r finite where the model predicts no spread at all
 
 
@@ -124,16 +129,27 @@ def eu_in_model_units(eu: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     return eu / gain.to(eu).reshape(1, 1, 1, -1) ** 2
 
 
+def _over_row_quantile(rows: torch.Tensor, level: float = LOCAL_EU_REFERENCE) -> torch.Tensor:
+    """Each row of ``rows`` ``[Z, P]`` (one slice's EU) over its ``level`` quantile: float32 ``[Z, P]``."""
+    rows = rows.float()
+    return rows / rows.quantile(level, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def relative_eu(eu: torch.Tensor, level: float = LOCAL_EU_REFERENCE) -> torch.Tensor:
+    """EU ``[1, X, Y, Z]`` (any units) over its slice's ``level`` quantile: dimensionless float32 ``[1, X, Y, Z]``,
+    the same for a slice whose EU is ten times higher throughout."""
+    z = eu.shape[-1]
+    return _over_row_quantile(eu.reshape(-1, z).T, level).T.reshape(eu.shape)
+
+
 def local_eu_contrast(eu: torch.Tensor, window: float = LOCAL_EU_WINDOW) -> torch.Tensor:
     """How far the EU ``[1, X, Y, Z]`` (any units) of each pixel's neighbourhood stands out from its slice: the mean
-    over a box ``window`` of the slice's side on a side (rounded to an odd number of pixels) over the slice's
-    :data:`LOCAL_EU_REFERENCE` quantile of EU. Dimensionless float32 ``[1, X, Y, Z]``."""
-    slices = eu[0].permute(2, 0, 1)[:, None].float()  # [Z, 1, X, Y]
+    of :func:`relative_eu` over a box ``window`` of the slice's side on a side (rounded to an odd number of pixels).
+    Dimensionless float32 ``[1, X, Y, Z]``."""
+    slices = relative_eu(eu)[0].permute(2, 0, 1)[:, None]  # [Z, 1, X, Y]
     box = [max(1, round(window * n)) // 2 * 2 + 1 for n in slices.shape[-2:]]
     pool = lambda x, k: F.avg_pool2d(x, k, stride=1, padding=[n // 2 for n in k], count_include_pad=False)  # noqa: E731
-    mean = pool(pool(slices, (box[0], 1)), (1, box[1]))  # the box mean, one axis at a time
-    reference = slices.flatten(1).quantile(LOCAL_EU_REFERENCE, dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-    return (mean / reference.view(-1, 1, 1, 1))[:, 0].permute(1, 2, 0)[None]
+    return pool(pool(slices, (box[0], 1)), (1, box[1]))[:, 0].permute(1, 2, 0)[None]  # one axis at a time
 
 
 def input_departure(cond: torch.Tensor, mean: torch.Tensor, gain: torch.Tensor, blocks: int = 4) -> torch.Tensor:
@@ -188,7 +204,8 @@ class Calibration:
     ``"iid"``, before metadata 0.11.0) (empty: not recorded); scales and threshold hold for those.
     ``eu_bin_levels``: the EU quantile levels that split each noise bin's pixels into EU bins (empty: no EU bins);
     ``eu_bins``: per noise bin (one entry without noise bins), ``{"edges": [...], "scales": [{level: scale}, ...]}``,
-    the bin's EU edges (model units, ascending) and each EU bin's scales.
+    the bin's EU edges (ascending) and each EU bin's scales; ``eu_bin_reference``: the edges are in units of the
+    slice's quantile of EU at this level (:func:`relative_eu`; ``None``: EU in model units, before metadata 0.14.0).
     ``scale_ratio``: MRI, the median over the cases measured for it (:func:`hyper_dm.inference.scale_ratio_cases`:
     files of the training and validation splits) of their magnitude scale over their zero-filled image's (``None``:
     not recorded), ``scale_ratio_range`` the lowest and highest.
@@ -217,6 +234,7 @@ class Calibration:
     sampling: dict[str, int | str] = field(default_factory=dict)
     eu_bin_levels: list[float] = field(default_factory=list)
     eu_bins: list[dict] = field(default_factory=list)
+    eu_bin_reference: float | None = None
     scale_ratio: float | None = None
     scale_ratio_range: list[float] = field(default_factory=list)
 
@@ -258,6 +276,8 @@ class Calibration:
         ``noise_level`` ``None``, the per-slice scales of :meth:`scale_at`, which broadcast against ``[1, X, Y, Z]``."""
         if not self.eu_bins or eu is None or (self.noise_scales and noise_level is None):
             return self.scale_at(noise_level, level)
+        if self.eu_bin_reference is not None:
+            eu = relative_eu(eu.detach().cpu(), self.eu_bin_reference)
         key = str(self.reference_level if level is None else level)
         which = self._bins(noise_level).tolist() if self.noise_scales else [0] * eu.shape[-1]
         scales = torch.empty(eu.shape, dtype=torch.float64)
@@ -328,8 +348,9 @@ class Calibration:
         if self.eu_bins:
             ref = str(self.reference_level)
             per_bin = "; ".join(" / ".join(f"{s[ref]:.2f}" for s in b["scales"]) for b in self.eu_bins)
+            of = "EU" if self.eu_bin_reference is None else f"EU / slice's {self.eu_bin_reference:g} EU quantile"
             by_eu = (f"; within {'each noise bin' if self.noise_scales else 'all slices'}, per EU bin (cut at its "
-                     f"{', '.join(f'{q:g}' for q in self.eu_bin_levels)} EU quantiles): {per_bin}")
+                     f"{', '.join(f'{q:g}' for q in self.eu_bin_levels)} quantiles of {of}): {per_bin}")
         else:
             by_eu = ""
         if not self.noise_scales:
@@ -383,6 +404,8 @@ class Calibration:
         if calibration.eu_bins and len(calibration.eu_bins) != max(1, len(calibration.noise_scales)):
             raise ValueError(f"{len(calibration.eu_bins)} noise bins of EU bins but {len(calibration.noise_scales)} "
                              "of scales")
+        if calibration.eu_bin_reference is not None and not 0 < calibration.eu_bin_reference < 1:
+            raise ValueError(f"eu_bin_reference {calibration.eu_bin_reference} is not a quantile level between 0 and 1")
         for eu_bin in calibration.eu_bins:
             if len(eu_bin["scales"]) != len(eu_bin["edges"]) + 1:
                 raise ValueError(f"{len(eu_bin['scales'])} EU bins but {len(eu_bin['edges'])} edges (expected one "
@@ -414,7 +437,8 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
     (:func:`slice_samples` of :func:`eu_in_model_units`) for :attr:`Calibration.eu_threshold` (with bins, also each
     bin's); ``local_eu`` (with ``eu``): the same pixels' :func:`local_eu_contrast` with ``local_eu_window`` ``[Z, P]``
     for :attr:`Calibration.local_eu_threshold`; ``eu_bin_levels`` (with ``eu``): split each noise bin's pixels at
-    these quantiles of their EU, each EU bin with its own scales (:attr:`Calibration.eu_bins`); ``sampling``: how
+    these quantiles of their EU over their slice's :data:`LOCAL_EU_REFERENCE` quantile (each row's, an estimate of
+    :func:`relative_eu`), each EU bin with its own scales (:attr:`Calibration.eu_bins`); ``sampling``: how
     the cases were reconstructed (:attr:`Calibration.sampling`); ``scale_ratios``: MRI,
     ``(mask acceleration, magnitude scale over the zero-filled image's)`` of each case measured for
     :attr:`Calibration.scale_ratio` (any cases: it needs no reconstruction). With two
@@ -507,7 +531,9 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
     if eu_bin_levels:
         every_slice = range(len(per_slice))  # what an empty noise bin (ties only) takes, as for its scales
         calibration.eu_bin_levels = [float(q) for q in eu_bin_levels]
-        calibration.eu_bins = [_eu_binned_scales([per_slice[i] for i in rows], [eu_rows[i] for i in rows],
+        calibration.eu_bin_reference = LOCAL_EU_REFERENCE
+        relative = [_over_row_quantile(row[None])[0] for row in eu_rows]  # each slice's samples: its level
+        calibration.eu_bins = [_eu_binned_scales([per_slice[i] for i in rows], [relative[i] for i in rows],
                                                  eu_bin_levels, levels)
                                for rows in ((m or every_slice) for m in (members if bins > 1 else [every_slice]))]
     if eu:  # the share of each case's pixels flagged, as inference flags them
@@ -543,3 +569,28 @@ def _eu_quantile(rows: Sequence[torch.Tensor], level: float) -> float:
     """The split-conformal ``level`` quantile of the EU samples of the slices ``rows`` (each ``[P]``)."""
     pooled = torch.cat(list(rows))
     return float(pooled.kthvalue(_conformal_rank(pooled.numel(), level)).values)
+
+
+def holdout_coverage(residuals: Sequence[torch.Tensor], noise_levels: Sequence[torch.Tensor],
+                     eu: Sequence[torch.Tensor], patients: Sequence[str], bins: int = 1,
+                     eu_bin_levels: Sequence[float] = (), level: float = 0.9) -> list[tuple[float, float]]:
+    """How a calibration carries to a patient it never saw: for each patient, :func:`fit_calibration` on the other
+    patients' cases (residuals ``[Z, P]``, noise levels ``[Z]`` and EU ``[Z, P]`` as for it) and, on each of its own
+    cases, the fraction of pixels its calibrated central ``level`` interval covers and the same among the case's
+    10% of pixels with the highest EU. ``patients``: one name per case (a patient's cases: its measurements).
+    Returns ``(coverage, coverage of the highest-EU tenth)`` per case, in order."""
+    if not len(residuals) == len(noise_levels) == len(eu) == len(patients) or len(set(patients)) < 2:
+        raise ValueError(f"holdout needs one noise level, EU and patient per case and two patients or more, got "
+                         f"{len(residuals)} cases, {len(set(patients))} patient(s)")
+    z, out = central_z(level), [None] * len(residuals)
+    for patient in dict.fromkeys(patients):
+        keep = [i for i, p in enumerate(patients) if p != patient]
+        calibration = fit_calibration([residuals[i] for i in keep], [noise_levels[i] for i in keep], bins,
+                                      levels=(level,), reference_level=level, eu=[eu[i] for i in keep],
+                                      eu_bin_levels=eu_bin_levels)
+        for i in (i for i, p in enumerate(patients) if p == patient):
+            scales = calibration.scale_map(noise_levels[i], eu[i].T[None].double())  # [1, P, Z] or per slice
+            covered = residuals[i] <= z * torch.as_tensor(scales).broadcast_to((1, *eu[i].T.shape))[0].T
+            top = eu[i] >= eu[i].float().quantile(0.9)
+            out[i] = (float(covered.double().mean()), float(covered[top].double().mean()))
+    return out

@@ -708,8 +708,9 @@ def test_noise_binned_calibration_covers_every_noise_level_where_one_scale_canno
 def test_eu_binned_calibration_covers_the_uncertain_pixels_where_one_scale_per_noise_bin_cannot(tmp_path):
     """Pixels whose true error outgrows the predicted std with their EU (error std 1 + 6 EU against a predicted std
     of 1): one scale over-covers the quiet half and under-covers the most uncertain pixels; a scale per EU bin
-    (cut at the 0.5 and 0.9 EU quantiles) reaches 90% in each bin, and ``scale_map`` gives each pixel its bin's."""
-    from hyper_dm.calibration import fit_calibration, slice_samples, standardised_residuals
+    (cut at the 0.5 and 0.9 quantiles of EU over its slice's 90% quantile) reaches 90% in each bin, and
+    ``scale_map`` gives each pixel its bin's, the same in a case whose EU runs ten times higher throughout."""
+    from hyper_dm.calibration import fit_calibration, relative_eu, slice_samples, standardised_residuals
     from hyper_dm.uncertainty import gaussian_coverage
 
     rng = torch.Generator().manual_seed(0)
@@ -725,9 +726,10 @@ def test_eu_binned_calibration_covers_the_uncertain_pixels_where_one_scale_per_n
     binned = fit_calibration(residuals, eu=eu_samples, eu_bin_levels=(0.5, 0.9))
     single = fit_calibration(residuals, eu=eu_samples)
     (fitted,) = binned.eu_bins
-    assert fitted["edges"] == pytest.approx([0.25, 0.81], abs=0.02)  # the EU quantiles 0.5 and 0.9 of U(0, 1)^2
+    assert binned.eu_bin_reference == 0.9
+    assert fitted["edges"] == pytest.approx([0.25 / 0.81, 1.0], abs=0.03)  # U(0, 1)^2: quantiles 0.5, 0.9 over 0.9's
     fresh, eu = draw()
-    which = torch.bucketize(eu, torch.tensor(fitted["edges"]))
+    which = torch.bucketize(relative_eu(eu), torch.tensor(fitted["edges"]))
     for calibration, spread in ((binned, 0.02), (single, None)):
         scale = calibration.scale_map(None, eu)
         assert scale.shape == ((1, 32, 32, 8) if calibration is binned else ())
@@ -740,14 +742,64 @@ def test_eu_binned_calibration_covers_the_uncertain_pixels_where_one_scale_per_n
             assert per_bin[0] > 0.97 and per_bin[2] < 0.8, per_bin
     assert gaussian_coverage(fresh, var * binned.scale_map(None, eu).float() ** 2, label, [0.9])[0.9] == \
         pytest.approx(0.9, abs=0.02)
-    assert "per EU bin (cut at its 0.5, 0.9 EU quantiles)" in binned.describe()
+    assert "per EU bin (cut at its 0.5, 0.9 quantiles of EU / slice's 0.9 EU quantile)" in binned.describe()
+    # a patient (or draw of weight sets) whose EU runs ten times higher: the same scales, not the widest bins'
+    same = binned.scale_map(None, 10 * eu) == binned.scale_map(None, eu)
+    assert float(same.double().mean()) > 0.999
     path = binned.save(tmp_path / "calibration.json")
     assert torch.equal(Calibration.load(path).scale_map(None, eu), binned.scale_map(None, eu))
+    # a calibration from before metadata 0.14.0 (absolute edges, no eu_bin_reference) bins EU as it is
+    legacy = json.loads(path.read_text())
+    del legacy["eu_bin_reference"]
+    legacy["eu_bins"][0]["edges"] = [0.25, 0.81]
+    (tmp_path / "legacy.json").write_text(json.dumps(legacy))
+    absolute = torch.bucketize(eu, torch.tensor([0.25, 0.81]))
+    assert torch.equal(Calibration.load(tmp_path / "legacy.json").scale_map(None, eu),
+                       torch.tensor([s["0.9"] for s in fitted["scales"]], dtype=torch.float64)[absolute])
+    path.write_text(path.read_text().replace('"eu_bin_reference": 0.9', '"eu_bin_reference": 90'))
+    with pytest.raises(ValueError, match="eu_bin_reference 90 is not a quantile level between 0 and 1"):
+        Calibration.load(path)
+    binned.save(path)
     path.write_text(path.read_text().replace('"edges": [', '"edges": [0.1, '))
     with pytest.raises(ValueError, match="3 EU bins but 3 edges"):
         Calibration.load(path)
     with pytest.raises(ValueError, match=r"eu_bin_levels \[0.9, 0.5\] must be ascending quantile levels"):
         fit_calibration(residuals, eu=eu_samples, eu_bin_levels=(0.9, 0.5))
+
+
+def test_holdout_coverage_shows_eu_bins_carry_to_a_patient_whose_eu_runs_ten_times_higher(tmp_path):
+    """Three patients whose EU level differs tenfold (their error grows with EU relative to their own slices): held
+    out, each is covered near 90% overall and in its highest-EU tenth with EU bins, where one scale per noise bin
+    leaves that tenth far below; the script prints the same per measurement from a calibrate run's samples."""
+    from hyper_dm.calibration import holdout_coverage, slice_samples, standardised_residuals
+
+    rng = torch.Generator().manual_seed(0)
+    label, var = torch.zeros(1, 32, 32, 8), torch.ones(1, 32, 32, 8)
+    samples = {"case_ids": [], "residuals": [], "noise_levels": [], "eu": []}
+    for patient, level in (("a", 1.0), ("b", 10.0), ("c", 0.1)):
+        for noise in (0.05, 0.2):
+            shape = torch.rand(1, 32, 32, 8, generator=rng) ** 2
+            mean = torch.randn(1, 32, 32, 8, generator=rng) * (1 + 6 * shape) * (1 + 10 * noise)
+            samples["case_ids"].append(f"{patient}_i0{1e4 if noise < 0.1 else 1e3:g}_model_pitch")
+            samples["residuals"].append(standardised_residuals(mean, var, label))
+            samples["noise_levels"].append(torch.full((8,), noise))
+            samples["eu"].append(slice_samples(level * shape))
+    patients = [i.split("_")[0] for i in samples["case_ids"]]
+    args = samples["residuals"], samples["noise_levels"], samples["eu"], patients, 2
+    binned, single = holdout_coverage(*args, eu_bin_levels=(0.5, 0.9)), holdout_coverage(*args)
+    assert all(abs(c - 0.9) < 0.03 and abs(top - 0.9) < 0.05 for c, top in binned), binned
+    assert all(top < 0.8 for _, top in single), single
+    with pytest.raises(ValueError, match="two patients or more, got 2 cases, 1 patient"):
+        holdout_coverage(*[x[:2] for x in args[:3]], ["a", "a"])
+    torch.save(samples, tmp_path / "samples.pt")
+    run = subprocess.run([sys.executable, "scripts/calibration_holdout.py", str(tmp_path / "samples.pt"), "--bins",
+                          "2", "--eu_bins", "0.5", "0.9"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    section = lines[lines.index("2 noise bins, EU bins at [0.5, 0.9]: held-out 90% coverage per patient (its "
+                                "highest-EU tenth)"):]
+    row = next(line.split() for line in section if line.strip().startswith("i01000_model_pitch"))
+    assert row[1:] == [f for c, top in binned[1::2] for f in (f"{c:.3f}", f"({top:.3f})")]  # a, b, c at i0 1e3
 
 
 def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, luna, checkpoint):

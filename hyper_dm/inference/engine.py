@@ -37,7 +37,7 @@ from ..data.datasets import split_cases
 from ..data.validation import BadFileLog, BadInputError
 from ..engines.distributed import from_rank0, gather, rank_and_world
 from ..engines.writer import CaseWriter
-from ..io import safe_stem, sha256_file
+from ..io import atomic_write, safe_stem, sha256_file
 from ..uncertainty import ause, gaussian_coverage, gaussian_crps, psnr, ssim, uce
 from .calibrated import apply_calibration, mask_acceleration, scale_like_calibration
 from .inputs import case_id_of, find_cases
@@ -340,12 +340,14 @@ class CalibrationFitter:
     case counted with the one nearest its mask's; ``eu_bin_levels``: EU bins within each noise bin
     (:func:`~hyper_dm.calibration.fit_calibration`). ``sampling`` (``M``, ``N``, ``steps``, ``seed``) records how the
     cases were reconstructed, with how the weight sets' latents were drawn (``weight_draws``); ``scale_ratios``: MRI,
-    :func:`scale_ratio_cases`."""
+    :func:`scale_ratio_cases`; ``samples``: also save what was collected there (``torch.save`` of plain tensors and
+    lists, with each case's id; for refits and :func:`~hyper_dm.calibration.holdout_coverage`)."""
 
     def __init__(self, path: str, checkpoint: str | None = None, bins: int = 1,
                  accelerations: Sequence[int] | None = None, sampling: Mapping[str, int] | None = None,
-                 scale_ratios: Sequence[tuple[float, float]] = (), eu_bin_levels: Sequence[float] = ()) -> None:
-        self.path, self.checkpoint, self.bins = path, checkpoint, int(bins)
+                 scale_ratios: Sequence[tuple[float, float]] = (), eu_bin_levels: Sequence[float] = (),
+                 samples: str | None = None) -> None:
+        self.path, self.checkpoint, self.bins, self.samples = path, checkpoint, int(bins), samples
         self.eu_bin_levels = [float(q) for q in eu_bin_levels or ()]
         self.sampling: dict[str, int | str] = {key: int(value) for key, value in (sampling or {}).items()}
         self.scale_ratios = list(scale_ratios)
@@ -356,6 +358,7 @@ class CalibrationFitter:
         self.eu: list[torch.Tensor] = []
         self.local_eu: list[torch.Tensor] = []
         self.accelerations: list[float] = []
+        self.case_ids: list[str] = []
 
     def attach(self, engine: Evaluator) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
@@ -370,9 +373,14 @@ class CalibrationFitter:
             self.eu.append(engine.state.output["eu_samples"])
             self.local_eu.append(engine.state.output["local_eu_samples"])
             self.accelerations.append(engine.state.output["acceleration"])
+            self.case_ids.append(engine.state.output["case_id"])
             self.sampling["weight_draws"] = engine.reconstructor.weight_draws  # attach runs before it is set
 
     def fit(self, engine: Evaluator | None = None) -> Calibration:
+        if self.samples:
+            with atomic_write(self.samples) as tmp:
+                torch.save({name: getattr(self, name) for name in ("case_ids", "residuals", "noise_levels", "eu",
+                                                                   "local_eu", "departures", "accelerations")}, tmp)
         digest = sha256_file(self.checkpoint) if self.checkpoint and Path(self.checkpoint).is_file() else ""
         calibration = fit_calibration(self.residuals, self.noise_levels, self.bins, checkpoint_sha256=digest,
                                       departures=self.departures, accelerations=self.accelerations,

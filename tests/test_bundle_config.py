@@ -191,6 +191,18 @@ def test_the_trainer_gets_the_probe_options_of_training_cfg():
     assert "load_hypernet_state(@training_cfg::init" in steps[2]  # the run's next step loads it
 
 
+@pytest.mark.parametrize("pitches, bins", [(None, 3), (["model", "source"], 6)])
+def test_calibrate_fits_a_noise_bin_per_measurement_and_keeps_its_samples_where_asked(pitches, bins):
+    """Three photon counts at each FBP pitch calibrated on: as many noise bins as measurements (three equal-count
+    bins would mix the model grid's starved FBPs with the scanner's); ``calibration_samples`` reaches the fitter."""
+    parser = ConfigParser()
+    parser.read_config([COMMON, str(CONFIGS / "inference.yaml")])
+    parser["inference_cfg"]["calibration_fbp_pitches"] = pitches
+    parser["inference_cfg"]["calibration_samples"] = "/tmp/samples.pt"
+    assert parser.get_parsed_content("calibrator#val_handlers#1#bins") == bins
+    assert parser.get_parsed_content("calibrator#val_handlers#1#samples") == "/tmp/samples.pt"
+
+
 def test_the_script_reports_a_misspelt_override_and_exits_2():
     result = subprocess.run(
         [sys.executable, "scripts/train.py", "--config", "bundle/configs/ct_luna16.yaml", "model.z_dimm=16"],

@@ -17,6 +17,7 @@ each acceleration has its own calibration.
 from __future__ import annotations
 
 import argparse
+import pickle
 import re
 
 import torch
@@ -34,17 +35,21 @@ def main() -> None:
     p.add_argument("--eu_bins", type=float, nargs="*", default=[0.5, 0.9, 0.99])
     p.add_argument("--level", type=float, default=0.9)
     args = p.parse_args()
-    samples = torch.load(args.samples, weights_only=True)
-    ids = samples["case_ids"]
+    try:
+        samples = torch.load(args.samples, weights_only=True)
+        ids = samples["case_ids"]
+    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as e:
+        p.error(f"{args.samples}: not a calibrate run's samples file (inference_cfg#calibration_samples): "
+                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
     for case_id in ids:
         if not _MEASUREMENT.search(case_id):
-            raise SystemExit(f"{args.samples}: case id {case_id!r} is not <patient>_<i0|kspace_noise><level>[_...] "
-                             "as the calibrate run names its cases")
+            p.error(f"{args.samples}: case id {case_id!r} is not <patient>_<i0|kspace_noise><level>[_...] as the "
+                    "calibrate run names its cases")
     patients = [_MEASUREMENT.sub("", i) for i in ids]
     measurements = [i[len(p) + 1:] for i, p in zip(ids, patients, strict=True)]
     accelerations = [m.rsplit("_", 1)[-1] if re.search(r"_[0-9.]+x$", m) else "" for m in measurements]
     for bins in args.bins:
-        for eu_bins in ([], args.eu_bins):
+        for eu_bins in ([], args.eu_bins) if args.eu_bins else ([],):
             print(f"\n{bins} noise bins, {'EU bins at ' + str(eu_bins) if eu_bins else 'no EU bins'}: "
                   f"held-out {args.level:.0%} coverage per patient (its highest-EU tenth)")
             rows: dict[str, list[tuple[float, float]]] = {}

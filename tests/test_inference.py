@@ -800,6 +800,10 @@ def test_holdout_coverage_shows_eu_bins_carry_to_a_patient_whose_eu_runs_ten_tim
                                 "highest-EU tenth)"):]
     row = next(line.split() for line in section if line.strip().startswith("i01000_model_pitch"))
     assert row[1:] == [f for c, top in binned[1::2] for f in (f"{c:.3f}", f"({top:.3f})")]  # a, b, c at i0 1e3
+    (tmp_path / "calibration.json").write_text("{}")  # not a samples file: one line naming it, exit 2
+    run = subprocess.run([sys.executable, "scripts/calibration_holdout.py", str(tmp_path / "calibration.json")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and f"{tmp_path / 'calibration.json'}: not a calibrate run's samples file" in run.stderr
 
 
 def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, luna, checkpoint):

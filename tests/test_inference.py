@@ -10,6 +10,7 @@ import locale
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -767,11 +768,13 @@ def test_eu_binned_calibration_covers_the_uncertain_pixels_where_one_scale_per_n
         fit_calibration(residuals, eu=eu_samples, eu_bin_levels=(0.9, 0.5))
 
 
-def test_holdout_coverage_shows_eu_bins_carry_to_a_patient_whose_eu_runs_ten_times_higher(tmp_path):
+def test_holdout_coverage_shows_eu_bins_carry_to_a_patient_whose_eu_runs_ten_times_higher(tmp_path, caplog):
     """Three patients whose EU level differs tenfold (their error grows with EU relative to their own slices): held
     out, each is covered near 90% overall and in its highest-EU tenth with EU bins, where one scale per noise bin
-    leaves that tenth far below; the script prints the same per measurement from a calibrate run's samples."""
+    leaves that tenth far below; the script prints the same per measurement from a calibrate run's samples, and the
+    calibrate run's fitter logs their range and keeps its samples where asked."""
     from hyper_dm.calibration import holdout_coverage, slice_samples, standardised_residuals
+    from hyper_dm.inference import CalibrationFitter, calibration_holdout
 
     rng = torch.Generator().manual_seed(0)
     label, var = torch.zeros(1, 32, 32, 8), torch.ones(1, 32, 32, 8)
@@ -804,6 +807,22 @@ def test_holdout_coverage_shows_eu_bins_carry_to_a_patient_whose_eu_runs_ten_tim
     run = subprocess.run([sys.executable, "scripts/calibration_holdout.py", str(tmp_path / "calibration.json")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and f"{tmp_path / 'calibration.json'}: not a calibrate run's samples file" in run.stderr
+    fitter = CalibrationFitter(str(tmp_path / "fitted.json"), bins=2, eu_bin_levels=(0.5, 0.9),
+                               samples=str(tmp_path / "kept.pt"))
+    for key in ("case_ids", "residuals", "noise_levels", "eu"):
+        setattr(fitter, key, samples[key])
+    fitter.local_eu = [e / e.max() for e in samples["eu"]]
+    fitter.departures = [torch.ones(8) for _ in samples["eu"]]
+    fitter.accelerations = [None] * len(samples["eu"])
+    with caplog.at_level(logging.INFO, logger="hyper_dm.inference"):
+        fitter.fit()
+    low, high = min(c for c, _ in binned), max(c for c, _ in binned)
+    assert (f"calibration held out one validation patient at a time (scripts/calibration_holdout.py): 90% coverage "
+            f"{low:.3f}-{high:.3f} over patients and measurements") in caplog.text
+    kept = torch.load(tmp_path / "kept.pt", weights_only=True)
+    assert kept["case_ids"] == samples["case_ids"] and torch.equal(kept["eu"][1], samples["eu"][1])
+    with pytest.raises(ValueError, match=re.escape("case id 'a_scan3' is not <patient>_<i0|kspace_noise><level>")):
+        calibration_holdout(["a_scan3"], *[x[:1] for x in args[:3]])
 
 
 def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, luna, checkpoint):

@@ -10,6 +10,7 @@ Public API::
     apply_calibration(raw, case, reconstructor, calibration)          # calibrated std + input check of one case
     CaseDataset, VolumeEvaluator, case_entries, case_metrics          # the bundle's inference workflow
     calibration_dataset, CalibrationFitter, scale_ratio_cases         # its 'calibrate' run id
+    calibration_holdout(case_ids, residuals, noise_levels, eu, bins)  # each validation patient held out
 """
 
 from .calibrated import apply_calibration, load_calibration, scale_like_calibration
@@ -18,6 +19,7 @@ from .engine import (
     CaseDataset,
     VolumeEvaluator,
     calibration_dataset,
+    calibration_holdout,
     case_entries,
     case_metrics,
     run_inference,
@@ -30,7 +32,7 @@ from .reconstructor import OUTPUTS, VolumeReconstructor
 
 __all__ = [
     "OUTPUTS", "CalibrationFitter", "CaseDataset", "HyperDM", "InputMode", "VolumeEvaluator", "VolumeReconstructor",
-    "apply_calibration", "calibration_dataset", "case_entries", "case_metrics", "find_cases", "load_calibration",
-    "load_case", "load_hypernet_state", "run_inference", "scale_like_calibration", "scale_ratio_cases",
-    "to_source_layout",
+    "apply_calibration", "calibration_dataset", "calibration_holdout", "case_entries", "case_metrics", "find_cases",
+    "load_calibration", "load_case", "load_hypernet_state", "run_inference", "scale_like_calibration",
+    "scale_ratio_cases", "to_source_layout",
 ]

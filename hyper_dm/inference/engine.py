@@ -10,6 +10,7 @@ reconstructs it and puts ``volumes`` and ``metrics`` in ``engine.state.output``,
 from __future__ import annotations
 
 import logging
+import re
 import resource
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,6 +29,7 @@ from ..calibration import (
     Calibration,
     eu_in_model_units,
     fit_calibration,
+    holdout_coverage,
     local_eu_contrast,
     slice_samples,
     standardised_residuals,
@@ -44,14 +46,16 @@ from .inputs import case_id_of, find_cases
 from .loading import InputMode, load_case, to_source_layout
 from .reconstructor import VolumeReconstructor, resize_slices
 
-__all__ = ["CalibrationFitter", "CaseDataset", "VolumeEvaluator", "calibration_dataset", "case_entries",
-           "case_metrics", "input_entries", "run_inference", "scale_ratio_cases"]
+__all__ = ["CalibrationFitter", "CaseDataset", "VolumeEvaluator", "calibration_dataset", "calibration_holdout",
+           "case_entries", "case_metrics", "input_entries", "run_inference", "scale_ratio_cases"]
 
 logger = logging.getLogger("hyper_dm.inference")
 
 FEW_CALIBRATION_CASES = 3  # fewer validation cases than this: the calibration describes too few patients
 RATIO_FILES = 32  # MRI: files the calibration's zero-filled scale ratio is measured on, at most
 _METRIC_PIXELS = 1 << 21  # AUSE / UCE on at most this many pixels (a fixed stride), the rest on all
+_CALIBRATION_ID = re.compile(r"(?P<patient>.+)_(?P<measurement>(?:i0|kspace_noise)[0-9.e+-]+"
+                             r"(?:_[a-z]+_pitch|_(?P<acceleration>[0-9.]+x))?)")  # calibration_dataset's case ids
 
 
 def input_entries(data: Mapping, source: str | None) -> list[dict]:
@@ -319,6 +323,34 @@ def calibration_dataset(data: Mapping, noise_levels: Sequence[float], on_bad_fil
         for suffix, overrides in measurements.items() for level in noise_levels])
 
 
+def calibration_holdout(case_ids: Sequence[str], residuals: Sequence[torch.Tensor],
+                        noise_levels: Sequence[torch.Tensor], eu: Sequence[torch.Tensor], bins: int = 1,
+                        eu_bin_levels: Sequence[float] = (), level: float = 0.9
+                        ) -> dict[str, list[tuple[float, float]]]:
+    """:func:`~hyper_dm.calibration.holdout_coverage` of the cases of a calibrate run, named as
+    :func:`calibration_dataset` names them (``<patient>_<i0|kspace_noise><level>[_<pitch or acceleration>]``),
+    each MRI acceleration held out within itself (it has its own calibration): ``{measurement: [(coverage,
+    coverage of the highest-EU tenth) per patient]}``; empty with fewer than two patients."""
+    parts = []
+    for case_id in case_ids:
+        match = _CALIBRATION_ID.fullmatch(case_id)
+        if match is None:
+            raise ValueError(f"case id {case_id!r} is not <patient>_<i0|kspace_noise><level>[_<pitch>_pitch|_<a>x] "
+                             "as calibration_dataset names its cases")
+        parts.append((match["patient"], match["measurement"], match["acceleration"] or ""))
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for acceleration in dict.fromkeys(a for _, _, a in parts):
+        cases = [i for i, (_, _, a) in enumerate(parts) if a == acceleration]
+        if len({parts[i][0] for i in cases}) < 2:
+            return {}
+        pick = lambda x, cases=cases: [x[i] for i in cases]  # noqa: E731
+        covered = holdout_coverage(pick(residuals), pick(noise_levels), pick(eu), [parts[i][0] for i in cases], bins,
+                                   eu_bin_levels, level)
+        for i, c in zip(cases, covered, strict=True):
+            rows.setdefault(parts[i][1], []).append(c)
+    return rows
+
+
 def scale_ratio_cases(data: Mapping, noise_levels: Sequence[float], accelerations: Sequence[int] | None = None,
                       on_bad_file: str = "raise", max_files: int = RATIO_FILES) -> list[tuple[float, float]]:
     """MRI: ``(mask acceleration, magnitude scale over the zero-filled image's)`` of the files of the training and
@@ -388,6 +420,13 @@ class CalibrationFitter:
                                       scale_ratios=self.scale_ratios, eu_bin_levels=self.eu_bin_levels,
                                       local_eu=self.local_eu)
         calibration.save(self.path)
+        held_out = [c for row in calibration_holdout(self.case_ids, self.residuals, self.noise_levels, self.eu,
+                                                     self.bins, self.eu_bin_levels).values() for c in row]
+        if held_out:
+            logger.info("calibration held out one validation patient at a time (scripts/calibration_holdout.py): "
+                        "90%% coverage %.3f-%.3f over patients and measurements, %.3f-%.3f of their highest-EU tenth",
+                        min(a for a, _ in held_out), max(a for a, _ in held_out), min(t for _, t in held_out),
+                        max(t for _, t in held_out))
         logger.info("calibration from %d cases (%d pixels): std scales %s, raw coverage %s -> %s", calibration.n_cases,
                     calibration.n_pixels, {k: round(v, 3) for k, v in calibration.scales.items()},
                     {k: round(v, 3) for k, v in calibration.raw_coverage.items()}, self.path)

@@ -420,13 +420,6 @@ class CalibrationFitter:
                                       scale_ratios=self.scale_ratios, eu_bin_levels=self.eu_bin_levels,
                                       local_eu=self.local_eu)
         calibration.save(self.path)
-        held_out = [c for row in calibration_holdout(self.case_ids, self.residuals, self.noise_levels, self.eu,
-                                                     self.bins, self.eu_bin_levels).values() for c in row]
-        if held_out:
-            logger.info("calibration held out one validation patient at a time (scripts/calibration_holdout.py): "
-                        "90%% coverage %.3f-%.3f over patients and measurements, %.3f-%.3f of their highest-EU tenth",
-                        min(a for a, _ in held_out), max(a for a, _ in held_out), min(t for _, t in held_out),
-                        max(t for _, t in held_out))
         logger.info("calibration from %d cases (%d pixels): std scales %s, raw coverage %s -> %s", calibration.n_cases,
                     calibration.n_pixels, {k: round(v, 3) for k, v in calibration.scales.items()},
                     {k: round(v, 3) for k, v in calibration.raw_coverage.items()}, self.path)
@@ -440,4 +433,11 @@ class CalibrationFitter:
                         "" if group.acceleration is None else f" at {group.acceleration:g}x", group.eu_threshold,
                         per_bin(group.noise_eu_thresholds), group.local_eu_window, group.local_eu_threshold,
                         LOCAL_EU_REFERENCE, per_bin(group.noise_local_eu_thresholds), group.eu_level)
+        held_out = [c for row in calibration_holdout(self.case_ids, self.residuals, self.noise_levels, self.eu,
+                                                     self.bins, self.eu_bin_levels).values() for c in row]
+        if held_out:
+            logger.info("calibration held out one validation patient at a time (scripts/calibration_holdout.py): "
+                        "90%% coverage %.3f-%.3f over patients and measurements, %.3f-%.3f of their highest-EU tenth",
+                        min(a for a, _ in held_out), max(a for a, _ in held_out), min(t for _, t in held_out),
+                        max(t for _, t in held_out))
         return calibration

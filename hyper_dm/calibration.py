@@ -276,15 +276,16 @@ class Calibration:
         ``noise_level`` ``None``, the per-slice scales of :meth:`scale_at`, which broadcast against ``[1, X, Y, Z]``."""
         if not self.eu_bins or eu is None or (self.noise_scales and noise_level is None):
             return self.scale_at(noise_level, level)
+        eu = eu.detach().cpu().double()
         if self.eu_bin_reference is not None:
-            eu = relative_eu(eu.detach().cpu(), self.eu_bin_reference)
+            eu = relative_eu(eu, self.eu_bin_reference).double()
         key = str(self.reference_level if level is None else level)
         which = self._bins(noise_level).tolist() if self.noise_scales else [0] * eu.shape[-1]
         scales = torch.empty(eu.shape, dtype=torch.float64)
         for z, b in enumerate(which):
             edges = torch.tensor(self.eu_bins[b]["edges"], dtype=torch.float64)
             per_bin = torch.tensor([s[key] for s in self.eu_bins[b]["scales"]], dtype=torch.float64)
-            scales[..., z] = per_bin[torch.bucketize(eu[..., z].detach().double().cpu(), edges)]
+            scales[..., z] = per_bin[torch.bucketize(eu[..., z], edges)]
         return scales
 
     def _departure_references(self, noise_level: torch.Tensor | None, z: int) -> list[list[float]]:
@@ -532,7 +533,7 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
         every_slice = range(len(per_slice))  # what an empty noise bin (ties only) takes, as for its scales
         calibration.eu_bin_levels = [float(q) for q in eu_bin_levels]
         calibration.eu_bin_reference = LOCAL_EU_REFERENCE
-        relative = [_over_row_quantile(row[None])[0] for row in eu_rows]  # each slice's samples: its level
+        relative = [row for e in eu for row in _over_row_quantile(torch.atleast_2d(e))]  # each slice: its level
         calibration.eu_bins = [_eu_binned_scales([per_slice[i] for i in rows], [relative[i] for i in rows],
                                                  eu_bin_levels, levels)
                                for rows in ((m or every_slice) for m in (members if bins > 1 else [every_slice]))]
@@ -589,8 +590,8 @@ def holdout_coverage(residuals: Sequence[torch.Tensor], noise_levels: Sequence[t
                                       levels=(level,), reference_level=level, eu=[eu[i] for i in keep],
                                       eu_bin_levels=eu_bin_levels)
         for i in (i for i, p in enumerate(patients) if p == patient):
-            scales = calibration.scale_map(noise_levels[i], eu[i].T[None].double())  # [1, P, Z] or per slice
-            covered = residuals[i] <= z * torch.as_tensor(scales).broadcast_to((1, *eu[i].T.shape))[0].T
+            pixels = eu[i].T[None]  # [1, P, Z], as a volume
+            covered = residuals[i] <= z * calibration.scale_map(noise_levels[i], pixels).broadcast_to(pixels.shape)[0].T
             top = eu[i] >= eu[i].float().quantile(0.9)
             out[i] = (float(covered.double().mean()), float(covered[top].double().mean()))
     return out

@@ -90,8 +90,10 @@ import torch.nn.functional as F
 from .io import atomic_write
 from .uncertainty import central_z
 
-__all__ = ["INPUT_CHECK_ALPHA", "LEVELS", "LOCAL_EU_REFERENCE", "LOCAL_EU_WINDOW", "UNFAMILIAR_LEVEL", "Calibration",
-           "eu_in_model_units", "fit_calibration", "holdout_coverage", "input_departure", "local_eu_contrast",
+__all__ = ["INPUT_CHECK_ALPHA", "LEVELS", "LOCAL_EU_REFERENCE", "LOCAL_EU_WINDOW", "TISSUE_FLOOR", "UNFAMILIAR_LEVEL",
+           "Calibration",
+           "eu_in_model_units", "fit_calibration", "holdout_coverage", "in_model_units", "input_departure",
+           "local_eu_contrast",
            "relative_eu", "slice_samples", "standardised_residuals"]
 
 LEVELS = (0.5, 0.9, 0.95)
@@ -105,6 +107,9 @@ LOCAL_EU_WINDOW = 1 / 16
 pixels of a 64 x 64 model grid)."""
 LOCAL_EU_REFERENCE = 0.9
 """The quantile of its slice's EU that :func:`relative_eu` divides a pixel's EU by."""
+TISSUE_FLOOR = -0.9
+"""The mean (model units) above which a pixel is tissue, below which air or background: -900 HU in CT's default
+window [-1000, 1000] HU, 5% of the magnitude scale in MRI."""
 _VARIANCE_FLOOR = 1e-12  # model units^2: keeps r finite where the model predicts no spread at all
 
 
@@ -127,6 +132,12 @@ def eu_in_model_units(eu: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     """EU ``[1, X, Y, Z]`` (physical units squared) over the squared magnitude scale ``gain`` (``[Z]`` or one value):
     the model's own units, comparable across files, scanners and, for MRI, each file's own scale."""
     return eu / gain.to(eu).reshape(1, 1, 1, -1) ** 2
+
+
+def in_model_units(image: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """An image ``[1, X, Y, Z]`` in physical units (HU, magnitude) in the model's [-1, 1] range, with ``gain`` and
+    ``offset`` ``[Z]`` (``physical = gain * model + offset`` per slice)."""
+    return (image - offset.to(image).reshape(1, 1, 1, -1)) / gain.to(image).reshape(1, 1, 1, -1)
 
 
 def _over_row_quantile(rows: torch.Tensor, level: float = LOCAL_EU_REFERENCE) -> torch.Tensor:
@@ -206,6 +217,10 @@ class Calibration:
     ``eu_bins``: per noise bin (one entry without noise bins), ``{"edges": [...], "scales": [{level: scale}, ...]}``,
     the bin's EU edges (ascending) and each EU bin's scales; ``eu_bin_reference``: the edges are in units of the
     slice's quantile of EU at this level (:func:`relative_eu`; ``None``: EU in model units, before metadata 0.14.0).
+    ``intensity_edges``: the values of the mean (model units) that split each noise bin's pixels into intensity
+    classes (ascending; empty: one class; e.g. :data:`TISSUE_FLOOR`, air against tissue); ``eu_bins``
+    then holds an entry per noise bin and class (``eu_bins[noise_bin * classes + class]``), each cut into EU bins on
+    its own pixels (without ``eu_bin_levels``: one EU bin).
     ``scale_ratio``: MRI, the median over the cases measured for it (:func:`hyper_dm.inference.scale_ratio_cases`:
     files of the training and validation splits) of their magnitude scale over their zero-filled image's (``None``:
     not recorded), ``scale_ratio_range`` the lowest and highest.
@@ -235,6 +250,7 @@ class Calibration:
     eu_bin_levels: list[float] = field(default_factory=list)
     eu_bins: list[dict] = field(default_factory=list)
     eu_bin_reference: float | None = None
+    intensity_edges: list[float] = field(default_factory=list)
     scale_ratio: float | None = None
     scale_ratio_range: list[float] = field(default_factory=list)
 
@@ -268,25 +284,43 @@ class Calibration:
             return torch.tensor(self.scales[key], dtype=torch.float64)
         return torch.tensor([s[key] for s in self.noise_scales], dtype=torch.float64)[self._bins(noise_level)]
 
-    def scale_map(self, noise_level: torch.Tensor | None, eu: torch.Tensor | None, level: float | None = None
-                  ) -> torch.Tensor:
-        """Std multipliers of ``level`` (default ``reference_level``) for the pixels of EU ``eu`` ``[1, X, Y, Z]``
-        (model units, :func:`eu_in_model_units`) in slices of noise level ``[Z]``: float64 ``[1, X, Y, Z]``, each
-        pixel the scale of its EU bin within its slice's noise bin. Without EU bins, or ``eu`` or (with noise bins)
-        ``noise_level`` ``None``, the per-slice scales of :meth:`scale_at`, which broadcast against ``[1, X, Y, Z]``."""
-        if not self.eu_bins or eu is None or (self.noise_scales and noise_level is None):
+    def scale_map(self, noise_level: torch.Tensor | None, eu: torch.Tensor | None, level: float | None = None,
+                  intensity: torch.Tensor | None = None) -> torch.Tensor:
+        """Std multipliers of ``level`` (default ``reference_level``) for the pixels of EU ``eu`` and mean
+        ``intensity`` (both ``[1, X, Y, Z]`` in model units, :func:`eu_in_model_units`, :func:`in_model_units`) in
+        slices of noise level ``[Z]``: float64 ``[1, X, Y, Z]``, each pixel the scale of its EU bin within its
+        intensity class within its slice's noise bin. Without such bins, or without what they need (``eu`` for EU
+        bins, ``intensity`` for classes, ``noise_level`` for noise bins), the per-slice scales of :meth:`scale_at`,
+        which broadcast against ``[1, X, Y, Z]``."""
+        if (not self.eu_bins or (self.eu_bin_levels and eu is None) or (self.intensity_edges and intensity is None)
+                or (self.noise_scales and noise_level is None)):
             return self.scale_at(noise_level, level)
-        eu = eu.detach().cpu().double()
+        shape = (eu if eu is not None else intensity).shape
+        eu = torch.zeros(shape, dtype=torch.float64) if eu is None else eu.detach().cpu().double()
         if self.eu_bin_reference is not None:
             eu = relative_eu(eu, self.eu_bin_reference).double()
+        classes = len(self.intensity_edges) + 1
+        edges = torch.tensor(self.intensity_edges, dtype=torch.float64)
+        tissue = (torch.bucketize(intensity.detach().cpu().double().contiguous(), edges) if self.intensity_edges
+                  else torch.zeros(shape, dtype=torch.int64))
         key = str(self.reference_level if level is None else level)
-        which = self._bins(noise_level).tolist() if self.noise_scales else [0] * eu.shape[-1]
-        scales = torch.empty(eu.shape, dtype=torch.float64)
+        which = self._bins(noise_level).tolist() if self.noise_scales else [0] * shape[-1]
+        scales = torch.empty(shape, dtype=torch.float64)
         for z, b in enumerate(which):
-            edges = torch.tensor(self.eu_bins[b]["edges"], dtype=torch.float64)
-            per_bin = torch.tensor([s[key] for s in self.eu_bins[b]["scales"]], dtype=torch.float64)
-            scales[..., z] = per_bin[torch.bucketize(eu[..., z], edges)]
+            for c, cell in enumerate(self.eu_bins[b * classes:(b + 1) * classes]):
+                per_bin = torch.tensor([s[key] for s in cell["scales"]], dtype=torch.float64)
+                in_class = tissue[..., z] == c
+                scales[..., z][in_class] = per_bin[torch.bucketize(eu[..., z][in_class],
+                                                                   torch.tensor(cell["edges"], dtype=torch.float64))]
         return scales
+
+    def scales_for(self, outputs: dict[str, torch.Tensor], noise_level: torch.Tensor | None,
+                   gain: torch.Tensor | None, offset: torch.Tensor | None, level: float | None = None) -> torch.Tensor:
+        """:meth:`scale_map` for a reconstruction's ``mean`` and ``eu`` (``outputs``, ``[1, X, Y, Z]``, physical units;
+        ``gain``/``offset`` ``[Z]``: physical = gain * model + offset; ``None``: per-slice scales)."""
+        eu = None if gain is None else eu_in_model_units(outputs["eu"].float(), gain)
+        intensity = None if gain is None or offset is None else in_model_units(outputs["mean"].float(), gain, offset)
+        return self.scale_map(noise_level, eu, level, intensity)
 
     def _departure_references(self, noise_level: torch.Tensor | None, z: int) -> list[list[float]]:
         """The calibration departures each of ``z`` slices is compared with: its noise bin's, where recorded."""
@@ -347,11 +381,16 @@ class Calibration:
             return "; ".join(f"at {a}x acceleration, {c.describe()}" for a, c in self.accelerations.items())
         level = f"{self.reference_level:.0%}"
         if self.eu_bins:
-            ref = str(self.reference_level)
-            per_bin = "; ".join(" / ".join(f"{s[ref]:.2f}" for s in b["scales"]) for b in self.eu_bins)
+            ref, classes = str(self.reference_level), len(self.intensity_edges) + 1
+            cells = [" / ".join(f"{s[ref]:.2f}" for s in b["scales"]) for b in self.eu_bins]
+            per_bin = "; ".join(" | ".join(cells[i:i + classes]) for i in range(0, len(cells), classes))
             of = "EU" if self.eu_bin_reference is None else f"EU / slice's {self.eu_bin_reference:g} EU quantile"
-            by_eu = (f"; within {'each noise bin' if self.noise_scales else 'all slices'}, per EU bin (cut at its "
-                     f"{', '.join(f'{q:g}' for q in self.eu_bin_levels)} quantiles of {of}): {per_bin}")
+            splits = ([f"intensity class (the mean cut at {', '.join(f'{e:.3g}' for e in self.intensity_edges)} "
+                       "model units; classes apart by |)"] if self.intensity_edges else [])
+            splits += ([f"EU bin (cut at its {', '.join(f'{q:g}' for q in self.eu_bin_levels)} quantiles of {of})"]
+                       if self.eu_bin_levels else [])
+            by_eu = (f"; within {'each noise bin' if self.noise_scales else 'all slices'}, per {' and '.join(splits)}: "
+                     f"{per_bin}")
         else:
             by_eu = ""
         if not self.noise_scales:
@@ -402,9 +441,12 @@ class Calibration:
         if calibration.local_eu_threshold is not None and not 0 < (calibration.local_eu_window or 0) <= 1:
             raise ValueError(f"local_eu_window {calibration.local_eu_window} is not a fraction of the slice's side in "
                              "(0, 1]")
-        if calibration.eu_bins and len(calibration.eu_bins) != max(1, len(calibration.noise_scales)):
-            raise ValueError(f"{len(calibration.eu_bins)} noise bins of EU bins but {len(calibration.noise_scales)} "
-                             "of scales")
+        cells = max(1, len(calibration.noise_scales)) * (len(calibration.intensity_edges) + 1)
+        if calibration.eu_bins and len(calibration.eu_bins) != cells:
+            raise ValueError(f"{len(calibration.eu_bins)} EU-binned cells but {cells} noise bins x intensity classes")
+        if calibration.intensity_edges and not (calibration.eu_bins and _ascending_within(calibration.intensity_edges)):
+            raise ValueError(f"intensity_edges {calibration.intensity_edges} must be ascending values in (-1, 1) and "
+                             "come with eu_bins")
         if calibration.eu_bin_reference is not None and not 0 < calibration.eu_bin_reference < 1:
             raise ValueError(f"eu_bin_reference {calibration.eu_bin_reference} is not a quantile level between 0 and 1")
         for eu_bin in calibration.eu_bins:
@@ -431,7 +473,8 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                     accelerations: Sequence[float] = (), acceleration_groups: Sequence[float] = (),
                     eu: Sequence[torch.Tensor] = (), sampling: dict[str, int | str] | None = None,
                     scale_ratios: Sequence[float] = (), eu_bin_levels: Sequence[float] = (),
-                    local_eu: Sequence[torch.Tensor] = (), local_eu_window: float = LOCAL_EU_WINDOW) -> Calibration:
+                    local_eu: Sequence[torch.Tensor] = (), local_eu_window: float = LOCAL_EU_WINDOW,
+                    means: Sequence[torch.Tensor] = (), intensity_edges: Sequence[float] = ()) -> Calibration:
     """Split-conformal std scales (see the module docstring) from per-case standardised residuals ``[Z, P]`` and,
     for ``bins > 1``, the cases' per-slice noise levels ``[Z]`` (at most one bin per slice); ``departures``: the
     cases' per-slice :func:`input_departure` ``[Z]`` to keep; ``eu``: the cases' pixels' EU in model units ``[Z, P]``
@@ -439,7 +482,10 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
     bin's); ``local_eu`` (with ``eu``): the same pixels' :func:`local_eu_contrast` with ``local_eu_window`` ``[Z, P]``
     for :attr:`Calibration.local_eu_threshold`; ``eu_bin_levels`` (with ``eu``): split each noise bin's pixels at
     these quantiles of their EU over their slice's :data:`LOCAL_EU_REFERENCE` quantile (each row's, an estimate of
-    :func:`relative_eu`), each EU bin with its own scales (:attr:`Calibration.eu_bins`); ``sampling``: how
+    :func:`relative_eu`), each EU bin with its own scales (:attr:`Calibration.eu_bins`); ``intensity_edges``
+    (with ``means``, the same pixels' mean in model units ``[Z, P]``, :func:`in_model_units`): first split each noise
+    bin's pixels into intensity classes where their mean crosses these values (model units,
+    :attr:`Calibration.intensity_edges`), each class with its own scales and EU bins; ``sampling``: how
     the cases were reconstructed (:attr:`Calibration.sampling`); ``scale_ratios``: MRI,
     ``(mask acceleration, magnitude scale over the zero-filled image's)`` of each case measured for
     :attr:`Calibration.scale_ratio` (any cases: it needs no reconstruction). With two
@@ -452,7 +498,8 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                              f"case, got {len(accelerations)} for {len(residuals)} cases")
         fitted = fit_calibration(residuals, noise_levels, bins, checkpoint_sha256, levels, reference_level,
                                  departures, eu=eu, sampling=sampling, scale_ratios=scale_ratios,
-                                 eu_bin_levels=eu_bin_levels, local_eu=local_eu, local_eu_window=local_eu_window)
+                                 eu_bin_levels=eu_bin_levels, local_eu=local_eu, local_eu_window=local_eu_window,
+                                 means=means, intensity_edges=intensity_edges)
         keys = [f"{a:g}" for a in acceleration_groups]
         for key in keys:
             members = [i for i, a in enumerate(accelerations) if _nearest(keys, a) == key]
@@ -465,7 +512,8 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                 [departures[i] for i in members] if departures else (), eu=[eu[i] for i in members] if eu else (),
                 sampling=sampling, scale_ratios=[r for r in scale_ratios if _nearest(keys, r[0]) == key],
                 eu_bin_levels=eu_bin_levels, local_eu=[local_eu[i] for i in members] if local_eu else (),
-                local_eu_window=local_eu_window)
+                local_eu_window=local_eu_window, means=[means[i] for i in members] if means else (),
+                intensity_edges=intensity_edges)
             group.acceleration = float(key)
         return fitted
     if reference_level not in levels:
@@ -474,6 +522,9 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                           or not all(0 < q < 1 for q in eu_bin_levels)):
         raise ValueError(f"eu_bin_levels {list(eu_bin_levels)} must be ascending quantile levels in (0, 1), with the "
                          "cases' EU samples to split")
+    if intensity_edges and (not means or not _ascending_within(intensity_edges)):
+        raise ValueError(f"intensity_edges {list(intensity_edges)} must be ascending values of the mean in (-1, 1) "
+                         "(model units), with the cases' mean samples to split")
     if bins > 1 and (noise_levels is None or len(noise_levels) != len(residuals)):
         raise ValueError(f"{bins} noise bins need one noise-level tensor per case, got "
                          f"{None if noise_levels is None else len(noise_levels)} for {len(residuals)} cases")
@@ -529,14 +580,21 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
             calibration.noise_local_eu_thresholds = [
                 _eu_quantile([local_rows[i] for i in m], calibration.eu_level) if m
                 else calibration.local_eu_threshold for m in members]
-    if eu_bin_levels:
+    if eu_bin_levels or intensity_edges:
         every_slice = range(len(per_slice))  # what an empty noise bin (ties only) takes, as for its scales
-        calibration.eu_bin_levels = [float(q) for q in eu_bin_levels]
-        calibration.eu_bin_reference = LOCAL_EU_REFERENCE
-        relative = [row for e in eu for row in _over_row_quantile(torch.atleast_2d(e))]  # each slice: its level
-        calibration.eu_bins = [_eu_binned_scales([per_slice[i] for i in rows], [relative[i] for i in rows],
-                                                 eu_bin_levels, levels)
-                               for rows in ((m or every_slice) for m in (members if bins > 1 else [every_slice]))]
+        relative = [row for e in eu for row in _over_row_quantile(torch.atleast_2d(e))] if eu_bin_levels else None
+        if eu_bin_levels:
+            calibration.eu_bin_levels = [float(q) for q in eu_bin_levels]
+            calibration.eu_bin_reference = LOCAL_EU_REFERENCE
+        mean_rows = [row.double() for m in means for row in torch.atleast_2d(m)] if intensity_edges else None
+        if intensity_edges:
+            if len(mean_rows) != len(per_slice):
+                raise ValueError(f"mean samples of {len(mean_rows)} slices for residuals of {len(per_slice)} slices")
+            calibration.intensity_edges = [float(e) for e in intensity_edges]
+        calibration.eu_bins = [
+            cell for rows in ((m or every_slice) for m in (members if bins > 1 else [every_slice]))
+            for cell in _class_cells(rows, per_slice, relative, mean_rows, calibration.intensity_edges, eu_bin_levels,
+                                     levels)]
     if eu:  # the share of each case's pixels flagged, as inference flags them
         case_noise = [n.double().flatten() for n in noise_levels] if bins > 1 else [None] * len(eu)
 
@@ -551,19 +609,39 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
     return calibration
 
 
-def _eu_binned_scales(residual_rows: Sequence[torch.Tensor], eu_rows: Sequence[torch.Tensor],
-                      bin_levels: Sequence[float], levels: Sequence[float]) -> dict:
-    """``{"edges", "scales"}`` of :attr:`Calibration.eu_bins` from the same pixels' residuals and EU (rows
-    ``[P]``): the EU edges at ``bin_levels`` (ties merged) and each EU bin's split-conformal scales (an empty bin:
-    all pixels')."""
-    r, e = torch.cat(list(residual_rows)), torch.cat(list(eu_rows)).double()
-    ranked = e.sort().values
-    edges = sorted({float(ranked[min(ranked.numel() - 1, int(q * ranked.numel()))]) for q in bin_levels})
-    which = torch.bucketize(e, torch.tensor(edges, dtype=torch.float64))
-    pooled = _scales(r.sort().values, levels)
-    scales = [_scales(r[which == b].sort().values, levels) if bool((which == b).any()) else pooled
-              for b in range(len(edges) + 1)]
-    return {"edges": edges, "scales": scales}
+def _ascending_within(edges: Sequence[float]) -> bool:
+    """Whether ``edges`` ascend strictly within the model's range (-1, 1)."""
+    return list(edges) == sorted(set(edges)) and all(-1 < e < 1 for e in edges)
+
+
+def _quantile_edges(values: torch.Tensor, bin_levels: Sequence[float]) -> list[float]:
+    """Bin edges at the ``bin_levels`` quantiles of ``values`` (any shape), ascending, ties merged."""
+    ranked = values.flatten().double().sort().values
+    return sorted({float(ranked[min(ranked.numel() - 1, int(q * ranked.numel()))]) for q in bin_levels})
+
+
+def _class_cells(rows: Sequence[int], residual_rows: Sequence[torch.Tensor],
+                 relative_rows: Sequence[torch.Tensor] | None, mean_rows: Sequence[torch.Tensor] | None,
+                 intensity_edges: Sequence[float], bin_levels: Sequence[float], levels: Sequence[float]) -> list[dict]:
+    """The :attr:`Calibration.eu_bins` entries of one noise bin (slices ``rows``), one per intensity class: each
+    ``{"edges", "scales"}``, the class's EU edges at ``bin_levels`` of its pixels' relative EU (ties merged) and each
+    EU bin's split-conformal scales (an empty class or EU bin takes the scales of the pixels around it)."""
+    pick = lambda samples: torch.cat([samples[i] for i in rows])  # noqa: E731
+    r = pick(residual_rows)
+    e = pick(relative_rows).double() if bin_levels else torch.zeros_like(r)
+    tissue = (torch.bucketize(pick(mean_rows), torch.tensor(intensity_edges, dtype=torch.float64))
+              if intensity_edges else torch.zeros(r.shape, dtype=torch.int64))
+    cells = []
+    for c in range(len(intensity_edges) + 1):
+        in_class = tissue == c
+        r_c, e_c = (r[in_class], e[in_class]) if bool(in_class.any()) else (r, e)
+        edges = _quantile_edges(e_c, bin_levels)
+        which = torch.bucketize(e_c, torch.tensor(edges, dtype=torch.float64))
+        pooled = _scales(r_c.sort().values, levels)
+        cells.append({"edges": edges, "scales": [_scales(r_c[which == b].sort().values, levels)
+                                                  if bool((which == b).any()) else pooled
+                                                  for b in range(len(edges) + 1)]})
+    return cells
 
 
 def _eu_quantile(rows: Sequence[torch.Tensor], level: float) -> float:
@@ -574,24 +652,32 @@ def _eu_quantile(rows: Sequence[torch.Tensor], level: float) -> float:
 
 def holdout_coverage(residuals: Sequence[torch.Tensor], noise_levels: Sequence[torch.Tensor],
                      eu: Sequence[torch.Tensor], patients: Sequence[str], bins: int = 1,
-                     eu_bin_levels: Sequence[float] = (), level: float = 0.9) -> list[tuple[float, float]]:
+                     eu_bin_levels: Sequence[float] = (), level: float = 0.9, means: Sequence[torch.Tensor] = (),
+                     intensity_edges: Sequence[float] = ()) -> list[tuple[float, float, float]]:
     """How a calibration carries to a patient it never saw: for each patient, :func:`fit_calibration` on the other
-    patients' cases (residuals ``[Z, P]``, noise levels ``[Z]`` and EU ``[Z, P]`` as for it) and, on each of its own
-    cases, the fraction of pixels its calibrated central ``level`` interval covers and the same among the case's
-    10% of pixels with the highest EU. ``patients``: one name per case (a patient's cases: its measurements).
-    Returns ``(coverage, coverage of the highest-EU tenth)`` per case, in order."""
+    patients' cases (residuals ``[Z, P]``, noise levels ``[Z]``, EU ``[Z, P]`` and means ``[Z, P]`` as for it) and, on
+    each of its own cases, the fraction of pixels its calibrated central ``level`` interval covers, the same among
+    the case's 10% of pixels with the highest EU and, with ``means``, among its tissue (mean above
+    :data:`TISSUE_FLOOR`; ``nan`` without ``means``). ``patients``: one name per case (a patient's cases: its
+    measurements). Returns ``(coverage, highest-EU tenth, tissue)`` per case, in order."""
     if not len(residuals) == len(noise_levels) == len(eu) == len(patients) or len(set(patients)) < 2:
         raise ValueError(f"holdout needs one noise level, EU and patient per case and two patients or more, got "
                          f"{len(residuals)} cases, {len(set(patients))} patient(s)")
+    if means and len(means) != len(residuals):
+        raise ValueError(f"{len(means)} cases of mean samples for {len(residuals)} cases of residuals")
     z, out = central_z(level), [None] * len(residuals)
+    pick = lambda x, cases: [x[i] for i in cases] if x else ()  # noqa: E731
     for patient in dict.fromkeys(patients):
         keep = [i for i, p in enumerate(patients) if p != patient]
-        calibration = fit_calibration([residuals[i] for i in keep], [noise_levels[i] for i in keep], bins,
-                                      levels=(level,), reference_level=level, eu=[eu[i] for i in keep],
-                                      eu_bin_levels=eu_bin_levels)
+        calibration = fit_calibration(pick(residuals, keep), pick(noise_levels, keep), bins, levels=(level,),
+                                      reference_level=level, eu=pick(eu, keep), eu_bin_levels=eu_bin_levels,
+                                      means=pick(means, keep), intensity_edges=intensity_edges)
         for i in (i for i, p in enumerate(patients) if p == patient):
-            pixels = eu[i].T[None]  # [1, P, Z], as a volume
-            covered = residuals[i] <= z * calibration.scale_map(noise_levels[i], pixels).broadcast_to(pixels.shape)[0].T
+            as_volume = lambda x: x.T[None]  # noqa: E731  [Z, P] -> [1, P, Z]
+            scale = calibration.scale_map(noise_levels[i], as_volume(eu[i]), intensity=as_volume(means[i]) if means
+                                          else None)
+            covered = residuals[i] <= z * scale.broadcast_to(as_volume(eu[i]).shape)[0].T
             top = eu[i] >= eu[i].float().quantile(0.9)
-            out[i] = (float(covered.double().mean()), float(covered[top].double().mean()))
+            tissue = float(covered[means[i] > TISSUE_FLOOR].double().mean()) if means else math.nan
+            out[i] = (float(covered.double().mean()), float(covered[top].double().mean()), tissue)
     return out

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .calibration import LOCAL_EU_REFERENCE, Calibration, eu_in_model_units
+from .calibration import LOCAL_EU_REFERENCE, Calibration
 from .config import ConfigError
 from .data import resolve_data_config, split_cases
 from .data.config import FASTMRI_CENTER_FRACTIONS, MEASUREMENT_NOISE
@@ -90,17 +90,17 @@ def nmse(prediction: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def reliability(out: dict, label: torch.Tensor, calibration: Calibration | None,
-                noise_level: torch.Tensor | None = None, gain: torch.Tensor | None = None) -> dict[str, list[float]]:
+                noise_level: torch.Tensor | None = None, gain: torch.Tensor | None = None,
+                offset: torch.Tensor | None = None) -> dict[str, list[float]]:
     """Observed coverage of central Gaussian intervals at :data:`LEVELS`, raw and calibrated (the std scaled by
-    the reference level's scale of each slice's ``noise_level [Z]`` bin and, with EU bins and ``gain [Z]``, of each
-    pixel's EU bin)."""
+    the reference level's scale of each slice's ``noise_level [Z]`` bin and, with ``gain``/``offset`` ``[Z]``, of
+    each pixel's intensity class and EU bin, :meth:`Calibration.scales_for`)."""
     error = (label - out["mean"]).abs().double()
     sigma = out["total"].double().clamp_min(0).sqrt()
     z = [central_z(level) for level in LEVELS]
     curves = {"raw": [float((error <= zi * sigma).double().mean()) for zi in z]}
     if calibration is not None:
-        eu = None if gain is None else eu_in_model_units(out["eu"], gain)
-        scaled = calibration.scale_map(noise_level, eu) * sigma
+        scaled = calibration.scales_for(out, noise_level, gain, offset) * sigma
         curves["calibrated"] = [float((error <= zi * scaled).double().mean()) for zi in z]
     return curves
 
@@ -236,7 +236,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 label = case["label"].float()
                 data_range = 2000.0 if ct else float(2 * case["gain"].mean())
                 case_noise, applied, flags = checked(case, raw)
-                metrics = case_metrics(raw, label, data_range, applied, case_noise, case["gain"])
+                metrics = case_metrics(raw, label, data_range, applied, case_noise, case["gain"], case["offset"])
                 error = (raw["mean"] - label).abs().flatten()
                 total = raw["total"].flatten()
                 stride = max(1, error.numel() // (1 << 20))
@@ -246,7 +246,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 rows.append({"case_id": entry["case_id"], "setting": setting, "input": input_quality(case, data_range),
                              **metrics, "nmse": nmse(slices(raw["mean"]), slices(label)), "ause_random": random_ause,
                              **top_eu_coverage(raw, label), **flags})
-                reliab.append(reliability(raw, label, applied, case_noise, case["gain"]))
+                reliab.append(reliability(raw, label, applied, case_noise, case["gain"], case["offset"]))
                 sparsity.append([c.tolist() for c in sparsification_curves(total[::stride], error[::stride])])
 
                 # epistemic: unfamiliar objects, as a user's files
@@ -265,7 +265,7 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                     noisy_raw = run(noisy)
                     noisy_noise, noisy_applied, noisy_flags = checked(noisy, noisy_raw)
                     at_level = case_metrics(noisy_raw, noisy["label"].float(), data_range, noisy_applied, noisy_noise,
-                                            noisy["gain"])
+                                            noisy["gain"], noisy["offset"])
                     noise.append({"case_id": entry["case_id"], "setting": setting, "level": level,
                                   **{k: v for k, v in at_level.items() if k in NOISE_FIGURES}, **noisy_flags})
 

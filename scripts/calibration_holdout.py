@@ -6,9 +6,11 @@
         --diffusion#ddim_steps 10 --inference_cfg#calibration_samples study/ct_samples.pt
     python scripts/calibration_holdout.py study/ct_samples.pt --bins 3 6
 
-For each number of noise bins and with and without EU bins (``--eu_bins``, the calibrate default), fit on the other
-patients' cases and print, for each measurement (photon count and pitch, k-space noise and mask), the held-out
-patients' 90% coverage and that of their 10% of pixels with the highest EU
+For each number of noise bins, with and without EU bins (``--eu_bins``, the calibrate default) and, where the samples
+hold the cases' means (from metadata 0.15.0), with and without intensity classes (``--intensity_edges``, model
+units, the calibrate default: air against tissue), fit on the other patients' cases and print, for each measurement
+(photon count and pitch, k-space noise and mask), the held-out patients' 90% coverage, that of their 10% of pixels
+with the highest EU and that of their tissue (mean above ``hyper_dm.calibration.TISSUE_FLOOR``)
 (:func:`hyper_dm.inference.calibration_holdout`; the calibrate run logs the same for its own settings). MRI cases
 calibrated on several accelerations are held out within their acceleration, as each has its own calibration.
 """
@@ -20,6 +22,7 @@ import pickle
 
 import torch
 
+from hyper_dm.calibration import TISSUE_FLOOR
 from hyper_dm.inference import calibration_holdout
 
 
@@ -29,6 +32,7 @@ def main() -> None:
     p.add_argument("--bins", type=int, nargs="+", default=[3], help="noise bins per acceleration (calibrate's: "
                    "len(calibration_noise_levels) x len(calibration_fbp_pitches))")
     p.add_argument("--eu_bins", type=float, nargs="*", default=[0.5, 0.9, 0.99])
+    p.add_argument("--intensity_edges", type=float, nargs="*", default=[TISSUE_FLOOR])
     p.add_argument("--level", type=float, default=0.9)
     args = p.parse_args()
     try:
@@ -37,22 +41,27 @@ def main() -> None:
     except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as e:
         p.error(f"{args.samples}: not a calibrate run's samples file (inference_cfg#calibration_samples): "
                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    means = samples.get("means") or []
+    variants = lambda levels: ([], levels) if levels else ([],)  # noqa: E731
     for bins in args.bins:
-        for eu_bins in ([], args.eu_bins) if args.eu_bins else ([],):
-            try:
-                rows = calibration_holdout(*cases, bins, eu_bins, args.level)
-            except ValueError as e:
-                p.error(f"{args.samples}: {e}")
-            if not rows:
-                p.error(f"{args.samples}: fewer than two validation patients to hold out")
-            print(f"\n{bins} noise bins, {'EU bins at ' + str(eu_bins) if eu_bins else 'no EU bins'}: "
-                  f"held-out {args.level:.0%} coverage per patient (its highest-EU tenth)")
-            for measurement, values in rows.items():
-                print(f"  {measurement:24s} " + "  ".join(f"{a:.3f} ({t:.3f})" for a, t in values))
-            every = [c for values in rows.values() for c in values]
-            print(f"  range {min(a for a, _ in every):.3f}-{max(a for a, _ in every):.3f} "
-                  f"({min(t for _, t in every):.3f}-{max(t for _, t in every):.3f})")
-
+        for eu_bins in variants(args.eu_bins):
+            for classes in variants(args.intensity_edges if means else []):
+                try:
+                    rows = calibration_holdout(*cases, bins, eu_bins, args.level, means, classes)
+                except ValueError as e:
+                    p.error(f"{args.samples}: {e}")
+                if not rows:
+                    p.error(f"{args.samples}: fewer than two validation patients to hold out")
+                print(f"\n{bins} noise bins, {'intensity classes cut at ' + str(classes) + ', ' if classes else ''}"
+                      f"{'EU bins at ' + str(eu_bins) if eu_bins else 'no EU bins'}: held-out {args.level:.0%} "
+                      f"coverage per patient (its highest-EU tenth{', its tissue' if means else ''})")
+                shown = 3 if means else 2
+                for measurement, values in rows.items():
+                    print(f"  {measurement:24s} " + "  ".join(
+                        f"{c[0]:.3f} ({', '.join(f'{x:.3f}' for x in c[1:shown])})" for c in values))
+                every = [c for values in rows.values() for c in values]
+                print("  range " + ", ".join(f"{min(c[k] for c in every):.3f}-{max(c[k] for c in every):.3f}"
+                                             for k in range(shown)))
 
 if __name__ == "__main__":
     main()

@@ -94,8 +94,8 @@ def calibrated(calibration: Calibration | None, recon, cond: torch.Tensor, grid:
     noise = recon.noise_levels(cond, case["gain"], case["offset"])
     check = calibration.input_check(input_departure(cond, mean, case["gain"]), noise)
     size = tuple(label.shape[-2:])
-    eu = resize_slices(grid["eu"], size)[:, 0].permute(1, 2, 0)[None]  # [1, X, Y, Z], as scale_map reads it
-    scale = slices(calibration.scale_map(noise, eu))
+    as_volume = lambda x: resize_slices(x, size)[:, 0].permute(1, 2, 0)[None]  # noqa: E731  [1, X, Y, Z], model units
+    scale = slices(calibration.scale_map(noise, as_volume(grid["eu"]), intensity=as_volume(grid["mean"])))
     variance = resize_slices(grid["total"], size) * (gain * scale) ** 2
     covered = gaussian_coverage(upsampled(grid["mean"], case, size, "bicubic"), variance, label, [0.9])[0.9]
     return f" {check['slices_unlike_calibration']} / {mean.shape[-1]} | {covered:.3f} |"

@@ -194,13 +194,15 @@ def test_the_trainer_gets_the_probe_options_of_training_cfg():
 @pytest.mark.parametrize("pitches, bins", [(None, 3), (["model", "source"], 6)])
 def test_calibrate_fits_a_noise_bin_per_measurement_and_keeps_its_samples_where_asked(pitches, bins):
     """Three photon counts at each FBP pitch calibrated on: as many noise bins as measurements (three equal-count
-    bins would mix the model grid's starved FBPs with the scanner's); ``calibration_samples`` reaches the fitter."""
+    bins would mix the model grid's starved FBPs with the scanner's); ``calibration_samples`` reaches the fitter, and
+    the mean splits air from tissue at -900 HU."""
     parser = ConfigParser()
     parser.read_config([COMMON, str(CONFIGS / "inference.yaml")])
     parser["inference_cfg"]["calibration_fbp_pitches"] = pitches
     parser["inference_cfg"]["calibration_samples"] = "/tmp/samples.pt"
     assert parser.get_parsed_content("calibrator#val_handlers#1#bins") == bins
     assert parser.get_parsed_content("calibrator#val_handlers#1#samples") == "/tmp/samples.pt"
+    assert parser.get_parsed_content("calibrator#val_handlers#1#intensity_edges") == [-0.9]  # air | tissue
 
 
 def test_the_script_reports_a_misspelt_override_and_exits_2():

@@ -790,8 +790,9 @@ def test_holdout_coverage_shows_eu_bins_carry_to_a_patient_whose_eu_runs_ten_tim
     patients = [i.split("_")[0] for i in samples["case_ids"]]
     args = samples["residuals"], samples["noise_levels"], samples["eu"], patients, 2
     binned, single = holdout_coverage(*args, eu_bin_levels=(0.5, 0.9)), holdout_coverage(*args)
-    assert all(abs(c - 0.9) < 0.03 and abs(top - 0.9) < 0.05 for c, top in binned), binned
-    assert all(top < 0.8 for _, top in single), single
+    assert all(abs(c - 0.9) < 0.03 and abs(top - 0.9) < 0.05 for c, top, _ in binned), binned
+    assert all(top < 0.8 for _, top, _ in single), single
+    assert all(math.isnan(tissue) for *_, tissue in binned)  # no means: no tissue
     with pytest.raises(ValueError, match="two patients or more, got 2 cases, 1 patient"):
         holdout_coverage(*[x[:2] for x in args[:3]], ["a", "a"])
     torch.save(samples, tmp_path / "samples.pt")
@@ -802,7 +803,7 @@ def test_holdout_coverage_shows_eu_bins_carry_to_a_patient_whose_eu_runs_ten_tim
     section = lines[lines.index("2 noise bins, EU bins at [0.5, 0.9]: held-out 90% coverage per patient (its "
                                 "highest-EU tenth)"):]
     row = next(line.split() for line in section if line.strip().startswith("i01000_model_pitch"))
-    assert row[1:] == [f for c, top in binned[1::2] for f in (f"{c:.3f}", f"({top:.3f})")]  # a, b, c at i0 1e3
+    assert row[1:] == [f for c, top, _ in binned[1::2] for f in (f"{c:.3f}", f"({top:.3f})")]  # a, b, c at i0 1e3
     (tmp_path / "calibration.json").write_text("{}")  # not a samples file: one line naming it, exit 2
     run = subprocess.run([sys.executable, "scripts/calibration_holdout.py", str(tmp_path / "calibration.json")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -816,13 +817,92 @@ def test_holdout_coverage_shows_eu_bins_carry_to_a_patient_whose_eu_runs_ten_tim
     fitter.accelerations = [None] * len(samples["eu"])
     with caplog.at_level(logging.INFO, logger="hyper_dm.inference"):
         fitter.fit()
-    low, high = min(c for c, _ in binned), max(c for c, _ in binned)
+    low, high = min(c for c, *_ in binned), max(c for c, *_ in binned)
     assert (f"calibration held out one validation patient at a time (scripts/calibration_holdout.py): 90% coverage "
             f"{low:.3f}-{high:.3f} over patients and measurements") in caplog.text
     kept = torch.load(tmp_path / "kept.pt", weights_only=True)
     assert kept["case_ids"] == samples["case_ids"] and torch.equal(kept["eu"][1], samples["eu"][1])
     with pytest.raises(ValueError, match=re.escape("case id 'a_scan3' is not <patient>_<i0|kspace_noise><level>")):
         calibration_holdout(["a_scan3"], *[x[:1] for x in args[:3]])
+
+
+def test_intensity_classes_cover_the_tissue_where_scales_pooled_with_the_air_leave_it_short(tmp_path, caplog):
+    """Three patients, 40-60% air, whose tissue (mean above -0.9 model units) errs three times as far as its air
+    against the same predicted std: pooled scales cover the air beyond 90% and the tissue well short of it, held out;
+    a class each for air and tissue brings the tissue to 90% for a patient the fit never saw. ``scale_map``
+    gives each pixel its class's scale, read from the mean in model units (:meth:`Calibration.scales_for` from
+    physical units), the file round-trips, a calibration without classes applies as before, and malformed classes
+    are refused; the script prints the tissue's coverage from samples that hold the means."""
+    from hyper_dm.calibration import fit_calibration, holdout_coverage, slice_samples, standardised_residuals
+    from hyper_dm.inference import CalibrationFitter
+
+    rng = torch.Generator().manual_seed(0)
+    shape, label, var = (1, 32, 32, 8), torch.zeros(1, 32, 32, 8), torch.ones(1, 32, 32, 8)
+    samples = {"case_ids": [], "residuals": [], "noise_levels": [], "eu": [], "means": []}
+    for patient, air in (("a", 0.4), ("b", 0.5), ("c", 0.6)):  # patients differ in how much air they hold
+        for noise in (0.05, 0.2):
+            tissue = torch.rand(shape, generator=rng) > air
+            intensity = torch.where(tissue, torch.rand(shape, generator=rng) - 0.5, -0.98)
+            error = torch.randn(shape, generator=rng) * torch.where(tissue, 1.5, 0.5) * (1 + 5 * noise)
+            samples["case_ids"].append(f"{patient}_i0{1e4 if noise < 0.1 else 1e3:g}_model_pitch")
+            samples["residuals"].append(standardised_residuals(error, var, label))
+            samples["noise_levels"].append(torch.full((8,), noise))
+            samples["eu"].append(slice_samples(torch.rand(shape, generator=rng)))
+            samples["means"].append(slice_samples(intensity))
+    patients = [i.split("_")[0] for i in samples["case_ids"]]
+    args = samples["residuals"], samples["noise_levels"], samples["eu"], patients, 2, (0.5, 0.9), 0.9, \
+        samples["means"]
+    classes, pooled = holdout_coverage(*args, intensity_edges=(-0.9,)), holdout_coverage(*args)
+    assert all(abs(tissue - 0.9) < 0.03 for *_, tissue in classes), classes
+    assert all(tissue < 0.83 for *_, tissue in pooled), pooled
+    fitted = fit_calibration(samples["residuals"], samples["noise_levels"], 2, eu=samples["eu"],
+                             eu_bin_levels=(0.5, 0.9), means=samples["means"], intensity_edges=(-0.9,))
+    assert fitted.intensity_edges == [-0.9] and len(fitted.eu_bins) == 4  # 2 noise bins x 2 classes
+    assert "per intensity class (the mean cut at -0.9 model units; classes apart by |) and EU bin" in fitted.describe()
+    intensity = torch.where(torch.arange(32).view(1, 32, 1, 1) < 16, -0.98, 0.2).expand(shape)
+    noise, eu = torch.full((8,), 0.2), torch.rand(shape, generator=rng)
+    scale = fitted.scale_map(noise, eu, intensity=intensity)
+    assert float(scale[0, 16:].min()) > 2.5 * float(scale[0, :16].max())  # tissue's scales against the air's
+    gain, offset = torch.full((8,), 1000.0), torch.zeros(8)  # CT's [-1000, 1000] HU window
+    physical = {"mean": intensity * gain.view(1, 1, 1, -1), "eu": eu * 1000.0**2}
+    assert torch.equal(fitted.scales_for(physical, noise, gain, offset), scale)
+    assert fitted.scale_map(noise, eu).shape == (8,)  # no mean: each slice its noise bin's scale
+    path = fitted.save(tmp_path / "calibration.json")
+    assert torch.equal(Calibration.load(path).scale_map(noise, eu, intensity=intensity), scale)
+    without = fit_calibration(samples["residuals"], samples["noise_levels"], 2, eu=samples["eu"],
+                              eu_bin_levels=(0.5, 0.9))
+    assert without.intensity_edges == [] and torch.equal(without.scale_map(noise, eu, intensity=intensity),
+                                                         without.scale_map(noise, eu))
+    content = json.loads(path.read_text())
+    path.write_text(json.dumps({**content, "eu_bins": content["eu_bins"][:3]}))
+    with pytest.raises(ValueError, match="3 EU-binned cells but 4 noise bins x intensity classes"):
+        Calibration.load(path)
+    path.write_text(json.dumps({**content, "intensity_edges": [-900.0]}))  # HU, not model units
+    with pytest.raises(ValueError, match=r"intensity_edges \[-900.0\] must be ascending values in \(-1, 1\)"):
+        Calibration.load(path)
+    with pytest.raises(ValueError, match=r"intensity_edges \[-0.9\] must be ascending values of the mean in \(-1, 1\) "
+                                         r"\(model units\), with the cases' mean samples"):
+        fit_calibration(samples["residuals"], intensity_edges=(-0.9,))
+    torch.save(samples, tmp_path / "samples.pt")
+    run = subprocess.run([sys.executable, "scripts/calibration_holdout.py", str(tmp_path / "samples.pt"), "--bins",
+                          "2", "--eu_bins", "0.5", "0.9"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    section = lines[lines.index("2 noise bins, intensity classes cut at [-0.9], EU bins at [0.5, 0.9]: held-out 90% "
+                                "coverage per patient (its highest-EU tenth, its tissue)"):]
+    row = next(line.split() for line in section if line.strip().startswith("i010000_model_pitch"))
+    assert row[1:] == [f for c, top, tissue in classes[::2] for f in (f"{c:.3f}", f"({top:.3f},", f"{tissue:.3f})")]
+    fitter = CalibrationFitter(str(tmp_path / "fitted.json"), bins=2, eu_bin_levels=(0.5, 0.9),
+                               intensity_edges=(-0.9,), samples=str(tmp_path / "kept.pt"))
+    for key in samples:
+        setattr(fitter, key, samples[key])
+    fitter.local_eu, fitter.departures = samples["eu"], [torch.ones(8) for _ in samples["eu"]]
+    fitter.accelerations = [None] * len(samples["eu"])
+    with caplog.at_level(logging.INFO, logger="hyper_dm.inference"):
+        assert fitter.fit().intensity_edges == fitted.intensity_edges
+    low, high = min(b for *_, b in classes), max(b for *_, b in classes)
+    assert f"{low:.3f}-{high:.3f} of their tissue" in caplog.text
+    assert torch.equal(torch.load(tmp_path / "kept.pt", weights_only=True)["means"][2], samples["means"][2])
 
 
 def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, luna, checkpoint):

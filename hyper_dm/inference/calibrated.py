@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import Calibration, eu_in_model_units, input_departure
+from ..calibration import Calibration, input_departure
 from ..io import sha256_file
 from .reconstructor import VolumeReconstructor
 
@@ -107,8 +107,8 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
             "%s: reconstructed with %s, the calibration with %s: its scales and EU threshold hold for its own "
             "settings (other weight sets give another EU: with M = 4 its level varies several-fold from seed to "
             "seed, and fewer weight sets or draws give a noisier one)", name, used, fitted)
-    eu = eu_in_model_units(raw["eu"], case["gain"])
-    raw["total_std_calibrated"] = calibration.scale_map(noise, eu).float() * raw["total"].clamp_min(0).sqrt()
+    scales = calibration.scales_for(raw, noise, case["gain"], case["offset"])
+    raw["total_std_calibrated"] = scales.float() * raw["total"].clamp_min(0).sqrt()
     low, high = calibration.noise_range or (0.0, float("inf"))
     if not low <= float(noise.median()) <= high:
         logger.warning("%s: its median measurement noise %.3g (model units) is outside the calibrated range "

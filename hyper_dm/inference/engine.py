@@ -30,6 +30,7 @@ from ..calibration import (
     eu_in_model_units,
     fit_calibration,
     holdout_coverage,
+    in_model_units,
     local_eu_contrast,
     slice_samples,
     standardised_residuals,
@@ -113,17 +114,17 @@ class CaseDataset(Dataset):
 
 def case_metrics(outputs: Mapping[str, torch.Tensor], label: torch.Tensor, data_range: float,
                  calibration: Calibration | None = None, noise_level: torch.Tensor | None = None,
-                 gain: torch.Tensor | None = None) -> dict:
+                 gain: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> dict:
     """Quality and calibration of one case against its reference (all ``[1, X, Y, Z]``, physical units).
 
     ``psnr_db`` over the volume and ``ssim`` (mean over slices) with ``data_range``; ``rmse``; ``crps`` of the
     Gaussian ``N(mean, total)`` per pixel; coverage of its central 50/90/95% intervals; ``uce`` (variance vs squared
     error, 10 bins) and ``ause`` (total std vs absolute error, relative to the oracle); mean EU/AU/total. With a
     ``calibration``: ``coverage_<level>_calibrated`` (each level's interval widened by its fitted scale, per slice
-    that of the slice's ``noise_level [Z]`` bin when the calibration has noise bins, and per pixel that of its EU
-    bin when it has EU bins and ``gain [Z]``, physical units per model unit, is given).
+    that of the slice's ``noise_level [Z]`` bin when the calibration has noise bins, and per pixel that of its
+    intensity class and EU bin when it has them and ``gain``/``offset`` ``[Z]`` (physical = gain * model + offset)
+    are given).
     """
-    eu = None if gain is None or calibration is None else eu_in_model_units(outputs["eu"].float(), gain)
     mean, total = outputs["mean"].float(), outputs["total"].float()
     slices = lambda x: x[0].permute(2, 0, 1)[:, None]  # noqa: E731  [Z, 1, X, Y]
     error = mean - label
@@ -140,7 +141,8 @@ def case_metrics(outputs: Mapping[str, torch.Tensor], label: torch.Tensor, data_
         **{f"mean_{name}": outputs[name].double().mean().item() for name in ("eu", "au", "total")},
         **({} if calibration is None else {
             f"coverage_{round(level * 100)}_calibrated": gaussian_coverage(
-                mean, total * calibration.scale_map(noise_level, eu, level).float() ** 2, label, [level])[level]
+                mean, total * calibration.scales_for(outputs, noise_level, gain, offset, level).float() ** 2, label,
+                [level])[level]
             for level in LEVELS if str(level) in calibration.scales}),
     }
 
@@ -215,7 +217,7 @@ class VolumeEvaluator(Evaluator):
                 raise BadInputError(case.get("image", case["case_id"]), f"the reconstructed {name} holds "
                                     f"{int((~torch.isfinite(image)).sum())} NaN/infinite values (input out of range?)")
         label = case.get("label")
-        metrics = residuals = eu_samples = local_eu_samples = None
+        metrics = residuals = eu_samples = local_eu_samples = mean_samples = None
         if self.write_cond:  # [1, x, y, Z] -> [1, X, Y, Z]
             slices = resize_slices(case["cond"][0].permute(2, 0, 1)[:, None].float(), tuple(volume.shape[1:3]))
             raw["cond"] = slices[:, 0].permute(1, 2, 0)[None].contiguous()
@@ -224,11 +226,13 @@ class VolumeEvaluator(Evaluator):
         if label is not None:
             data_range = self.data_range or float(2 * case["gain"].mean())
             metrics = {"case_id": case["case_id"], "n_slices": int(volume.shape[-1]),
-                       **case_metrics(raw, label.float(), data_range, checks["calibration"], noise, case["gain"]),
+                       **case_metrics(raw, label.float(), data_range, checks["calibration"], noise, case["gain"],
+                                    case["offset"]),
                        **{k: v for k, v in (input_check or {}).items() if k not in ("flagged_slices", "alpha")}}
             residuals = standardised_residuals(raw["mean"], raw["total"], label.float(), float(case["gain"].mean()))
             eu_samples = slice_samples(eu_in_model_units(raw["eu"], case["gain"]))
             local_eu_samples = slice_samples(local_eu_contrast(raw["eu"]))  # the same pixels
+            mean_samples = slice_samples(in_model_units(raw["mean"], case["gain"], case["offset"]))
         k = volume.shape[-1] // 2
         preview = {name: raw[name][0, ..., k].numpy() for name in ("mean", "eu", "au")}
         preview["cond"] = case["cond"][0, ..., k].numpy()
@@ -240,7 +244,8 @@ class VolumeEvaluator(Evaluator):
                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         engine.state.output = {"case_id": case["case_id"], "metrics": metrics, "preview": preview, "seconds": seconds,
                                "residuals": residuals, "eu_samples": eu_samples,
-                               "local_eu_samples": local_eu_samples, "noise_level": noise,
+                               "local_eu_samples": local_eu_samples, "mean_samples": mean_samples,
+                               "noise_level": noise,
                                "departure": checks["departure"], "acceleration": checks["acceleration"],
                                "input_check": input_check,
                                "volumes": {name: to_source_layout(image, volume) for name, image in raw.items()}}
@@ -325,12 +330,12 @@ def calibration_dataset(data: Mapping, noise_levels: Sequence[float], on_bad_fil
 
 def calibration_holdout(case_ids: Sequence[str], residuals: Sequence[torch.Tensor],
                         noise_levels: Sequence[torch.Tensor], eu: Sequence[torch.Tensor], bins: int = 1,
-                        eu_bin_levels: Sequence[float] = (), level: float = 0.9
-                        ) -> dict[str, list[tuple[float, float]]]:
+                        eu_bin_levels: Sequence[float] = (), level: float = 0.9, means: Sequence[torch.Tensor] = (),
+                        intensity_edges: Sequence[float] = ()) -> dict[str, list[tuple[float, float, float]]]:
     """:func:`~hyper_dm.calibration.holdout_coverage` of the cases of a calibrate run, named as
     :func:`calibration_dataset` names them (``<patient>_<i0|kspace_noise><level>[_<pitch or acceleration>]``),
     each MRI acceleration held out within itself (it has its own calibration): ``{measurement: [(coverage,
-    coverage of the highest-EU tenth) per patient]}``; empty with fewer than two patients."""
+    coverage of the highest-EU tenth, of the tissue) per patient]}``; empty with fewer than two patients."""
     parts = []
     for case_id in case_ids:
         match = _CALIBRATION_ID.fullmatch(case_id)
@@ -338,14 +343,14 @@ def calibration_holdout(case_ids: Sequence[str], residuals: Sequence[torch.Tenso
             raise ValueError(f"case id {case_id!r} is not <patient>_<i0|kspace_noise><level>[_<pitch>_pitch|_<a>x] "
                              "as calibration_dataset names its cases")
         parts.append((match["patient"], match["measurement"], match["acceleration"] or ""))
-    rows: dict[str, list[tuple[float, float]]] = {}
+    rows: dict[str, list[tuple[float, float, float]]] = {}
     for acceleration in dict.fromkeys(a for _, _, a in parts):
         cases = [i for i, (_, _, a) in enumerate(parts) if a == acceleration]
         if len({parts[i][0] for i in cases}) < 2:
             return {}
-        pick = lambda x, cases=cases: [x[i] for i in cases]  # noqa: E731
+        pick = lambda x, cases=cases: [x[i] for i in cases] if x else ()  # noqa: E731
         covered = holdout_coverage(pick(residuals), pick(noise_levels), pick(eu), [parts[i][0] for i in cases], bins,
-                                   eu_bin_levels, level)
+                                   eu_bin_levels, level, pick(means), intensity_edges)
         for i, c in zip(cases, covered, strict=True):
             rows.setdefault(parts[i][1], []).append(c)
     return rows
@@ -369,18 +374,20 @@ class CalibrationFitter:
     """Ignite handler: collects each case's standardised residuals, per-slice noise levels and EU and, when the run
     completes, fits and saves the split-conformal :class:`~hyper_dm.calibration.Calibration` with ``bins`` noise bins to
     ``path`` (tied to ``checkpoint``'s digest); with two or more MRI ``accelerations`` also one per acceleration, each
-    case counted with the one nearest its mask's; ``eu_bin_levels``: EU bins within each noise bin
-    (:func:`~hyper_dm.calibration.fit_calibration`). ``sampling`` (``M``, ``N``, ``steps``, ``seed``) records how the
-    cases were reconstructed, with how the weight sets' latents were drawn (``weight_draws``); ``scale_ratios``: MRI,
-    :func:`scale_ratio_cases`; ``samples``: also save what was collected there (``torch.save`` of plain tensors and
-    lists, with each case's id; for refits and :func:`~hyper_dm.calibration.holdout_coverage`)."""
+    case counted with the one nearest its mask's; ``intensity_edges`` and ``eu_bin_levels``: intensity classes
+    within each noise bin (model units) and EU bins within each class (:func:`~hyper_dm.calibration.fit_calibration`).
+    ``sampling`` (``M``, ``N``, ``steps``, ``seed``) records how the cases were reconstructed, with how the weight
+    sets' latents were drawn (``weight_draws``); ``scale_ratios``: MRI, :func:`scale_ratio_cases`; ``samples``: also
+    save what was collected there (``torch.save`` of plain tensors and lists, with each case's id and the mean in
+    model units; for refits and :func:`~hyper_dm.calibration.holdout_coverage`)."""
 
     def __init__(self, path: str, checkpoint: str | None = None, bins: int = 1,
                  accelerations: Sequence[int] | None = None, sampling: Mapping[str, int] | None = None,
                  scale_ratios: Sequence[tuple[float, float]] = (), eu_bin_levels: Sequence[float] = (),
-                 samples: str | None = None) -> None:
+                 samples: str | None = None, intensity_edges: Sequence[float] = ()) -> None:
         self.path, self.checkpoint, self.bins, self.samples = path, checkpoint, int(bins), samples
         self.eu_bin_levels = [float(q) for q in eu_bin_levels or ()]
+        self.intensity_edges = [float(q) for q in intensity_edges or ()]
         self.sampling: dict[str, int | str] = {key: int(value) for key, value in (sampling or {}).items()}
         self.scale_ratios = list(scale_ratios)
         self.groups = list(accelerations or [])
@@ -389,6 +396,7 @@ class CalibrationFitter:
         self.departures: list[torch.Tensor] = []
         self.eu: list[torch.Tensor] = []
         self.local_eu: list[torch.Tensor] = []
+        self.means: list[torch.Tensor] = []
         self.accelerations: list[float] = []
         self.case_ids: list[str] = []
 
@@ -404,6 +412,7 @@ class CalibrationFitter:
             self.departures.append(engine.state.output["departure"])
             self.eu.append(engine.state.output["eu_samples"])
             self.local_eu.append(engine.state.output["local_eu_samples"])
+            self.means.append(engine.state.output["mean_samples"])
             self.accelerations.append(engine.state.output["acceleration"])
             self.case_ids.append(engine.state.output["case_id"])
             self.sampling["weight_draws"] = engine.reconstructor.weight_draws  # attach runs before it is set
@@ -412,13 +421,15 @@ class CalibrationFitter:
         if self.samples:
             with atomic_write(self.samples) as tmp:
                 torch.save({name: getattr(self, name) for name in ("case_ids", "residuals", "noise_levels", "eu",
-                                                                   "local_eu", "departures", "accelerations")}, tmp)
+                                                                   "local_eu", "means", "departures",
+                                                                   "accelerations")}, tmp)
         digest = sha256_file(self.checkpoint) if self.checkpoint and Path(self.checkpoint).is_file() else ""
         calibration = fit_calibration(self.residuals, self.noise_levels, self.bins, checkpoint_sha256=digest,
                                       departures=self.departures, accelerations=self.accelerations,
                                       acceleration_groups=self.groups, eu=self.eu, sampling=self.sampling,
                                       scale_ratios=self.scale_ratios, eu_bin_levels=self.eu_bin_levels,
-                                      local_eu=self.local_eu)
+                                      local_eu=self.local_eu, means=self.means,
+                                      intensity_edges=self.intensity_edges)
         calibration.save(self.path)
         logger.info("calibration from %d cases (%d pixels): std scales %s, raw coverage %s -> %s", calibration.n_cases,
                     calibration.n_pixels, {k: round(v, 3) for k, v in calibration.scales.items()},
@@ -434,10 +445,12 @@ class CalibrationFitter:
                         per_bin(group.noise_eu_thresholds), group.local_eu_window, group.local_eu_threshold,
                         LOCAL_EU_REFERENCE, per_bin(group.noise_local_eu_thresholds), group.eu_level)
         held_out = [c for row in calibration_holdout(self.case_ids, self.residuals, self.noise_levels, self.eu,
-                                                     self.bins, self.eu_bin_levels).values() for c in row]
+                                                     self.bins, self.eu_bin_levels, means=self.means,
+                                                     intensity_edges=self.intensity_edges).values()
+                    for c in row]
         if held_out:
+            span = lambda k: f"{min(c[k] for c in held_out):.3f}-{max(c[k] for c in held_out):.3f}"  # noqa: E731
             logger.info("calibration held out one validation patient at a time (scripts/calibration_holdout.py): "
-                        "90%% coverage %.3f-%.3f over patients and measurements, %.3f-%.3f of their highest-EU tenth",
-                        min(a for a, _ in held_out), max(a for a, _ in held_out), min(t for _, t in held_out),
-                        max(t for _, t in held_out))
+                        "90%% coverage %s over patients and measurements, %s of their highest-EU tenth%s", span(0),
+                        span(1), f", {span(2)} of their tissue" if self.means else "")
         return calibration

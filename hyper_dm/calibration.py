@@ -25,6 +25,13 @@ whose EU runs high puts most of its pixels in the wide bins and is over-covered,
 under-covered; the ratio to the slice divides that level out (calibrations before metadata 0.14.0 hold absolute
 edges, :attr:`Calibration.eu_bin_reference` ``None``, and are applied so).
 
+Air and tissue err differently against the predicted spread too: the reconstruction of air is nearly exact, that of
+tissue carries its texture and edges, and scales fitted on both together cover the air beyond the nominal level and
+the tissue short of it. With ``intensity_edges`` (e.g. ``(TISSUE_FLOOR,)``: -900 HU, 5% of the MRI magnitude scale)
+each noise bin's pixels are first split by the value of the mean there (model units, :func:`in_model_units`) into
+intensity classes, and each class gets its own scales and its own EU bins (:attr:`Calibration.intensity_edges`). The
+class is read from the mean, not the reference, so inference assigns it as calibration did.
+
 An input can also lie outside what the model was trained and calibrated on (a scanner's FBP made at a finer pitch,
 a photon-starved scan, metal), and then the maps understate the error however they are scaled. The calibration
 therefore also keeps the :func:`input_departure` of every calibration slice: how far the reconstruction moved the
@@ -70,7 +77,7 @@ Example::
     >>> calibration = fit_calibration(residuals, noise_levels, bins=3, departures=departures)  # [Z, P], [Z], [Z]
     >>> calibration.save("bundle/models/calibration.json")
     >>> calibration = calibration.at_acceleration(mask.size / mask.sum())  # MRI: the mask's [W] acceleration
-    >>> std = calibration.scale_map(noise, eu_in_model_units(eu, gain)) * total.sqrt()  # calibrated std [1, X, Y, Z]
+    >>> std = calibration.scales_for({"mean": mean, "eu": eu}, noise, gain, offset) * total.sqrt()  # [1, X, Y, Z]
     >>> p = calibration.departure_p(input_departure(cond, mean, gain), noise)  # [Z]: small where unlike calibration
     >>> flagged = calibration.unfamiliar(eu, gain, noise)         # [1, X, Y, Z] bool: EU beyond the calibration's
 """
@@ -91,10 +98,8 @@ from .io import atomic_write
 from .uncertainty import central_z
 
 __all__ = ["INPUT_CHECK_ALPHA", "LEVELS", "LOCAL_EU_REFERENCE", "LOCAL_EU_WINDOW", "TISSUE_FLOOR", "UNFAMILIAR_LEVEL",
-           "Calibration",
-           "eu_in_model_units", "fit_calibration", "holdout_coverage", "in_model_units", "input_departure",
-           "local_eu_contrast",
-           "relative_eu", "slice_samples", "standardised_residuals"]
+           "Calibration", "eu_in_model_units", "fit_calibration", "holdout_coverage", "in_model_units",
+           "input_departure", "local_eu_contrast", "relative_eu", "slice_samples", "standardised_residuals"]
 
 LEVELS = (0.5, 0.9, 0.95)
 INPUT_CHECK_ALPHA = 0.01

@@ -911,9 +911,11 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     run = bundle_inference(*common, "--inference_cfg#calibration_eu_bins", "[0.5, 0.9]", run_id="calibrate")
     assert run.returncode == 0, run.stderr[-3000:]
     fitted = json.loads((tmp_path / "calibration.json").read_text())
-    # the one validation case at the three photon counts, one noise bin per count, each split into three EU bins
+    # the one validation case at the three photon counts, one noise bin per count, each split into air and tissue
+    # (the mean at -900 HU) and each of those into three EU bins
     assert fitted["n_cases"] == 3 and fitted["scales"]["0.9"] > 0 and len(fitted["noise_scales"]) == 3
-    assert fitted["eu_bin_levels"] == [0.5, 0.9] and len(fitted["eu_bins"]) == 3
+    assert fitted["eu_bin_levels"] == [0.5, 0.9] and fitted["intensity_edges"] == [-0.9]
+    assert len(fitted["eu_bins"]) == 6
     assert all(len(b["scales"]) == len(b["edges"]) + 1 == 3 and b["edges"] == sorted(b["edges"])
                for b in fitted["eu_bins"])
     low, high = fitted["noise_range"]
@@ -926,7 +928,7 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     total = nib.load(case / f"{case.name}_total.nii.gz").get_fdata()
     calibrated = nib.load(case / f"{case.name}_total_std_calibrated.nii.gz").get_fdata()
     body = total > 1.0  # HU^2: where the ratio is well defined
-    ratio = calibrated[body] / np.sqrt(total[body])  # each pixel: its EU bin's 90% scale in its slice's noise bin
+    ratio = calibrated[body] / np.sqrt(total[body])  # each pixel: its EU bin's 90% scale in its class and noise bin
     bin_scales = np.array([s["0.9"] for b in fitted["eu_bins"] for s in b["scales"]])
     assert np.abs(ratio[:, None] - bin_scales[None]).min(axis=1).max() < 1e-3 * bin_scales.max()
     # the input check: the calibration keeps every slice's departure; the benchmark's own input passes it
@@ -967,7 +969,8 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     assert image.get_data_dtype() == np.uint8 and set(np.unique(flagged)) <= {0, 1}
     eu = nib.load(case / f"{case.name}_eu.nii.gz")
     assert np.allclose(image.affine, eu.affine) and flagged.shape == total.shape
-    per_noise_bin = [np.array([s["0.9"] for s in b["scales"]]) for b in fitted["eu_bins"]]
+    per_noise_bin = [np.array([s["0.9"] for b in fitted["eu_bins"][2 * n:2 * n + 2] for s in b["scales"]])
+                     for n in range(3)]  # its two classes' EU bins
     slice_bin = [int(np.argmin([np.abs(ratio_z[:, None] - scales[None]).min(axis=1).max()
                                 for scales in per_noise_bin]))  # the noise bin whose EU-bin scales it took
                  for ratio_z in (calibrated[..., z][body[..., z]] / np.sqrt(total[..., z][body[..., z]])

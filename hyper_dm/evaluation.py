@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .calibration import LOCAL_EU_REFERENCE, Calibration
+from .calibration import LOCAL_EU_REFERENCE, TISSUE_FLOOR, Calibration, in_model_units
 from .config import ConfigError
 from .data import resolve_data_config, split_cases
 from .data.config import FASTMRI_CENTER_FRACTIONS, MEASUREMENT_NOISE
+from .data.intensity import to_hu
 from .data.synthetic import (
     insert_bright_lesion,
     insert_checkered_knee_square,
@@ -105,18 +106,28 @@ def reliability(out: dict, label: torch.Tensor, calibration: Calibration | None,
     return curves
 
 
-def top_eu_coverage(raw: dict, label: torch.Tensor, share: float = 0.1) -> dict[str, float]:
-    """Coverage of the central 90% intervals among the ``share`` of pixels with the highest EU (where the weight
-    sets disagree most): raw and, where ``raw`` holds the calibrated std, calibrated. ``raw``'s maps and ``label``
-    are ``[1, X, Y, Z]`` in physical units."""
-    eu = raw["eu"].double().flatten()
-    top = eu.topk(max(1, math.ceil(share * eu.numel()))).indices
-    error = (raw["mean"] - label).abs().double().flatten()[top]
+def coverage_among(raw: dict, label: torch.Tensor, pixels: torch.Tensor, name: str) -> dict[str, float]:
+    """Coverage of the central 90% intervals among ``pixels`` (an index or boolean mask into the flattened volume):
+    raw and, where ``raw`` holds the calibrated std, calibrated, as ``coverage_90[_calibrated]_<name>``. ``raw``'s
+    maps and ``label`` are ``[1, X, Y, Z]`` in physical units."""
+    error = (raw["mean"] - label).abs().double().flatten()[pixels]
     stds = {"": raw["total"].double().clamp_min(0).sqrt()}
     if "total_std_calibrated" in raw:
         stds["_calibrated"] = raw["total_std_calibrated"].double()
-    return {f"coverage_90{key}_top_eu": float((error <= central_z(0.9) * std.flatten()[top]).double().mean())
+    return {f"coverage_90{key}_{name}": float((error <= central_z(0.9) * std.flatten()[pixels]).double().mean())
             for key, std in stds.items()}
+
+
+def top_eu_coverage(raw: dict, label: torch.Tensor, share: float = 0.1) -> dict[str, float]:
+    """:func:`coverage_among` the ``share`` of pixels with the highest EU (where the weight sets disagree most)."""
+    eu = raw["eu"].double().flatten()
+    return coverage_among(raw, label, eu.topk(max(1, math.ceil(share * eu.numel()))).indices, "top_eu")
+
+
+def tissue_coverage(raw: dict, label: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor) -> dict[str, float]:
+    """:func:`coverage_among` the tissue: pixels whose reference lies above :data:`~hyper_dm.calibration.TISSUE_FLOOR`
+    (model units; ``gain``/``offset`` ``[Z]``: physical = gain * model + offset)."""
+    return coverage_among(raw, label, in_model_units(label, gain, offset).flatten() > TISSUE_FLOOR, "tissue")
 
 
 def median_slice_ratio(values: np.ndarray, inside: np.ndarray, reference: np.ndarray, region: np.ndarray) -> float:
@@ -245,7 +256,8 @@ def evaluate(reconstructor: VolumeReconstructor, data: dict, calibration: Calibr
                 slices = lambda x: x[0].permute(2, 0, 1)[:, None]  # noqa: E731
                 rows.append({"case_id": entry["case_id"], "setting": setting, "input": input_quality(case, data_range),
                              **metrics, "nmse": nmse(slices(raw["mean"]), slices(label)), "ause_random": random_ause,
-                             **top_eu_coverage(raw, label), **flags})
+                             **top_eu_coverage(raw, label), **tissue_coverage(raw, label, case["gain"], case["offset"]),
+                             **flags})
                 reliab.append(reliability(raw, label, applied, case_noise, case["gain"], case["offset"]))
                 sparsity.append([c.tolist() for c in sparsification_curves(total[::stride], error[::stride])])
 
@@ -285,6 +297,8 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
     ct = data["task"] == "ct"
     calibrated = "calibrated" in reliab[0]
     unit, var_unit = ("HU", "HU^2") if ct else ("a.u.", "a.u.^2")  # MRI: fastMRI magnitude units
+    tissue_floor = (f"{to_hu(TISSUE_FLOOR, data['hu_window']):g} HU" if ct
+                    else f"{(TISSUE_FLOOR + 1) / 2:.0%} of the magnitude scale")
     noise_name = "i0 (photons / bin)" if ct else "k-space noise std / magnitude scale"
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     levels = np.array(LEVELS)
@@ -383,7 +397,9 @@ def write_report(out: str | Path, results: dict, data: dict, command: str, label
                  + (f" Pixels flagged unfamiliar ({flag_rule}): "
                     f"{100 * m('unfamiliar_fraction'):.3f}% of the volume." if unfamiliar else "")
                  + f" Among the 10% of pixels with the highest EU, 90% intervals cover {m('coverage_90_top_eu'):.3f}"
-                 + (f" raw, {m('coverage_90_calibrated_top_eu'):.3f} calibrated." if calibrated else "."), "",
+                 + (f" raw, {m('coverage_90_calibrated_top_eu'):.3f} calibrated." if calibrated else ".")
+                 + f" In the tissue (reference above {tissue_floor}) they cover {m('coverage_90_tissue'):.3f}"
+                 + (f" raw, {m('coverage_90_calibrated_tissue'):.3f} calibrated." if calibrated else "."), "",
                  f"## {s + ' acceleration: ' if s else ''}epistemic: objects the training set never had", "",
                  *[line for name, o in per_object.items() for line in (
                    objects[name][2] + f" Median over slices of mean EU inside it / mean EU in the rest of the body, "

@@ -87,7 +87,8 @@ def test_unfamiliar_objects_lie_where_their_masks_say(tmp_path):
 
 def test_top_eu_coverage_judges_the_intervals_where_the_weight_sets_disagree_most():
     """A tenth of the pixels with EU 1 and an error of 3 predicted stds, the rest EU 0 and no error: the raw 90%
-    intervals miss every one of those pixels, calibrated ones four times as wide cover them."""
+    intervals miss every one of those pixels, calibrated ones four times as wide cover them; among the tissue (two
+    tenths, one of them that erring tenth) the raw ones cover half."""
     from hyper_dm.evaluation import top_eu_coverage
 
     eu, error = torch.zeros(1, 10, 10, 2), torch.zeros(1, 10, 10, 2)
@@ -95,8 +96,16 @@ def test_top_eu_coverage_judges_the_intervals_where_the_weight_sets_disagree_mos
     raw = {"eu": eu, "mean": error, "total": torch.ones_like(eu), "total_std_calibrated": 4 * torch.ones_like(eu)}
     assert top_eu_coverage(raw, torch.zeros_like(eu)) == {"coverage_90_top_eu": 0.0,
                                                           "coverage_90_calibrated_top_eu": 1.0}
+    # the tissue (reference above -900 HU in CT's window): two tenths of the pixels, one of them the erring tenth
+    from hyper_dm.evaluation import tissue_coverage
+    label = torch.full_like(eu, -1000.0)
+    label[:, :2] = 40.0  # HU: rows 0-1 tissue, row 0 the erring one
+    raw["mean"] = label + error
+    gain, offset = torch.full((2,), 1000.0), torch.zeros(2)
+    assert tissue_coverage(raw, label, gain, offset) == {"coverage_90_tissue": 0.5,
+                                                         "coverage_90_calibrated_tissue": 1.0}
     del raw["total_std_calibrated"]
-    assert top_eu_coverage(raw, torch.zeros_like(eu)) == {"coverage_90_top_eu": 0.0}
+    assert top_eu_coverage(raw, label) == {"coverage_90_top_eu": 0.0}
 
 
 def test_the_model_grid_keeps_an_objects_coarse_error_and_averages_out_its_sub_grid_texture():

@@ -99,7 +99,8 @@ from .uncertainty import central_z
 
 __all__ = ["INPUT_CHECK_ALPHA", "LEVELS", "LOCAL_EU_REFERENCE", "LOCAL_EU_WINDOW", "TISSUE_FLOOR", "UNFAMILIAR_LEVEL",
            "Calibration", "eu_in_model_units", "fit_calibration", "holdout_coverage", "in_model_units",
-           "input_departure", "local_eu_contrast", "relative_eu", "slice_samples", "standardised_residuals"]
+           "input_departure", "intensity_classes_valid", "local_eu_contrast", "relative_eu", "slice_samples",
+           "standardised_residuals"]
 
 LEVELS = (0.5, 0.9, 0.95)
 INPUT_CHECK_ALPHA = 0.01
@@ -449,7 +450,8 @@ class Calibration:
         cells = max(1, len(calibration.noise_scales)) * (len(calibration.intensity_edges) + 1)
         if calibration.eu_bins and len(calibration.eu_bins) != cells:
             raise ValueError(f"{len(calibration.eu_bins)} EU-binned cells but {cells} noise bins x intensity classes")
-        if calibration.intensity_edges and not (calibration.eu_bins and _ascending_within(calibration.intensity_edges)):
+        edges = calibration.intensity_edges
+        if edges and not (calibration.eu_bins and intensity_classes_valid(edges)):
             raise ValueError(f"intensity_edges {calibration.intensity_edges} must be ascending values in (-1, 1) and "
                              "come with eu_bins")
         if calibration.eu_bin_reference is not None and not 0 < calibration.eu_bin_reference < 1:
@@ -527,7 +529,7 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                           or not all(0 < q < 1 for q in eu_bin_levels)):
         raise ValueError(f"eu_bin_levels {list(eu_bin_levels)} must be ascending quantile levels in (0, 1), with the "
                          "cases' EU samples to split")
-    if intensity_edges and (not means or not _ascending_within(intensity_edges)):
+    if intensity_edges and (not means or not intensity_classes_valid(intensity_edges)):
         raise ValueError(f"intensity_edges {list(intensity_edges)} must be ascending values of the mean in (-1, 1) "
                          "(model units), with the cases' mean samples to split")
     if bins > 1 and (noise_levels is None or len(noise_levels) != len(residuals)):
@@ -614,8 +616,9 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
     return calibration
 
 
-def _ascending_within(edges: Sequence[float]) -> bool:
-    """Whether ``edges`` ascend strictly within the model's range (-1, 1)."""
+def intensity_classes_valid(edges: Sequence[float]) -> bool:
+    """Whether ``edges`` can cut intensity classes: values of the mean ascending strictly within the model's range
+    (-1, 1)."""
     return list(edges) == sorted(set(edges)) and all(-1 < e < 1 for e in edges)
 
 

@@ -892,6 +892,9 @@ def test_intensity_classes_cover_the_tissue_where_scales_pooled_with_the_air_lea
                              "0.9]: held-out 90% coverage per patient (its highest-EU tenth, its tissue)",
                              "i010000_model_pitch")
     assert row == [f for c, top, tissue in classes[::2] for f in (f"{c:.3f}", f"({top:.3f},", f"{tissue:.3f})")]
+    with pytest.raises(ValueError, match=re.escape("inference_cfg#calibration_intensity_edges [-900.0] must be "
+                                                   "ascending values of the mean in the model's range (-1, 1)")):
+        CalibrationFitter(str(tmp_path / "fitted.json"), intensity_edges=(-900.0,))  # HU: refused before the run
     fitter = CalibrationFitter(str(tmp_path / "fitted.json"), bins=2, eu_bin_levels=(0.5, 0.9),
                                intensity_edges=(-0.9,), samples=str(tmp_path / "kept.pt"))
     for key in samples:

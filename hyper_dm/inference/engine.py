@@ -31,6 +31,7 @@ from ..calibration import (
     fit_calibration,
     holdout_coverage,
     in_model_units,
+    intensity_classes_valid,
     local_eu_contrast,
     slice_samples,
     standardised_residuals,
@@ -387,7 +388,10 @@ class CalibrationFitter:
                  samples: str | None = None, intensity_edges: Sequence[float] = ()) -> None:
         self.path, self.checkpoint, self.bins, self.samples = path, checkpoint, int(bins), samples
         self.eu_bin_levels = [float(q) for q in eu_bin_levels or ()]
-        self.intensity_edges = [float(q) for q in intensity_edges or ()]
+        self.intensity_edges = [float(e) for e in intensity_edges or ()]
+        if not intensity_classes_valid(self.intensity_edges):  # before the run, not after hours of it
+            raise ValueError(f"inference_cfg#calibration_intensity_edges {self.intensity_edges} must be ascending "
+                             "values of the mean in the model's range (-1, 1), e.g. [-0.9] for -900 HU")
         self.sampling: dict[str, int | str] = {key: int(value) for key, value in (sampling or {}).items()}
         self.scale_ratios = list(scale_ratios)
         self.groups = list(accelerations or [])

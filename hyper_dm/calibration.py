@@ -624,6 +624,8 @@ def intensity_classes_valid(edges: Sequence[float]) -> bool:
 
 def _quantile_edges(values: torch.Tensor, bin_levels: Sequence[float]) -> list[float]:
     """Bin edges at the ``bin_levels`` quantiles of ``values`` (any shape), ascending, ties merged."""
+    if not bin_levels:
+        return []  # no sort of millions of pixels for nothing
     ranked = values.flatten().double().sort().values
     return sorted({float(ranked[min(ranked.numel() - 1, int(q * ranked.numel()))]) for q in bin_levels})
 
@@ -675,13 +677,13 @@ def holdout_coverage(residuals: Sequence[torch.Tensor], noise_levels: Sequence[t
         raise ValueError(f"{len(means)} cases of mean samples for {len(residuals)} cases of residuals")
     z, out = central_z(level), [None] * len(residuals)
     pick = lambda x, cases: [x[i] for i in cases] if x else ()  # noqa: E731
+    as_volume = lambda x: x.T[None]  # noqa: E731  [Z, P] -> [1, P, Z]
     for patient in dict.fromkeys(patients):
         keep = [i for i, p in enumerate(patients) if p != patient]
         calibration = fit_calibration(pick(residuals, keep), pick(noise_levels, keep), bins, levels=(level,),
                                       reference_level=level, eu=pick(eu, keep), eu_bin_levels=eu_bin_levels,
                                       means=pick(means, keep), intensity_edges=intensity_edges)
         for i in (i for i, p in enumerate(patients) if p == patient):
-            as_volume = lambda x: x.T[None]  # noqa: E731  [Z, P] -> [1, P, Z]
             scale = calibration.scale_map(noise_levels[i], as_volume(eu[i]), intensity=as_volume(means[i]) if means
                                           else None)
             covered = residuals[i] <= z * scale.broadcast_to(as_volume(eu[i]).shape)[0].T

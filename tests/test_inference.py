@@ -1050,7 +1050,7 @@ def test_knee_draws_are_made_consistent_with_the_measured_kspace(tmp_path):
     torch.testing.assert_close(consistent["total"], consistent["eu"] + consistent["au"])
 
 
-def test_the_shipped_ct_model_tells_the_truth_on_a_scanners_photon_starved_fbp(tmp_path):
+def test_the_shipped_ct_model_tells_the_truth_on_a_scanners_photon_starved_fbp(tmp_path, caplog):
     """The trained model and calibration of bundle/models through the Python API, on a series it never saw (512 x
     512 at 0.74 mm): the FBP a scanner makes at that pitch with 1e3 photons per bin (where the model before 0.9.0
     fell to 15 dB and its calibrated intervals covered 2%, docs/recipes.md) gets a mean far closer to the truth than
@@ -1070,7 +1070,10 @@ def test_the_shipped_ct_model_tells_the_truth_on_a_scanners_photon_starved_fbp(t
         cond = MetaTensor(case["cond"] + offset_hu, affine=case["volume"].affine)
         return model.reconstruct(cond, M=weight_sets, N=weight_sets, steps=10), case
 
-    assert not reconstruct(1e5, "model")[0]["input_check"]["flagged_slices"]
+    with caplog.at_level(logging.WARNING, logger="hyper_dm.inference"):
+        assert not reconstruct(1e5, "model")[0]["input_check"]["flagged_slices"]
+    assert "scales for M = 2, N = 2 come from the 'calibrate' run id with --inference_cfg#M 2 --inference_cfg#N 2" \
+        in caplog.text  # fewer weight sets than the calibration's four
     assert reconstruct(1e5, "model", 300.0)[0]["input_check"]["flagged_slices"] == [0, 1, 2]
     starved, case = reconstruct(1e3, "source", weight_sets=4)  # the calibration's M = N = 4
     assert not starved["input_check"]["input_unlike_calibration"], starved["input_check"]

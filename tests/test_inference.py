@@ -26,7 +26,7 @@ from conftest import SMALL_MODEL
 from ignite.engine import Events
 from monai.data import MetaTensor
 
-from hyper_dm.calibration import Calibration, local_eu_contrast
+from hyper_dm.calibration import INPUT_CHECK_ALPHA, Calibration, local_eu_contrast
 from hyper_dm.data.config import resolve_data_config
 from hyper_dm.data.synthetic import (
     insert_checkered_knee_square,
@@ -1077,6 +1077,7 @@ def test_the_shipped_ct_model_tells_the_truth_on_a_scanners_photon_starved_fbp(t
     assert reconstruct(1e5, "model", 300.0)[0]["input_check"]["flagged_slices"] == [0, 1, 2]
     starved, case = reconstruct(1e3, "source", weight_sets=4)  # the calibration's M = N = 4
     assert not starved["input_check"]["input_unlike_calibration"], starved["input_check"]
+    assert starved["input_check"]["alpha"] == INPUT_CHECK_ALPHA  # at least 99 calibration slices in its noise bin
     rmse = lambda x: float((x - case["label"]).pow(2).mean().sqrt())  # noqa: E731  HU
     assert rmse(starved["mean"]) < 0.4 * rmse(case["cond"]), (rmse(starved["mean"]), rmse(case["cond"]))
     calibrated, total = starved["total_std_calibrated"], starved["total"]

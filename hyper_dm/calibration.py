@@ -452,7 +452,7 @@ class Calibration:
             raise ValueError(f"{len(calibration.eu_bins)} EU-binned cells but {cells} noise bins x intensity classes")
         edges = calibration.intensity_edges
         if edges and not (calibration.eu_bins and intensity_classes_valid(edges)):
-            raise ValueError(f"intensity_edges {calibration.intensity_edges} must be ascending values in (-1, 1) and "
+            raise ValueError(f"intensity_edges {edges} must be ascending values in (-1, 1) and "
                              "come with eu_bins")
         if calibration.eu_bin_reference is not None and not 0 < calibration.eu_bin_reference < 1:
             raise ValueError(f"eu_bin_reference {calibration.eu_bin_reference} is not a quantile level between 0 and 1")

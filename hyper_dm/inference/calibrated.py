@@ -102,14 +102,13 @@ def apply_calibration(raw: dict[str, torch.Tensor], case: Mapping, reconstructor
             "seed": reconstructor.seed, "weight_draws": reconstructor.weight_draws}
     fitted = {**calibration.sampling, "weight_draws": calibration.sampling.get("weight_draws", "iid")}  # before 0.11
     if calibration.sampling and fitted != {k: used[k] for k in fitted}:
-        weight_sets_differ = any(fitted.get(k, used[k]) != used[k] for k in ("M", "N", "seed", "weight_draws"))
-        budget_differs = any(fitted.get(k, used[k]) != used[k] for k in ("M", "N"))
-        (logger.warning if weight_sets_differ else logger.info)(
+        differs = {k for k in ("M", "N", "seed", "weight_draws") if fitted.get(k, used[k]) != used[k]}
+        (logger.warning if differs else logger.info)(
             "%s: reconstructed with %s, the calibration with %s: its scales and EU threshold hold for its own "
             "settings (other weight sets give another EU: with M = 4 its level varies several-fold from seed to "
             "seed, and fewer weight sets or draws give a noisier one, whose calibrated intervals then fall short)%s",
             name, used, fitted, f"; scales for M = {used['M']}, N = {used['N']} come from the 'calibrate' run id with "
-            f"--inference_cfg#M {used['M']} --inference_cfg#N {used['N']}" if budget_differs else "")
+            f"--inference_cfg#M {used['M']} --inference_cfg#N {used['N']}" if differs & {"M", "N"} else "")
     scales = calibration.scales_for(raw, noise, case["gain"], case["offset"])
     raw["total_std_calibrated"] = scales.float() * raw["total"].clamp_min(0).sqrt()
     low, high = calibration.noise_range or (0.0, float("inf"))

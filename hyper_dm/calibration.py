@@ -32,6 +32,19 @@ each noise bin's pixels are first split by the value of the mean there (model un
 intensity classes, and each class gets its own scales and its own EU bins (:attr:`Calibration.intensity_edges`). The
 class is read from the mean, not the reference, so inference assigns it as calibration did.
 
+Patients differ in their level of EU too, and the error does not follow it as the predicted std does: on the CT
+calibration series the tissue's 90th-percentile standardised residual falls as the slice's EU level rises (Spearman
+-0.92 over 60 cases), so a patient whose weight sets happen to agree closely is under-covered and one whose EU runs
+high over-covered, by more than the cases within a noise bin differ otherwise. With ``eu_level`` each cell (a noise
+bin's intensity class) also fits how its slices' ``reference_level`` quantile of standardised residuals scales with
+the slice's EU level (its :data:`LOCAL_EU_REFERENCE` quantile of EU, model units): a least-squares slope on log-log
+axes, whose negative is kept as the cell's ``eu_level_exponent`` (at most :data:`EU_LEVEL_EXPONENT_MAX`), and its
+residuals are multiplied by ``(level / eu_level_reference) ** exponent`` (the reference: the geometric mean of its
+slices' levels) before its EU bins' scales are fitted. At inference a slice's scales in that cell are divided by the
+same factor, its level first clipped to the range the cell was calibrated on (``eu_level_range``), so a slice whose EU
+lies beyond everything calibrated on is not narrowed further. The exponent is estimated on the calibration data itself,
+so the split-conformal guarantee becomes approximate; the held-out coverage (:func:`holdout_coverage`) measures it.
+
 An input can also lie outside what the model was trained and calibrated on (a scanner's FBP made at a finer pitch,
 a photon-starved scan, metal), and then the maps understate the error however they are scaled. The calibration
 therefore also keeps the :func:`input_departure` of every calibration slice: how far the reconstruction moved the
@@ -97,7 +110,8 @@ import torch.nn.functional as F
 from .io import atomic_write
 from .uncertainty import central_z
 
-__all__ = ["INPUT_CHECK_ALPHA", "LEVELS", "LOCAL_EU_REFERENCE", "LOCAL_EU_WINDOW", "TISSUE_FLOOR", "UNFAMILIAR_LEVEL",
+__all__ = ["EU_LEVEL_EXPONENT_MAX", "INPUT_CHECK_ALPHA", "LEVELS", "LOCAL_EU_REFERENCE", "LOCAL_EU_WINDOW",
+           "TISSUE_FLOOR", "UNFAMILIAR_LEVEL",
            "Calibration", "eu_in_model_units", "fit_calibration", "holdout_coverage", "in_model_units",
            "input_departure", "intensity_classes_valid", "local_eu_contrast", "relative_eu", "slice_samples",
            "standardised_residuals"]
@@ -116,6 +130,10 @@ LOCAL_EU_REFERENCE = 0.9
 TISSUE_FLOOR = -0.9
 """The mean (model units) above which a pixel is tissue, below which air or background: -900 HU in CT's default
 window [-1000, 1000] HU, 5% of the magnitude scale in MRI."""
+EU_LEVEL_EXPONENT_MAX = 0.5
+"""The largest ``eu_level_exponent`` a cell keeps: at 0.5 a slice's calibrated std no longer grows with its EU level
+(the predicted variance grows about in proportion to it), beyond it a patient whose weight sets disagree more would
+get narrower intervals."""
 _VARIANCE_FLOOR = 1e-12  # model units^2: keeps r finite where the model predicts no spread at all
 
 
@@ -221,8 +239,10 @@ class Calibration:
     ``"iid"``, before metadata 0.11.0) (empty: not recorded); scales and threshold hold for those.
     ``eu_bin_levels``: the EU quantile levels that split each noise bin's pixels into EU bins (empty: no EU bins);
     ``eu_bins``: per noise bin (one entry without noise bins), ``{"edges": [...], "scales": [{level: scale}, ...]}``,
-    the bin's EU edges (ascending) and each EU bin's scales; ``eu_bin_reference``: the edges are in units of the
-    slice's quantile of EU at this level (:func:`relative_eu`; ``None``: EU in model units, before metadata 0.14.0).
+    the bin's EU edges (ascending) and each EU bin's scales, with, where fitted with ``eu_level``, its
+    ``eu_level_exponent``, ``eu_level_reference`` and ``eu_level_range`` (model units; see the module docstring);
+    ``eu_bin_reference``: the edges are in units of the slice's quantile of EU at this level (:func:`relative_eu`;
+    ``None``: EU in model units, before metadata 0.14.0).
     ``intensity_edges``: the values of the mean (model units) that split each noise bin's pixels into intensity
     classes (ascending; empty: one class; e.g. :data:`TISSUE_FLOOR`, air against tissue); ``eu_bins``
     then holds an entry per noise bin and class (``eu_bins[noise_bin * classes + class]``), each cut into EU bins on
@@ -266,6 +286,11 @@ class Calibration:
         return [self, *self.accelerations.values()]
 
     @property
+    def adapts_to_eu_level(self) -> bool:
+        """Whether its cells' scales follow each slice's EU level (``eu_level`` at fitting)."""
+        return any("eu_level_exponent" in cell for cell in self.eu_bins)
+
+    @property
     def scale(self) -> float:
         """The std multiplier of ``reference_level`` over all slices."""
         return self.scales[str(self.reference_level)]
@@ -295,14 +320,16 @@ class Calibration:
         """Std multipliers of ``level`` (default ``reference_level``) for the pixels of EU ``eu`` and mean
         ``intensity`` (both ``[1, X, Y, Z]`` in model units, :func:`eu_in_model_units`, :func:`in_model_units`) in
         slices of noise level ``[Z]``: float64 ``[1, X, Y, Z]``, each pixel the scale of its EU bin within its
-        intensity class within its slice's noise bin. Without such bins, or without what they need (``eu`` for EU
+        intensity class within its slice's noise bin, divided by the cell's EU-level factor where it has one (see the
+        module docstring). Without such bins, or without what they need (``eu`` for EU
         bins, ``intensity`` for classes, ``noise_level`` for noise bins), the per-slice scales of :meth:`scale_at`,
         which broadcast against ``[1, X, Y, Z]``."""
-        if (not self.eu_bins or (self.eu_bin_levels and eu is None) or (self.intensity_edges and intensity is None)
-                or (self.noise_scales and noise_level is None)):
+        if (not self.eu_bins or ((self.eu_bin_levels or self.adapts_to_eu_level) and eu is None)
+                or (self.intensity_edges and intensity is None) or (self.noise_scales and noise_level is None)):
             return self.scale_at(noise_level, level)
         shape = (eu if eu is not None else intensity).shape
         eu = torch.zeros(shape, dtype=torch.float64) if eu is None else eu.detach().cpu().double()
+        level_of_slice = _eu_levels(eu.reshape(-1, shape[-1]).T)
         if self.eu_bin_reference is not None:
             eu = relative_eu(eu, self.eu_bin_reference).double()
         classes = len(self.intensity_edges) + 1
@@ -315,6 +342,7 @@ class Calibration:
         for z, b in enumerate(which):
             for c, cell in enumerate(self.eu_bins[b * classes:(b + 1) * classes]):
                 per_bin = torch.tensor([s[key] for s in cell["scales"]], dtype=torch.float64)
+                per_bin = per_bin / _eu_level_factor(cell, level_of_slice[z : z + 1])
                 in_class = tissue[..., z] == c
                 scales[..., z][in_class] = per_bin[torch.bucketize(eu[..., z][in_class],
                                                                    torch.tensor(cell["edges"], dtype=torch.float64))]
@@ -397,6 +425,11 @@ class Calibration:
                        if self.eu_bin_levels else [])
             by_eu = (f"; within {'each noise bin' if self.noise_scales else 'all slices'}, per {' and '.join(splits)}: "
                      f"{per_bin}")
+            if self.adapts_to_eu_level:
+                exponents = "; ".join(" | ".join(f"{b['eu_level_exponent']:.2f}" for b in self.eu_bins[i:i + classes])
+                                      for i in range(0, len(self.eu_bins), classes))
+                by_eu += (f"; each cell's scales divided by (slice's EU level / its reference) ** exponent "
+                          f"({exponents})")
         else:
             by_eu = ""
         if not self.noise_scales:
@@ -460,6 +493,13 @@ class Calibration:
             if len(eu_bin["scales"]) != len(eu_bin["edges"]) + 1:
                 raise ValueError(f"{len(eu_bin['scales'])} EU bins but {len(eu_bin['edges'])} edges (expected one "
                                  "edge fewer than bins)")
+            if "eu_level_exponent" in eu_bin:
+                exponent, reference, (low, high) = (eu_bin[k] for k in ("eu_level_exponent", "eu_level_reference",
+                                                                        "eu_level_range"))
+                if not (math.isfinite(exponent) and exponent <= EU_LEVEL_EXPONENT_MAX and 0 < low <= reference <= high
+                        and math.isfinite(high)):
+                    raise ValueError(f"EU-level exponent {exponent} (at most {EU_LEVEL_EXPONENT_MAX}) with reference "
+                                     f"{reference} in range {[low, high]} (positive, ascending) is not usable")
         if calibration.scale_ratio is not None and not (calibration.scale_ratio > 0
                                                         and math.isfinite(calibration.scale_ratio)):
             raise ValueError(f"scale_ratio {calibration.scale_ratio} is not a positive number")
@@ -481,7 +521,8 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                     eu: Sequence[torch.Tensor] = (), sampling: dict[str, int | str] | None = None,
                     scale_ratios: Sequence[float] = (), eu_bin_levels: Sequence[float] = (),
                     local_eu: Sequence[torch.Tensor] = (), local_eu_window: float = LOCAL_EU_WINDOW,
-                    means: Sequence[torch.Tensor] = (), intensity_edges: Sequence[float] = ()) -> Calibration:
+                    means: Sequence[torch.Tensor] = (), intensity_edges: Sequence[float] = (),
+                    eu_level: bool = False) -> Calibration:
     """Split-conformal std scales (see the module docstring) from per-case standardised residuals ``[Z, P]`` and,
     for ``bins > 1``, the cases' per-slice noise levels ``[Z]`` (at most one bin per slice); ``departures``: the
     cases' per-slice :func:`input_departure` ``[Z]`` to keep; ``eu``: the cases' pixels' EU in model units ``[Z, P]``
@@ -492,7 +533,8 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
     :func:`relative_eu`), each EU bin with its own scales (:attr:`Calibration.eu_bins`); ``intensity_edges``
     (with ``means``, the same pixels' mean in model units ``[Z, P]``, :func:`in_model_units`): first split each noise
     bin's pixels into intensity classes where their mean crosses these values (model units,
-    :attr:`Calibration.intensity_edges`), each class with its own scales and EU bins; ``sampling``: how
+    :attr:`Calibration.intensity_edges`), each class with its own scales and EU bins; ``eu_level`` (with ``eu``):
+    each such cell's scales also follow the slices' EU level (see the module docstring); ``sampling``: how
     the cases were reconstructed (:attr:`Calibration.sampling`); ``scale_ratios``: MRI,
     ``(mask acceleration, magnitude scale over the zero-filled image's)`` of each case measured for
     :attr:`Calibration.scale_ratio` (any cases: it needs no reconstruction). With two
@@ -506,7 +548,7 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
         fitted = fit_calibration(residuals, noise_levels, bins, checkpoint_sha256, levels, reference_level,
                                  departures, eu=eu, sampling=sampling, scale_ratios=scale_ratios,
                                  eu_bin_levels=eu_bin_levels, local_eu=local_eu, local_eu_window=local_eu_window,
-                                 means=means, intensity_edges=intensity_edges)
+                                 means=means, intensity_edges=intensity_edges, eu_level=eu_level)
         keys = [f"{a:g}" for a in acceleration_groups]
         for key in keys:
             members = [i for i, a in enumerate(accelerations) if _nearest(keys, a) == key]
@@ -520,7 +562,7 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
                 sampling=sampling, scale_ratios=[r for r in scale_ratios if _nearest(keys, r[0]) == key],
                 eu_bin_levels=eu_bin_levels, local_eu=[local_eu[i] for i in members] if local_eu else (),
                 local_eu_window=local_eu_window, means=[means[i] for i in members] if means else (),
-                intensity_edges=intensity_edges)
+                intensity_edges=intensity_edges, eu_level=eu_level)
             group.acceleration = float(key)
         return fitted
     if reference_level not in levels:
@@ -587,7 +629,9 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
             calibration.noise_local_eu_thresholds = [
                 _eu_quantile([local_rows[i] for i in m], calibration.eu_level) if m
                 else calibration.local_eu_threshold for m in members]
-    if eu_bin_levels or intensity_edges:
+    if eu_level and not eu:
+        raise ValueError("eu_level needs the cases' EU samples (their slices' EU levels)")
+    if eu_bin_levels or intensity_edges or eu_level:
         every_slice = range(len(per_slice))  # what an empty noise bin (ties only) takes, as for its scales
         relative = [row for e in eu for row in _over_row_quantile(torch.atleast_2d(e))] if eu_bin_levels else None
         if eu_bin_levels:
@@ -601,7 +645,8 @@ def fit_calibration(residuals: Sequence[torch.Tensor], noise_levels: Sequence[to
         calibration.eu_bins = [
             cell for rows in ((m or every_slice) for m in (members if bins > 1 else [every_slice]))
             for cell in _class_cells(rows, per_slice, relative, mean_rows, calibration.intensity_edges, eu_bin_levels,
-                                     levels)]
+                                     levels, torch.cat([_eu_levels(torch.atleast_2d(e)) for e in eu]) if eu_level
+                                     else None, reference_level)]
     if eu:  # the share of each case's pixels flagged, as inference flags them
         case_noise = [n.double().flatten() for n in noise_levels] if bins > 1 else [None] * len(eu)
 
@@ -622,6 +667,38 @@ def intensity_classes_valid(edges: Sequence[float]) -> bool:
     return list(edges) == sorted(set(edges)) and all(-1 < e < 1 for e in edges)
 
 
+def _eu_levels(rows: torch.Tensor) -> torch.Tensor:
+    """Each slice's EU level, the :data:`LOCAL_EU_REFERENCE` quantile of its row of ``rows`` ``[Z, P]`` (EU, model
+    units): float64 ``[Z]``."""
+    return rows.float().quantile(LOCAL_EU_REFERENCE, dim=1).double()
+
+
+def _eu_level_factor(cell: dict, levels: torch.Tensor) -> torch.Tensor | float:
+    """What a cell's residuals are multiplied by (and its scales divided by) for slices of EU level ``levels``
+    ``[Z]``: ``(level / reference) ** exponent``, the level clipped to the cell's calibrated range; 1 for a cell
+    that does not adapt to the EU level."""
+    if "eu_level_exponent" not in cell:
+        return 1.0
+    low, high = cell["eu_level_range"]
+    return (levels.clamp(low, high) / cell["eu_level_reference"]) ** cell["eu_level_exponent"]
+
+
+def _fit_eu_level(residual_rows: Sequence[torch.Tensor], levels: torch.Tensor, level: float) -> dict:
+    """A cell's ``eu_level_exponent``, ``eu_level_reference`` and ``eu_level_range`` from its slices' residuals
+    (each ``[P_i]``, the cell's pixels of one slice) and EU levels ``[S]``: minus the least-squares slope of the
+    log ``level`` quantile of each slice's residuals on its log EU level (slices with 20 pixels or more and both
+    positive), at most :data:`EU_LEVEL_EXPONENT_MAX`; 0 where fewer than three such slices or one level."""
+    quantiles = torch.tensor([float(r.float().quantile(level)) if r.numel() >= 20 else 0.0 for r in residual_rows],
+                             dtype=torch.float64)
+    usable = (quantiles > 0) & (levels > 0)
+    x, y = levels[usable].log(), quantiles[usable].log()
+    if x.numel() < 3 or float(x.var()) == 0:
+        return {"eu_level_exponent": 0.0, "eu_level_reference": 1.0, "eu_level_range": [1.0, 1.0]}
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+    return {"eu_level_exponent": min(EU_LEVEL_EXPONENT_MAX, -slope), "eu_level_reference": float(x.mean().exp()),
+            "eu_level_range": [float(x.min().exp()), float(x.max().exp())]}
+
+
 def _quantile_edges(values: torch.Tensor, bin_levels: Sequence[float]) -> list[float]:
     """Bin edges at the ``bin_levels`` quantiles of ``values`` (any shape), ascending, ties merged."""
     if not bin_levels:
@@ -632,25 +709,35 @@ def _quantile_edges(values: torch.Tensor, bin_levels: Sequence[float]) -> list[f
 
 def _class_cells(rows: Sequence[int], residual_rows: Sequence[torch.Tensor],
                  relative_rows: Sequence[torch.Tensor] | None, mean_rows: Sequence[torch.Tensor] | None,
-                 intensity_edges: Sequence[float], bin_levels: Sequence[float], levels: Sequence[float]) -> list[dict]:
+                 intensity_edges: Sequence[float], bin_levels: Sequence[float], levels: Sequence[float],
+                 eu_levels: torch.Tensor | None = None, reference_level: float = 0.9) -> list[dict]:
     """The :attr:`Calibration.eu_bins` entries of one noise bin (slices ``rows``), one per intensity class: each
     ``{"edges", "scales"}``, the class's EU edges at ``bin_levels`` of its pixels' relative EU (ties merged) and each
-    EU bin's split-conformal scales (an empty class or EU bin takes the scales of the pixels around it)."""
+    EU bin's split-conformal scales (an empty class or EU bin takes the scales of the pixels around it); with the
+    slices' EU levels ``eu_levels`` (``[slices]``, all rows) also the class's fit to them (:func:`_fit_eu_level` at
+    ``reference_level``), its residuals scaled by it before the scales are fitted."""
     pick = lambda samples: torch.cat([samples[i] for i in rows])  # noqa: E731
     r = pick(residual_rows)
     e = pick(relative_rows).double() if bin_levels else torch.zeros_like(r)
     tissue = (torch.bucketize(pick(mean_rows), torch.tensor(intensity_edges, dtype=torch.float64))
               if intensity_edges else torch.zeros(r.shape, dtype=torch.int64))
+    sizes = [residual_rows[i].numel() for i in rows]
+    slice_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     cells = []
     for c in range(len(intensity_edges) + 1):
         in_class = tissue == c
+        fit = {}
+        if eu_levels is not None:
+            fit = _fit_eu_level([x[m] for x, m in zip(r.split(sizes), in_class.split(sizes), strict=True)],
+                                eu_levels[list(rows)], reference_level)
+            r = torch.where(in_class, r * _eu_level_factor(fit, eu_levels[list(rows)])[slice_of], r)
         r_c, e_c = (r[in_class], e[in_class]) if bool(in_class.any()) else (r, e)
         edges = _quantile_edges(e_c, bin_levels)
         which = torch.bucketize(e_c, torch.tensor(edges, dtype=torch.float64))
         pooled = _scales(r_c.sort().values, levels)
         cells.append({"edges": edges, "scales": [_scales(r_c[which == b].sort().values, levels)
                                                   if bool((which == b).any()) else pooled
-                                                  for b in range(len(edges) + 1)]})
+                                                  for b in range(len(edges) + 1)], **fit})
     return cells
 
 
@@ -663,12 +750,13 @@ def _eu_quantile(rows: Sequence[torch.Tensor], level: float) -> float:
 def holdout_coverage(residuals: Sequence[torch.Tensor], noise_levels: Sequence[torch.Tensor],
                      eu: Sequence[torch.Tensor], patients: Sequence[str], bins: int = 1,
                      eu_bin_levels: Sequence[float] = (), level: float = 0.9, means: Sequence[torch.Tensor] = (),
-                     intensity_edges: Sequence[float] = ()) -> list[tuple[float, float, float]]:
+                     intensity_edges: Sequence[float] = (), eu_level: bool = False) -> list[tuple[float, float, float]]:
     """How a calibration carries to a patient it never saw: for each patient, :func:`fit_calibration` on the other
     patients' cases (residuals ``[Z, P]``, noise levels ``[Z]``, EU ``[Z, P]`` and means ``[Z, P]`` as for it) and, on
     each of its own cases, the fraction of pixels its calibrated central ``level`` interval covers, the same among
     the case's 10% of pixels with the highest EU and, with ``means``, among its tissue (mean above
-    :data:`TISSUE_FLOOR`; ``nan`` without ``means``). ``patients``: one name per case (a patient's cases: its
+    :data:`TISSUE_FLOOR`; ``nan`` without ``means``); ``eu_level``: scales that follow the slices' EU level, as
+    :func:`fit_calibration`'s. ``patients``: one name per case (a patient's cases: its
     measurements). Returns ``(coverage, highest-EU tenth, tissue)`` per case, in order."""
     if not len(residuals) == len(noise_levels) == len(eu) == len(patients) or len(set(patients)) < 2:
         raise ValueError(f"holdout needs one noise level, EU and patient per case and two patients or more, got "
@@ -682,7 +770,7 @@ def holdout_coverage(residuals: Sequence[torch.Tensor], noise_levels: Sequence[t
         keep = [i for i, p in enumerate(patients) if p != patient]
         calibration = fit_calibration(pick(residuals, keep), pick(noise_levels, keep), bins, levels=(level,),
                                       reference_level=level, eu=pick(eu, keep), eu_bin_levels=eu_bin_levels,
-                                      means=pick(means, keep), intensity_edges=intensity_edges)
+                                      means=pick(means, keep), intensity_edges=intensity_edges, eu_level=eu_level)
         for i in (i for i, p in enumerate(patients) if p == patient):
             scale = calibration.scale_map(noise_levels[i], as_volume(eu[i]), intensity=as_volume(means[i]) if means
                                           else None)

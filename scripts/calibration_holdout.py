@@ -8,7 +8,8 @@
 
 For each number of noise bins, with and without EU bins (``--eu_bins``, the calibrate default) and, where the samples
 hold the cases' means (from metadata 0.15.0), with and without intensity classes (``--intensity_edges``, model
-units, the calibrate default: air against tissue), fit on the other patients' cases and print, for each measurement
+units, the calibrate default: air against tissue) and, with ``--eu_level both`` or ``on``, with scales that follow
+each slice's EU level (the calibrate default), fit on the other patients' cases and print, for each measurement
 (photon count and pitch, k-space noise and mask), the held-out patients' 90% coverage, that of their 10% of pixels
 with the highest EU and that of their tissue (mean above ``hyper_dm.calibration.TISSUE_FLOOR``)
 (:func:`hyper_dm.inference.calibration_holdout`; the calibrate run logs the same for its own settings). MRI cases
@@ -18,6 +19,7 @@ calibrated on several accelerations are held out within their acceleration, as e
 from __future__ import annotations
 
 import argparse
+import itertools
 import pickle
 
 import torch
@@ -33,6 +35,8 @@ def main() -> None:
                    "len(calibration_noise_levels) x len(calibration_fbp_pitches))")
     p.add_argument("--eu_bins", type=float, nargs="*", default=[0.5, 0.9, 0.99])
     p.add_argument("--intensity_edges", type=float, nargs="*", default=[TISSUE_FLOOR])
+    p.add_argument("--eu_level", choices=["both", "on", "off"], default="both",
+                   help="scales that follow the slices' EU level: with and without, only with, only without")
     p.add_argument("--level", type=float, default=0.9)
     args = p.parse_args()
     try:
@@ -43,25 +47,27 @@ def main() -> None:
                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
     means = samples.get("means") or []
     variants = lambda levels: ([], levels) if levels else ([],)  # noqa: E731
-    for bins in args.bins:
-        for eu_bins in variants(args.eu_bins):
-            for classes in variants(args.intensity_edges if means else []):
-                try:
-                    rows = calibration_holdout(*cases, bins, eu_bins, args.level, means, classes)
-                except ValueError as e:
-                    p.error(f"{args.samples}: {e}")
-                if not rows:
-                    p.error(f"{args.samples}: fewer than two validation patients to hold out")
-                print(f"\n{bins} noise bins, {'intensity classes cut at ' + str(classes) + ', ' if classes else ''}"
-                      f"{'EU bins at ' + str(eu_bins) if eu_bins else 'no EU bins'}: held-out {args.level:.0%} "
-                      f"coverage per patient (its highest-EU tenth{', its tissue' if means else ''})")
-                shown = 3 if means else 2
-                for measurement, values in rows.items():
-                    print(f"  {measurement:24s} " + "  ".join(
-                        f"{c[0]:.3f} ({', '.join(f'{x:.3f}' for x in c[1:shown])})" for c in values))
-                every = [c for values in rows.values() for c in values]
-                print("  range " + ", ".join(f"{min(c[k] for c in every):.3f}-{max(c[k] for c in every):.3f}"
-                                             for k in range(shown)))
+    eu_levels = {"both": (False, True), "on": (True,), "off": (False,)}[args.eu_level]
+    for bins, eu_bins, classes, eu_level in itertools.product(args.bins, variants(args.eu_bins),
+                                                              variants(args.intensity_edges if means else []),
+                                                              eu_levels):
+        try:
+            rows = calibration_holdout(*cases, bins, eu_bins, args.level, means, classes, eu_level)
+        except ValueError as e:
+            p.error(f"{args.samples}: {e}")
+        if not rows:
+            p.error(f"{args.samples}: fewer than two validation patients to hold out")
+        print(f"\n{bins} noise bins, {'intensity classes cut at ' + str(classes) + ', ' if classes else ''}"
+              f"{'EU bins at ' + str(eu_bins) if eu_bins else 'no EU bins'}"
+              f"{', scales following the EU level' if eu_level else ''}: held-out {args.level:.0%} "
+              f"coverage per patient (its highest-EU tenth{', its tissue' if means else ''})")
+        shown = 3 if means else 2
+        for measurement, values in rows.items():
+            print(f"  {measurement:24s} " + "  ".join(
+                f"{c[0]:.3f} ({', '.join(f'{x:.3f}' for x in c[1:shown])})" for c in values))
+        every = [c for values in rows.values() for c in values]
+        print("  range " + ", ".join(f"{min(c[k] for c in every):.3f}-{max(c[k] for c in every):.3f}"
+                                     for k in range(shown)))
 
 if __name__ == "__main__":
     main()

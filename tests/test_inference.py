@@ -908,12 +908,114 @@ def test_intensity_classes_cover_the_tissue_where_scales_pooled_with_the_air_lea
     assert torch.equal(torch.load(tmp_path / "kept.pt", weights_only=True)["means"][2], samples["means"][2])
 
 
+def test_scales_following_the_eu_level_cover_a_patient_whose_weight_sets_agree_closely(tmp_path, caplog):
+    """Three patients whose EU level differs ninefold while their error does not (the predicted variance follows EU,
+    the true error has std 1 + 5 noise everywhere): held out, scales fitted without the EU level under-cover the
+    patient whose EU runs low and over-cover the one whose EU runs high; with ``eu_level`` each cell fits an exponent
+    near :data:`EU_LEVEL_EXPONENT_MAX` and covers all three near 90%. ``scale_map`` divides by the slice's level
+    (clipped to the calibrated range: a slice far beyond it is not narrowed further), the file round-trips, a
+    malformed exponent is refused, and the calibrate run's fitter and the script take the option."""
+    from hyper_dm.calibration import (
+        EU_LEVEL_EXPONENT_MAX,
+        fit_calibration,
+        holdout_coverage,
+        slice_samples,
+        standardised_residuals,
+    )
+    from hyper_dm.inference import CalibrationFitter
+
+    rng = torch.Generator().manual_seed(0)
+    shape, label = (1, 32, 32, 8), torch.zeros(1, 32, 32, 8)
+    samples = {"case_ids": [], "residuals": [], "noise_levels": [], "eu": [], "means": []}
+    for patient, level in (("a", 1.0), ("b", 3.0), ("c", 1 / 3)):
+        for noise in (0.05, 0.2):
+            slice_level = level * torch.exp(torch.empty(8).uniform_(-2, 2, generator=rng))  # overlapping ranges
+            eu = torch.rand(shape, generator=rng) * slice_level
+            error = torch.randn(shape, generator=rng) * (1 + 5 * noise)
+            samples["case_ids"].append(f"{patient}_i0{1e4 if noise < 0.1 else 1e3:g}_model_pitch")
+            samples["residuals"].append(standardised_residuals(error, eu, label))
+            samples["noise_levels"].append(torch.full((8,), noise))
+            samples["eu"].append(slice_samples(eu))
+            samples["means"].append(slice_samples(torch.full(shape, 0.2)))
+    patients = [i.split("_")[0] for i in samples["case_ids"]]
+    args = samples["residuals"], samples["noise_levels"], samples["eu"], patients, 2, (0.5, 0.9), 0.9, \
+        samples["means"], (-0.9,)
+    fixed, following = holdout_coverage(*args), holdout_coverage(*args, eu_level=True)
+    assert max(c for c, *_ in fixed[4:]) < 0.85 < 0.95 < min(c for c, *_ in fixed[2:4]), fixed  # c short, b beyond
+    assert all(abs(c - 0.9) < 0.04 for c, *_ in following), following
+    fitted = fit_calibration(samples["residuals"], samples["noise_levels"], 2, eu=samples["eu"],
+                             eu_bin_levels=(0.5, 0.9), means=samples["means"], intensity_edges=(-0.9,), eu_level=True)
+    tissue_cells = fitted.eu_bins[1::2]
+    assert fitted.adapts_to_eu_level and all(EU_LEVEL_EXPONENT_MAX - 0.05 < c["eu_level_exponent"] <=
+                                             EU_LEVEL_EXPONENT_MAX for c in tissue_cells), tissue_cells
+    assert "each cell's scales divided by (slice's EU level / its reference) ** exponent" in fitted.describe()
+    noise, intensity = torch.full((8,), 0.2), torch.full(shape, 0.2)
+    eu = torch.rand(shape, generator=rng)
+    low, high = tissue_cells[1]["eu_level_range"]
+    ratio = fitted.scale_map(noise, eu, intensity=intensity) / fitted.scale_map(noise, 4 * eu, intensity=intensity)
+    assert torch.allclose(ratio, torch.tensor(4.0**0.5, dtype=torch.float64), rtol=0.1)  # 4x the EU: half the scale
+    beyond = fitted.scale_map(noise, 1e3 * high * eu, intensity=intensity)
+    assert torch.equal(beyond, fitted.scale_map(noise, 1e4 * high * eu, intensity=intensity))  # clipped at the top
+    path = fitted.save(tmp_path / "calibration.json")
+    assert torch.equal(Calibration.load(path).scale_map(noise, eu, intensity=intensity),
+                       fitted.scale_map(noise, eu, intensity=intensity))
+    assert fitted.scale_map(noise, None, intensity=intensity).shape == (8,)  # no EU: each slice its noise bin's scale
+    content = json.loads(path.read_text())
+    content["eu_bins"][1]["eu_level_exponent"] = 0.8
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=r"EU-level exponent 0.8 \(at most 0.5\)"):
+        Calibration.load(path)
+    with pytest.raises(ValueError, match="eu_level needs the cases' EU samples"):
+        fit_calibration(samples["residuals"], eu_level=True)
+    row = holdout_script_row(samples, tmp_path, "2 noise bins, intensity classes cut at [-0.9], EU bins at [0.5, 0.9], "
+                             "scales following the EU level: held-out 90% coverage per patient (its highest-EU "
+                             "tenth, its tissue)", "i01000_model_pitch")
+    assert row[::3] == [f"{c:.3f}" for c, *_ in following[1::2]]
+    # the calibrate run's fitter, joining two machines' samples files (run id 'recalibrate'); not files of other
+    # weight sets
+    made_with = {"M": 4, "N": 4, "steps": 10, "seed": 0, "weight_draws": "balanced"}
+    complete = {**samples, "local_eu": samples["eu"], "departures": [torch.ones(8)] * 6, "accelerations": [None] * 6,
+                "sampling": made_with}
+    for name, cases, sampling in (("a", slice(0, 4), made_with), ("b", slice(4, 6), made_with),
+                                  ("other", slice(4, 6), {**made_with, "M": 2})):
+        torch.save({k: v if k == "sampling" else v[cases] for k, v in {**complete, "sampling": sampling}.items()},
+                   tmp_path / f"{name}.pt")
+    fitter = lambda: CalibrationFitter(str(tmp_path / "fitted.json"), bins=2, eu_bin_levels=(0.5, 0.9),  # noqa: E731
+                                       intensity_edges=(-0.9,), eu_level=True)
+    with caplog.at_level(logging.INFO, logger="hyper_dm.inference"):
+        assert fitter().refit([str(tmp_path / "a.pt"), str(tmp_path / "b.pt")], "iid").eu_bins == fitted.eu_bins
+    assert Calibration.load(tmp_path / "fitted.json").sampling == made_with
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'other.pt'} was reconstructed with {{'M': 2,")):
+        fitter().refit([str(tmp_path / "a.pt"), str(tmp_path / "other.pt")], "balanced")
+    span = f"{min(c for c, *_ in following):.3f}-{max(c for c, *_ in following):.3f}"
+    assert f"90% coverage {span} over patients and measurements" in caplog.text
+
+
 def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, luna, checkpoint):
     common = ["--inference_cfg#ckpt", str(checkpoint), "--data#dataset_dir", str(luna), "--data#img_size", "32",
               "--inference_cfg#calibration", str(tmp_path / "calibration.json")]
-    run = bundle_inference(*common, "--inference_cfg#calibration_eu_bins", "[0.5, 0.9]", run_id="calibrate")
+    eu_bins = ["--inference_cfg#calibration_eu_bins", "[0.5, 0.9]"]
+    run = bundle_inference(*common, *eu_bins, "--inference_cfg#calibration_samples", str(tmp_path / "kept.pt"),
+                           run_id="calibrate")
     assert run.returncode == 0, run.stderr[-3000:]
     fitted = json.loads((tmp_path / "calibration.json").read_text())
+    # run id 'recalibrate': the kept samples, split in two files as two machines would write them, fit the same
+    # calibration without reconstructing; a case in both files is refused, naming it
+    kept = torch.load(tmp_path / "kept.pt", weights_only=True)
+    assert kept["sampling"] == {"M": 2, "N": 2, "steps": 2, "seed": 0, "weight_draws": "balanced"}
+    parts = [{k: v if k == "sampling" else v[i:j] for k, v in kept.items()} for i, j in ((0, 1), (1, None))]
+    for i, part in enumerate(parts):
+        torch.save(part, tmp_path / f"part{i}.pt")
+    del parts[0]["sampling"]  # a file from before metadata 0.17.0: made with this configuration's weight sets
+    torch.save(parts[0], tmp_path / "part0.pt")
+    joined = ["--inference_cfg#calibration", str(tmp_path / "joined.json"), "--inference_cfg#calibration_from_samples"]
+    run = bundle_inference(*common, *eu_bins, *joined, f"['{tmp_path / 'part0.pt'}', '{tmp_path / 'part1.pt'}']",
+                           run_id="recalibrate")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "joined.json").read_text()) == fitted
+    run = bundle_inference(*common, *eu_bins, *joined, f"['{tmp_path / 'part1.pt'}', '{tmp_path / 'kept.pt'}']",
+                           run_id="recalibrate")
+    assert run.returncode != 0 and f"appear more than once in ['{tmp_path / 'part1.pt'}'" in run.stderr
     # the one validation case at the three photon counts, one noise bin per count, each split into air and tissue
     # (the mean at -900 HU) and each of those into three EU bins
     assert fitted["n_cases"] == 3 and fitted["scales"]["0.9"] > 0 and len(fitted["noise_scales"]) == 3
@@ -931,9 +1033,19 @@ def test_bundle_calibrate_run_id_then_calibrated_maps_at_inference(tmp_path, lun
     total = nib.load(case / f"{case.name}_total.nii.gz").get_fdata()
     calibrated = nib.load(case / f"{case.name}_total_std_calibrated.nii.gz").get_fdata()
     body = total > 1.0  # HU^2: where the ratio is well defined
-    ratio = calibrated[body] / np.sqrt(total[body])  # each pixel: its EU bin's 90% scale in its class and noise bin
-    bin_scales = np.array([s["0.9"] for b in fitted["eu_bins"] for s in b["scales"]])
-    assert np.abs(ratio[:, None] - bin_scales[None]).min(axis=1).max() < 1e-3 * bin_scales.max()
+    # each pixel: its EU bin's 90% scale in its class and noise bin over the cell's factor for the slice's EU level
+    # (its 90% EU quantile in model units, 1000 HU, clipped to the cell's range, over its reference, ** its exponent)
+    assert all(b["eu_level_exponent"] <= 0.5 and b["eu_level_range"][0] <= b["eu_level_reference"]
+               <= b["eu_level_range"][1] for b in fitted["eu_bins"])  # calibration_eu_level: true by default
+    eu_level = np.quantile(nib.load(case / f"{case.name}_eu.nii.gz").get_fdata() / 1000.0**2, 0.9, axis=(0, 1))
+    tissue = nib.load(case / f"{case.name}_mean.nii.gz").get_fdata() > -900.0
+    for z, level in enumerate(eu_level):
+        for c, in_class in enumerate((~tissue[..., z], tissue[..., z])):
+            cells = fitted["eu_bins"][c::2]  # this class in each noise bin
+            expected = np.array([s["0.9"] / (np.clip(level, *b["eu_level_range"]) / b["eu_level_reference"])
+                                 ** b["eu_level_exponent"] for b in cells for s in b["scales"]])
+            ratio = calibrated[..., z][body[..., z] & in_class] / np.sqrt(total[..., z][body[..., z] & in_class])
+            assert ratio.size == 0 or np.abs(ratio[:, None] - expected[None]).min(axis=1).max() < 1e-3 * expected.max()
     # the input check: the calibration keeps every slice's departure; the benchmark's own input passes it
     departures = fitted["departures"]
     assert len(departures) > 3 and len(departures) % 3 == 0 and departures == sorted(departures) and departures[0] > 0

@@ -332,7 +332,8 @@ def calibration_dataset(data: Mapping, noise_levels: Sequence[float], on_bad_fil
 def calibration_holdout(case_ids: Sequence[str], residuals: Sequence[torch.Tensor],
                         noise_levels: Sequence[torch.Tensor], eu: Sequence[torch.Tensor], bins: int = 1,
                         eu_bin_levels: Sequence[float] = (), level: float = 0.9, means: Sequence[torch.Tensor] = (),
-                        intensity_edges: Sequence[float] = ()) -> dict[str, list[tuple[float, float, float]]]:
+                        intensity_edges: Sequence[float] = (), eu_level: bool = False
+                        ) -> dict[str, list[tuple[float, float, float]]]:
     """:func:`~hyper_dm.calibration.holdout_coverage` of the cases of a calibrate run, named as
     :func:`calibration_dataset` names them (``<patient>_<i0|kspace_noise><level>[_<pitch or acceleration>]``),
     each MRI acceleration held out within itself (it has its own calibration): ``{measurement: [(coverage,
@@ -351,7 +352,7 @@ def calibration_holdout(case_ids: Sequence[str], residuals: Sequence[torch.Tenso
             return {}
         pick = lambda x, cases=cases: [x[i] for i in cases] if x else ()  # noqa: E731
         covered = holdout_coverage(pick(residuals), pick(noise_levels), pick(eu), [parts[i][0] for i in cases], bins,
-                                   eu_bin_levels, level, pick(means), intensity_edges)
+                                   eu_bin_levels, level, pick(means), intensity_edges, eu_level)
         for i, c in zip(cases, covered, strict=True):
             rows.setdefault(parts[i][1], []).append(c)
     return rows
@@ -371,13 +372,18 @@ def scale_ratio_cases(data: Mapping, noise_levels: Sequence[float], acceleration
     return [(mask_acceleration(case), float(case["scale_ratio"].median())) for case in cases if "error" not in case]
 
 
+_SAMPLES = ("case_ids", "residuals", "noise_levels", "eu", "local_eu", "means", "departures", "accelerations")
+"""What a calibrate run keeps of each case in its ``samples`` file (one list entry per case), besides ``sampling``."""
+
+
 class CalibrationFitter:
     """Ignite handler: collects each case's standardised residuals, per-slice noise levels and EU and, when the run
     completes, fits and saves the split-conformal :class:`~hyper_dm.calibration.Calibration` with ``bins`` noise bins to
     ``path`` (tied to ``checkpoint``'s digest); with two or more MRI ``accelerations`` also one per acceleration, each
     case counted with the one nearest its mask's; ``intensity_edges`` and ``eu_bin_levels``: intensity classes
-    within each noise bin (model units) and EU bins within each class (:func:`~hyper_dm.calibration.fit_calibration`).
-    ``sampling`` (``M``, ``N``, ``steps``, ``seed``) records how the cases were reconstructed, with how the weight
+    within each noise bin (model units) and EU bins within each class, ``eu_level``: each class's scales following
+    the slices' EU level (:func:`~hyper_dm.calibration.fit_calibration`). ``sampling`` (``M``, ``N``, ``steps``,
+    ``seed``) records how the cases were reconstructed, with how the weight
     sets' latents were drawn (``weight_draws``); ``scale_ratios``: MRI, :func:`scale_ratio_cases`; ``samples``: also
     save what was collected there (``torch.save`` of plain tensors and lists, with each case's id and the mean in
     model units; for refits and :func:`~hyper_dm.calibration.holdout_coverage`)."""
@@ -385,8 +391,9 @@ class CalibrationFitter:
     def __init__(self, path: str, checkpoint: str | None = None, bins: int = 1,
                  accelerations: Sequence[int] | None = None, sampling: Mapping[str, int] | None = None,
                  scale_ratios: Sequence[tuple[float, float]] = (), eu_bin_levels: Sequence[float] = (),
-                 samples: str | None = None, intensity_edges: Sequence[float] = ()) -> None:
+                 samples: str | None = None, intensity_edges: Sequence[float] = (), eu_level: bool = False) -> None:
         self.path, self.checkpoint, self.bins, self.samples = path, checkpoint, int(bins), samples
+        self.eu_level = bool(eu_level)
         self.eu_bin_levels = [float(q) for q in eu_bin_levels or ()]
         self.intensity_edges = [float(e) for e in intensity_edges or ()]
         if not intensity_classes_valid(self.intensity_edges):  # before the run, not after hours of it
@@ -421,19 +428,47 @@ class CalibrationFitter:
             self.case_ids.append(engine.state.output["case_id"])
             self.sampling["weight_draws"] = engine.reconstructor.weight_draws  # attach runs before it is set
 
+    def refit(self, samples_files: Sequence[str], weight_draws: str) -> Calibration:
+        """Fit from calibrate runs' ``samples`` files (run id ``recalibrate``) instead of reconstructing: the
+        calibration one run over all their cases would fit, with this fitter's settings. The files must hold
+        disjoint cases reconstructed with the same weight sets; a file from before metadata 0.17.0 records none, and
+        counts as made with this configuration's (``sampling`` and ``weight_draws``)."""
+        if isinstance(samples_files, str) or not samples_files:
+            raise ValueError(f"inference_cfg#calibration_from_samples must list calibrate runs' samples files "
+                             f"(inference_cfg#calibration_samples), got {samples_files!r}")
+        made_with = {}
+        for path in samples_files:
+            try:
+                samples = torch.load(path, weights_only=True)
+                sampling = samples.pop("sampling", {**self.sampling, "weight_draws": weight_draws})
+                collected = {name: samples[name] for name in _SAMPLES}
+            except (OSError, RuntimeError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path}: not a calibrate run's samples file (inference_cfg#calibration_samples): "
+                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+            if made_with and sampling != next(iter(made_with.values())):
+                first = next(iter(made_with))
+                raise ValueError(f"{path} was reconstructed with {sampling}, {first} with {made_with[first]}: a "
+                                 "calibration holds for one way of sampling weight sets")
+            made_with[path] = sampling
+            for name, values in collected.items():
+                getattr(self, name).extend(values)
+        again = sorted({c for c in self.case_ids if self.case_ids.count(c) > 1})
+        if again:
+            raise ValueError(f"case(s) {again[:3]} appear more than once in {list(samples_files)}: join each case once")
+        self.sampling = dict(next(iter(made_with.values())))
+        return self.fit()
+
     def fit(self, engine: Evaluator | None = None) -> Calibration:
         if self.samples:
             with atomic_write(self.samples) as tmp:
-                torch.save({name: getattr(self, name) for name in ("case_ids", "residuals", "noise_levels", "eu",
-                                                                   "local_eu", "means", "departures",
-                                                                   "accelerations")}, tmp)
+                torch.save({**{name: getattr(self, name) for name in _SAMPLES}, "sampling": self.sampling}, tmp)
         digest = sha256_file(self.checkpoint) if self.checkpoint and Path(self.checkpoint).is_file() else ""
         calibration = fit_calibration(self.residuals, self.noise_levels, self.bins, checkpoint_sha256=digest,
                                       departures=self.departures, accelerations=self.accelerations,
                                       acceleration_groups=self.groups, eu=self.eu, sampling=self.sampling,
                                       scale_ratios=self.scale_ratios, eu_bin_levels=self.eu_bin_levels,
                                       local_eu=self.local_eu, means=self.means,
-                                      intensity_edges=self.intensity_edges)
+                                      intensity_edges=self.intensity_edges, eu_level=self.eu_level)
         calibration.save(self.path)
         logger.info("calibration from %d cases (%d pixels): std scales %s, raw coverage %s -> %s", calibration.n_cases,
                     calibration.n_pixels, {k: round(v, 3) for k, v in calibration.scales.items()},
@@ -450,7 +485,8 @@ class CalibrationFitter:
                         LOCAL_EU_REFERENCE, per_bin(group.noise_local_eu_thresholds), group.eu_level)
         held_out = [c for row in calibration_holdout(self.case_ids, self.residuals, self.noise_levels, self.eu,
                                                      self.bins, self.eu_bin_levels, means=self.means,
-                                                     intensity_edges=self.intensity_edges).values()
+                                                     intensity_edges=self.intensity_edges,
+                                                     eu_level=self.eu_level).values()
                     for c in row]
         if held_out:
             span = lambda k: f"{min(c[k] for c in held_out):.3f}-{max(c[k] for c in held_out):.3f}"  # noqa: E731

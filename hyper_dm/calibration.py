@@ -38,13 +38,14 @@ calibration series the tissue's 90th-percentile standardised residual falls as t
 agree closely is under-covered and one whose EU runs high over-covered, by more than the cases within a noise bin differ
 otherwise. With ``eu_level`` each cell (a noise bin's intensity class) also fits how its slices' ``reference_level``
 quantile of standardised residuals scales with the slice's EU level (its :data:`EU_LEVEL_QUANTILE` quantile of EU, model
-units): a least-squares slope on log-log axes, whose negative is kept as the cell's ``eu_level_exponent`` (at most
-:data:`EU_LEVEL_EXPONENT_MAX`), and its residuals are multiplied by ``(level / eu_level_reference) ** exponent`` (the
-reference: the geometric mean of its slices' levels) before its EU bins' scales are fitted. At inference a slice's
-scales in that cell are divided by the same factor, its level first clipped to the range the cell was calibrated on
-(``eu_level_range``), so a slice whose EU lies beyond everything calibrated on is not narrowed further. The exponent is
-estimated on the calibration data itself, so the split-conformal guarantee becomes approximate; the held-out coverage
-(:func:`holdout_coverage`) measures it.
+units): a least-squares slope on log-log axes, whose negative, between 0 and :data:`EU_LEVEL_EXPONENT_MAX`, is the
+cell's ``eu_level_exponent`` (a cell whose error does not fall behind its EU level, such as the air's, keeps fixed
+scales, which a slope fitted on few patients would otherwise swing), and its residuals are multiplied by ``(level /
+eu_level_reference) ** exponent`` (the reference: the geometric mean of its slices' levels) before its EU bins' scales
+are fitted. At inference a slice's scales in that cell are divided by the same factor, its level first clipped to the
+range the cell was calibrated on (``eu_level_range``), so a slice whose EU lies beyond everything calibrated on is not
+narrowed further. The exponent is estimated on the calibration data itself, so the split-conformal guarantee becomes
+approximate; the held-out coverage (:func:`holdout_coverage`) measures it.
 
 An input can also lie outside what the model was trained and calibrated on (a scanner's FBP made at a finer pitch,
 a photon-starved scan, metal), and then the maps understate the error however they are scaled. The calibration
@@ -691,15 +692,19 @@ def _fit_eu_level(residual_rows: Sequence[torch.Tensor], levels: torch.Tensor, l
     """A cell's ``eu_level_exponent``, ``eu_level_reference`` and ``eu_level_range`` from its slices' residuals
     (each ``[P_i]``, the cell's pixels of one slice) and EU levels ``[S]``: minus the least-squares slope of the
     log ``level`` quantile of each slice's residuals on its log EU level (slices with 20 pixels or more and both
-    positive), at most :data:`EU_LEVEL_EXPONENT_MAX`; 0 where fewer than three such slices or one level."""
+    positive), between 0 and :data:`EU_LEVEL_EXPONENT_MAX`; 0 where fewer than three such slices or one level."""
     quantiles = torch.tensor([float(r.float().quantile(level)) if r.numel() >= 20 else 0.0 for r in residual_rows],
                              dtype=torch.float64)
     usable = (quantiles > 0) & (levels > 0)
     x, y = levels[usable].log(), quantiles[usable].log()
+    by_y = y.argsort(stable=True)  # sums in one order whatever the order of the cases: the same fit when joined
+    by_x = x[by_y].argsort(stable=True)
+    x, y = x[by_y][by_x], y[by_y][by_x]
     if x.numel() < 3 or float(x.var()) == 0:
         return {"eu_level_exponent": 0.0, "eu_level_reference": 1.0, "eu_level_range": [1.0, 1.0]}
     slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
-    return {"eu_level_exponent": min(EU_LEVEL_EXPONENT_MAX, -slope), "eu_level_reference": float(x.mean().exp()),
+    return {"eu_level_exponent": min(EU_LEVEL_EXPONENT_MAX, max(0.0, -slope)),
+            "eu_level_reference": float(x.mean().exp()),
             "eu_level_range": [float(x.min().exp()), float(x.max().exp())]}
 
 

@@ -334,7 +334,7 @@ class Calibration:
             return self.scale_at(noise_level, level)
         shape = (eu if eu is not None else intensity).shape
         eu = torch.zeros(shape, dtype=torch.float64) if eu is None else eu.detach().cpu().double()
-        level_of_slice = _eu_levels(eu.reshape(-1, shape[-1]).T)
+        level_of_slice = _eu_levels(eu.reshape(-1, shape[-1]).T) if self.adapts_to_eu_level else None
         if self.eu_bin_reference is not None:
             eu = relative_eu(eu, self.eu_bin_reference).double()
         classes = len(self.intensity_edges) + 1
@@ -347,7 +347,8 @@ class Calibration:
         for z, b in enumerate(which):
             for c, cell in enumerate(self.eu_bins[b * classes:(b + 1) * classes]):
                 per_bin = torch.tensor([s[key] for s in cell["scales"]], dtype=torch.float64)
-                per_bin = per_bin / _eu_level_factor(cell, level_of_slice[z : z + 1])
+                if level_of_slice is not None:
+                    per_bin = per_bin / _eu_level_factor(cell, level_of_slice[z : z + 1])
                 in_class = tissue[..., z] == c
                 scales[..., z][in_class] = per_bin[torch.bucketize(eu[..., z][in_class],
                                                                    torch.tensor(cell["edges"], dtype=torch.float64))]
@@ -732,14 +733,15 @@ def _class_cells(rows: Sequence[int], residual_rows: Sequence[torch.Tensor],
               if intensity_edges else torch.zeros(r.shape, dtype=torch.int64))
     sizes = [residual_rows[i].numel() for i in rows]
     slice_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    cell_levels = None if eu_levels is None else eu_levels[list(rows)]
     cells = []
     for c in range(len(intensity_edges) + 1):
         in_class = tissue == c
         fit = {}
         if eu_levels is not None:
             fit = _fit_eu_level([x[m] for x, m in zip(r.split(sizes), in_class.split(sizes), strict=True)],
-                                eu_levels[list(rows)], reference_level)
-            r = torch.where(in_class, r * _eu_level_factor(fit, eu_levels[list(rows)])[slice_of], r)
+                                cell_levels, reference_level)
+            r = torch.where(in_class, r * _eu_level_factor(fit, cell_levels)[slice_of], r)
         r_c, e_c = (r[in_class], e[in_class]) if bool(in_class.any()) else (r, e)
         edges = _quantile_edges(e_c, bin_levels)
         which = torch.bucketize(e_c, torch.tensor(edges, dtype=torch.float64))
